@@ -1,0 +1,3 @@
+from align.cli import entrypoint
+
+entrypoint()

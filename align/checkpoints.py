@@ -1,0 +1,182 @@
+"""Stage output layout, the manifest, atomic finalize and resume discovery.
+
+A finished stage directory:
+
+    OUT/                    model + tokenizer, loadable with transformers' from_pretrained
+    OUT/adapter/            the LoRA adapter, when LoRA/QLoRA was used
+    OUT/checkpoints/        intermediate checkpoints for --resume (checkpoint-<step>)
+    OUT/metrics.jsonl       one JSON object per logged step
+    OUT/align.json          the manifest, written last and atomically
+
+A directory without a manifest whose `completed` is true is never a finished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from align import __version__
+from align.errors import OutputError
+
+MANIFEST = "align.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the whole new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def manifest_path(output: Path) -> Path:
+    """OUT/align.json for a stage directory; FILE.align.json beside a stage that writes one file."""
+    if output.is_dir() or not output.suffix:
+        return output / MANIFEST
+    return output.with_name(output.name + ".align.json")
+
+
+def read_manifest(output: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(manifest_path(output).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(out: Path) -> bool:
+    manifest = read_manifest(out)
+    return bool(manifest and manifest.get("completed"))
+
+
+def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make `out` ready for a new run, or refuse: a user's files are never replaced unasked."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory; choose another --output")
+    busy = out.is_dir() and any(out.iterdir())
+    if busy and overwrite:
+        _refuse_dangerous_delete(out)
+        shutil.rmtree(out)
+    elif busy and not resume:
+        raise OutputError(
+            f"{out}: output directory is not empty; pass --overwrite to replace it or --resume to continue it"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".align-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write there ({exc.strerror}); choose another --output") from None
+
+
+def prepare_output_file(path: Path, *, overwrite: bool) -> None:
+    """The same rule for stages whose output is one file."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; --output for this command is a file path")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+    manifest_path(path).unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _refuse_dangerous_delete(out: Path) -> None:
+    resolved = out.resolve()
+    protected = {Path.cwd().resolve(), Path.home().resolve(), Path("/")}
+    if resolved in protected or Path.cwd().resolve().is_relative_to(resolved):
+        raise OutputError(f"{out}: refusing to delete this directory for --overwrite; choose a dedicated output dir")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete intermediate checkpoint under OUT/checkpoints, if any."""
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    steps = []
+    for child in root.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+            steps.append((int(match.group(1)), child))
+    return max(steps)[1] if steps else None
+
+
+def fingerprint(paths: list[str]) -> str:
+    """A content hash of local data files (hub names hash as their names)."""
+    digest = hashlib.sha256()
+    for name in paths:
+        path = Path(name)
+        digest.update(name.encode())
+        if path.is_file():
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def config_hash(config: Any) -> str:
+    """A hash of the config fields that decide a stage's output (not --resume/--overwrite)."""
+    return hashlib.sha256(json.dumps(config.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def input_run_id(config: Any) -> str | None:
+    """The run id of the stage output this stage started from, if it started from one."""
+    upstream = read_manifest(Path(config.model.path))
+    return upstream.get("run_id") if upstream else None
+
+
+def is_up_to_date(config: Any) -> bool:
+    """A finished output made by this exact config, from the same data and the same upstream run."""
+    manifest = read_manifest(Path(config.output))
+    return bool(
+        manifest
+        and manifest.get("completed")
+        and manifest.get("config_hash") == config_hash(config)
+        and manifest.get("data_fingerprint") == fingerprint(config.data_files())
+        and manifest.get("input_run_id") == input_run_id(config)
+    )
+
+
+def write_manifest(
+    output: Path, *, config: Any, metrics: dict[str, Any], started: float, **extra: Any
+) -> dict:
+    """Write the manifest last and atomically: only now does the output count as finished."""
+    manifest = {
+        "align_version": __version__,
+        "stage": config.stage,
+        "name": config.name,
+        "base_model": config.model.path,
+        "config": config.model_dump(mode="json"),
+        "config_hash": config_hash(config),
+        "data_fingerprint": fingerprint(config.data_files()),
+        "run_id": uuid.uuid4().hex,
+        "input_run_id": input_run_id(config),
+        "metrics": metrics,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "duration_s": round(time.time() - started, 2),
+        **extra,
+        "completed": True,
+    }
+    atomic_write_text(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def append_metrics(out: Path, record: dict[str, Any]) -> None:
+    with (out / METRICS).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")

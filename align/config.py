@@ -1,0 +1,339 @@
+"""Typed, closed configs for every stage, recipe loading and `--set` overrides.
+
+A config is validated before any model loads. Unknown keys are errors that name the key and
+the nearest valid one; defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from align.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Closed(BaseModel):
+    """A config block that rejects keys it does not know."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSpec(Closed):
+    """Which model a stage starts from and how to load it."""
+
+    path: str = Field(min_length=1, description="local dir, hub id, or built-in name (align models)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(None, description="a Jinja file to use instead of the tokenizer's")
+    revision: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class LoraSpec(Closed):
+    """LoRA adapters (on by default) and QLoRA's 4-bit base."""
+
+    enabled: bool = True
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: Fraction = 0.05
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    qlora: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _qlora_needs_lora(self) -> LoraSpec:
+        if self.qlora and not self.enabled:
+            raise ValueError("qlora trains LoRA adapters on a 4-bit base: it cannot be combined with lora disabled")
+        return self
+
+
+class DataSpec(Closed):
+    """A data file (or hub dataset) and how to read it."""
+
+    path: str = Field(min_length=1)
+    eval_path: str | None = None
+    eval_fraction: Fraction = 0.0
+    columns: dict[str, str] = Field(default_factory=dict, description="expected name -> name in the file")
+    split: str = "train"
+    max_length: PositiveInt = 1024
+    overlong: Literal["truncate", "drop"] = "truncate"
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    max_rows: PositiveInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class TrainSpec(Closed):
+    """Optimisation, logging and checkpointing settings shared by all training stages."""
+
+    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps (wins over epochs)")
+    epochs: PositiveFloat = 1.0
+    batch_size: PositiveInt = 4
+    grad_accum: PositiveInt = 1
+    learning_rate: PositiveFloat = 2e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: Fraction = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: PositiveFloat = 1.0
+    seed: int = 42
+    logging_steps: PositiveInt = 1
+    save_steps: PositiveInt = 50
+    save_total_limit: PositiveInt = 2
+    eval_steps: PositiveInt | None = None
+    gradient_checkpointing: bool = False
+    report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = "none"
+
+
+class StageConfig(Closed):
+    """Fields every stage has."""
+
+    name: str | None = None
+    model: ModelSpec
+    output: str = Field(min_length=1)
+    resume: bool = False
+    overwrite: bool = False
+
+    # These change how a run proceeds, never what it produces.
+    RUN_CONTROL_FIELDS: ClassVar[frozenset[str]] = frozenset({"resume", "overwrite", "name"})
+
+    def identity(self) -> dict[str, Any]:
+        """The part of the config that decides the output (for `align run`'s skip check)."""
+        return self.model_dump(mode="json", exclude=set(self.RUN_CONTROL_FIELDS))
+
+    def data_files(self) -> list[str]:
+        """The data this stage reads (fingerprinted into the manifest)."""
+        return []
+
+
+class TrainStageConfig(StageConfig):
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    def data_files(self) -> list[str]:
+        return [p for p in (self.data.path, self.data.eval_path) if p]
+
+
+class SFTConfig(TrainStageConfig):
+    stage: Literal["sft"] = "sft"
+    completion_only_loss: bool = Field(True, description="train on responses only, not prompts")
+    packing: bool = False
+
+
+class RewardDataSpec(DataSpec):
+    """A reward model scores the end of a sequence, so over-long pairs are dropped, never cut."""
+
+    overlong: Literal["truncate", "drop"] = "drop"
+
+    @model_validator(mode="after")
+    def _no_truncation(self) -> RewardDataSpec:
+        if self.overlong == "truncate":
+            raise ValueError(
+                "reward models cannot use overlong=truncate: a truncated pair would be scored on text that is "
+                "not its response; use drop (the default) or raise max_length"
+            )
+        return self
+
+
+class RMConfig(TrainStageConfig):
+    stage: Literal["rm"] = "rm"
+    data: RewardDataSpec
+    center_rewards: Annotated[float, Field(ge=0)] = 0.01
+
+
+DPO_LOSSES = {
+    "sigmoid": "sigmoid",
+    "dpo": "sigmoid",
+    "ipo": "ipo",
+    "hinge": "hinge",
+    "robust": "robust",
+    "cdpo": "robust",
+    "length-normalized": "sigmoid_norm",
+    "sigmoid_norm": "sigmoid_norm",
+    "simpo": "sigmoid_norm",
+    "exo_pair": "exo_pair",
+    "nca_pair": "nca_pair",
+    "bco_pair": "bco_pair",
+    "sppo_hard": "sppo_hard",
+    "aot": "aot",
+    "apo_zero": "apo_zero",
+    "apo_down": "apo_down",
+    "discopop": "discopop",
+}
+
+
+class DPOSpec(Closed):
+    beta: PositiveFloat = 0.1
+    loss: Literal[tuple(DPO_LOSSES)] = "sigmoid"  # type: ignore[valid-type]
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    precompute_ref_log_probs: bool = False
+
+    @property
+    def trl_loss_type(self) -> str:
+        return DPO_LOSSES[self.loss]
+
+    @model_validator(mode="after")
+    def _smoothing_only_where_used(self) -> DPOSpec:
+        if self.label_smoothing and self.trl_loss_type not in {"robust", "exo_pair", "aot"}:
+            raise ValueError(f"label_smoothing is used only by the robust (cDPO), exo_pair and aot losses, not by {self.loss!r}")
+        return self
+
+
+class DPOConfig(TrainStageConfig):
+    stage: Literal["dpo"] = "dpo"
+    dpo: DPOSpec = Field(default_factory=DPOSpec)
+
+
+class SamplingSpec(Closed):
+    num_samples: PositiveInt = 1
+    max_new_tokens: PositiveInt = 128
+    temperature: Annotated[float, Field(ge=0)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    batch_size: PositiveInt = 8
+    seed: int = 42
+
+
+class GenerateConfig(StageConfig):
+    stage: Literal["generate"] = "generate"
+    prompts: DataSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+
+    def data_files(self) -> list[str]:
+        return [self.prompts.path]
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "dpo": DPOConfig,
+    "generate": GenerateConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation with errors a person can act on
+
+
+def build_config(cls: type[StageConfig], raw: dict[str, Any], where: str) -> StageConfig:
+    """Validate `raw` as `cls`; errors become one-line ConfigErrors that start with `where`."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_describe(cls, exc)}") from None
+
+
+def _describe(cls: type[BaseModel], exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-")]
+    key = ".".join(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        valid = _fields_at(cls, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+        message = f"unknown key {key!r}; {hint}"
+    elif first["type"] == "missing":
+        message = f"missing required key {key!r}"
+    else:
+        got = first.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+        message = f"{key}: {first['msg'].removeprefix('Value error, ')}{shown}"
+    more = len(errors) - 1
+    return message + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def _fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
+    """The field names of the config block at `loc` inside `cls`."""
+    for part in loc:
+        field = cls.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        cls = annotation
+    return list(cls.model_fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files, overrides and recipes
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; one-line errors for every way it can fail."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value), with the value read as a YAML scalar."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set `target[path[0]][path[1]]... = value`, creating blocks; shorthands become blocks."""
+    for part in path[:-1]:
+        child = target.get(part)
+        child = _expand(child) if isinstance(child, (dict, str, bool)) else {}
+        target[part] = child
+        target = child
+    target[path[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `extra` over `base`, merging nested blocks (shorthands expanded)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, (dict, str, bool)):
+            merged[key] = deep_merge(_expand(old), value)
+        elif isinstance(old, dict) and isinstance(value, (str, bool)):
+            merged[key] = deep_merge(old, _expand(value))
+        else:
+            merged[key] = value
+    return merged
+
+
+def _expand(value: dict | str | bool) -> dict[str, Any]:
+    """`model: NAME` means `model: {path: NAME}`; `lora: false` means `lora: {enabled: false}`."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, bool):
+        return {"enabled": value}
+    return {"path": value}

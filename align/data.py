@@ -1,0 +1,339 @@
+"""Load data files or hub datasets, detect and validate their format, apply chat templates.
+
+Formats follow TRL's documented dataset formats:
+- SFT: `messages` (conversational) | `prompt` + `completion` | `text`
+- preference: `prompt` + `chosen` + `rejected` (strings or message lists), optional `margin`
+- prompt-only: `prompt`
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align.config import DataSpec
+from align.errors import DataError
+
+log = logging.getLogger("align")
+
+SFT_FORMATS = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
+PREFERENCE_FORMATS = {"preference": ("prompt", "chosen", "rejected")}
+PROMPT_FORMATS = {"prompt-only": ("prompt",)}
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows between the file and the trainer; goes into the manifest."""
+
+    source: str
+    format: str = ""
+    rows_read: int = 0
+    rows_used: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_rows(path_or_name: str, spec: DataSpec) -> list[dict[str, Any]]:
+    """Every row of a local file or hub dataset as a dict, with the column mapping applied."""
+    path = Path(path_or_name)
+    if path.is_file():
+        rows = _read_file(path)
+    elif path.exists():
+        raise DataError(f"{path}: is a directory; pass a {'/'.join(SUFFIXES)} file")
+    elif path.suffix in SUFFIXES or "/" not in path_or_name or path_or_name.startswith((".", "/", "~")):
+        raise DataError(f"{path}: data file not found")
+    else:
+        rows = _read_hub(path_or_name, spec.split)
+    if not rows:
+        raise DataError(f"{path_or_name}: no rows; the data file is empty")
+    rows = [_rename(row, spec.columns) for row in rows]
+    return rows[: spec.max_rows] if spec.max_rows else rows
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                return list(csv.DictReader(handle))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{path}: not a readable UTF-8 CSV file ({exc})") from None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises many types for a damaged file
+            raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: line {number}: not valid UTF-8; re-save the file as UTF-8") from None
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {number}: malformed JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from None
+    if isinstance(loaded, dict) and len(loaded) == 1 and isinstance(next(iter(loaded.values())), list):
+        loaded = next(iter(loaded.values()))
+    if not isinstance(loaded, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or JSONL, one object per line)")
+    for index, row in enumerate(loaded):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {index}: expected a JSON object, got {type(row).__name__}")
+    return loaded
+
+
+def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+
+        return datasets.load_dataset(name, split=split).to_list()
+    except Exception as exc:  # the hub client raises many types when offline
+        raise DataError(
+            f"{name}: not a local file, and loading it from the Hugging Face Hub failed "
+            f"({exc.__class__.__name__}); check the path, or download the dataset and pass the local file"
+        ) from None
+
+
+def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    if not columns:
+        return row
+    renamed = {k: v for k, v in row.items() if k not in columns.values()}
+    for expected, found in columns.items():
+        if found in row:
+            renamed[expected] = row[found]
+    return renamed
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats and validation
+
+
+def detect_format(rows: list[dict], formats: dict[str, tuple[str, ...]], source: str) -> str:
+    """The first format whose columns the data has; otherwise say what was found and expected."""
+    found = set(rows[0])
+    for name, needed in formats.items():
+        if set(needed) <= found:
+            return name
+    expected = " | ".join(" + ".join(cols) for cols in formats.values())
+    raise DataError(
+        f"{source}: found columns {sorted(found)}; expected {expected} "
+        "(map other names with data.columns, e.g. --set data.columns.prompt=question)"
+    )
+
+
+def validate_rows(rows: list[dict], columns: tuple[str, ...], source: str) -> None:
+    """Every row has every column, each a non-empty string or a list of chat messages."""
+    for index, row in enumerate(rows, start=1):
+        for column in columns:
+            if column not in row or row[column] is None:
+                raise DataError(f"{source}: row {index}: missing '{column}'")
+            value = row[column]
+            if isinstance(value, str):
+                if column == "prompt" or value.strip():
+                    continue
+                raise DataError(f"{source}: row {index}: '{column}' is an empty string")
+            if not is_messages(value):
+                raise DataError(
+                    f"{source}: row {index}: '{column}' must be a string or a list of "
+                    f"{{'role', 'content'}} messages, got {type(value).__name__}"
+                )
+        if "margin" in row and not isinstance(row["margin"], (int, float)):
+            raise DataError(f"{source}: row {index}: 'margin' must be a number, got {row['margin']!r}")
+
+
+def is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
+
+
+def use_chat_template(tokenizer, spec: DataSpec, conversational: bool, source: str) -> bool:
+    """Whether rows are rendered with the tokenizer's chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if (conversational or spec.chat_template == "always") and not has_template:
+        raise DataError(
+            f"{source}: conversational data needs a chat template, and this model's tokenizer has none; "
+            "set model.chat_template to a Jinja file, or use prompt/completion text data with data.chat_template=never"
+        )
+    if conversational:
+        return True
+    return spec.chat_template == "always" or (spec.chat_template == "auto" and has_template)
+
+
+def as_messages(value: str | list, role: str) -> list[dict[str, str]]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def split_eval(rows: list, spec: DataSpec, seed: int) -> tuple[list, list]:
+    """Hold out `eval_fraction` of the rows (seeded); at least one row on each side."""
+    if not spec.eval_fraction:
+        return rows, []
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    count = max(1, round(len(rows) * spec.eval_fraction))
+    if count >= len(rows):
+        raise DataError(f"{spec.path}: {len(rows)} rows are too few to hold out eval_fraction={spec.eval_fraction}")
+    return shuffled[count:], shuffled[:count]
+
+
+def load_split(spec: DataSpec, formats: dict[str, tuple[str, ...]], seed: int) -> tuple[str, list, list]:
+    """(format, train rows, eval rows) from data.path and data.eval_path / data.eval_fraction."""
+    rows = read_rows(spec.path, spec)
+    kind = detect_format(rows, formats, spec.path)
+    validate_rows(rows, formats[kind], spec.path)
+    if spec.eval_path:
+        eval_rows = read_rows(spec.eval_path, spec)
+        validate_rows(eval_rows, formats[detect_format(eval_rows, {kind: formats[kind]}, spec.eval_path)], spec.eval_path)
+        return kind, rows, eval_rows
+    train_rows, eval_rows = split_eval(rows, spec, seed)
+    return kind, train_rows, eval_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def render_ids(tokenizer, messages_or_text, *, chat: bool, generation_prompt: bool = False) -> list[int]:
+    if chat:
+        return list(
+            tokenizer.apply_chat_template(
+                messages_or_text, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
+            )
+        )
+    return tokenizer(messages_or_text, add_special_tokens=True)["input_ids"]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def sft_examples(rows: list[dict], kind: str, completion_only: bool) -> list[tuple[Any, Any]]:
+    """(prompt, completion) pairs; prompt "" means train on everything.
+
+    A conversation yields one example per assistant turn, with the turns before it as the
+    prompt, so every assistant turn is trained on and no user turn is.
+    """
+    examples = []
+    for row in rows:
+        if kind == "text":
+            examples.append(("", row["text"]))
+        elif kind == "prompt-completion":
+            examples.append((row["prompt"], row["completion"]))
+        elif not completion_only:
+            examples.append(([], row["messages"]))
+        else:
+            messages = row["messages"]
+            examples += [(messages[:i], [m]) for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+    return examples
+
+
+def tokenize_sft(examples, tokenizer, chat: bool, spec: DataSpec, report: DataReport) -> list[dict[str, list[int]]]:
+    """input_ids and completion_mask per example; the mask marks the tokens the loss is taken on.
+
+    The prompt is masked by rendering it alone (with the generation prompt) and taking the
+    common prefix with the full rendering: this works for any chat template, including ones
+    without `{% generation %}` markers (SmolLM2's among them).
+    """
+    processed = []
+    for prompt, completion in examples:
+        if chat:
+            prompt_msgs = as_messages(prompt, "user") if prompt else []
+            full = render_ids(tokenizer, prompt_msgs + as_messages(completion, "assistant"), chat=True)
+            prompt_ids = render_ids(tokenizer, prompt_msgs, chat=True, generation_prompt=True) if prompt_msgs else []
+        else:
+            full = render_ids(tokenizer, prompt + completion, chat=False) + [tokenizer.eos_token_id]
+            prompt_ids = render_ids(tokenizer, prompt, chat=False) if prompt else []
+        start = common_prefix(prompt_ids, full)
+        mask = [0] * start + [1] * (len(full) - start)
+        if len(full) > spec.max_length:
+            if spec.overlong == "drop":
+                report.drop(f"longer than max_length={spec.max_length}")
+                continue
+            full, mask = full[: spec.max_length], mask[: spec.max_length]
+            report.truncated += 1
+            if not any(mask):
+                report.drop(f"prompt alone fills max_length={spec.max_length}")
+                continue
+        processed.append({"input_ids": full, "completion_mask": mask})
+    return processed
+
+
+def preference_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, report: DataReport):
+    """Rows ready for TRL's DPO/Reward trainers; identical pairs and (if asked) over-long pairs dropped."""
+    examples = []
+    for row in rows:
+        if row["chosen"] == row["rejected"]:
+            report.drop("chosen identical to rejected")
+            continue
+        example = dict(row)
+        if chat:
+            example["prompt"] = as_messages(row["prompt"], "user") if row["prompt"] else []
+            example["chosen"] = as_messages(row["chosen"], "assistant")
+            example["rejected"] = as_messages(row["rejected"], "assistant")
+        longest = max(
+            len(render_ids(tokenizer, example["prompt"] + example[side], chat=chat))
+            for side in ("chosen", "rejected")
+        )
+        if longest > spec.max_length:
+            if spec.overlong == "drop":
+                report.drop(f"longer than max_length={spec.max_length}")
+                continue
+            report.truncated += 1
+        examples.append({k: example[k] for k in ("prompt", "chosen", "rejected", "margin") if k in example})
+    return examples
+
+
+def warn_report(report: DataReport) -> None:
+    for reason, count in report.dropped.items():
+        log.warning("%s: dropped %d row(s): %s", report.source, count, reason)
+    if report.truncated:
+        log.warning("%s: truncated %d row(s) to max_length", report.source, report.truncated)

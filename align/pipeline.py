@@ -1,0 +1,72 @@
+"""The recipe runner: stages in order, each handing its output to the next.
+
+A stage whose output is finished and was made by the same config, data and upstream run is
+skipped; an interrupted stage continues with --resume; a changed one is redone only with
+--overwrite, because redoing it replaces files on disk.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.checkpoints import is_up_to_date, read_manifest
+from align.config import StageConfig
+from align.errors import OutputError
+from align.recipe import Recipe
+
+log = logging.getLogger("align")
+
+
+@dataclass
+class StageResult:
+    name: str
+    stage: str
+    output: str
+    status: str  # "ran" or "skipped"
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+def run_stage(config: StageConfig) -> Path:
+    """Run one stage by its type; the only place that maps stage names to modules."""
+    module = importlib.import_module(f"align.stages.{config.stage}")
+    return module.run(config)
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> list[StageResult]:
+    results = []
+    for config in recipe.stages:
+        started = time.time()
+        out = Path(config.output)
+        if is_up_to_date(config):
+            log.info("%s: up to date in %s, skipping", config.name, out)
+            results.append(_result(config, "skipped", 0.0))
+            continue
+        _check_can_write(config, resume=resume, overwrite=overwrite)
+        log.info("%s: running %s -> %s", config.name, config.stage, out)
+        run_stage(config.model_copy(update={"resume": resume and out.exists(), "overwrite": overwrite}))
+        results.append(_result(config, "ran", time.time() - started))
+    return results
+
+
+def _check_can_write(config: StageConfig, *, resume: bool, overwrite: bool) -> None:
+    out = Path(config.output)
+    manifest = read_manifest(out)
+    if overwrite or not out.exists():
+        return
+    if manifest and manifest.get("completed"):
+        raise OutputError(
+            f"{out}: holds a finished '{config.name}' run made from a different config, data or upstream stage; "
+            "pass --overwrite to redo it"
+        )
+    if not resume and (out.is_file() or any(out.iterdir())):
+        raise OutputError(f"{out}: holds an unfinished '{config.name}' run; pass --resume to continue it or --overwrite to restart it")
+
+
+def _result(config: StageConfig, status: str, seconds: float) -> StageResult:
+    manifest = read_manifest(Path(config.output)) or {}
+    return StageResult(config.name, config.stage, config.output, status, seconds, manifest.get("metrics", {}))

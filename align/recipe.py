@@ -1,0 +1,151 @@
+"""Recipes: shared blocks plus an ordered list of stages, resolved into one typed config per stage.
+
+```yaml
+output_dir: runs/demo          # each stage writes to output_dir/<stage name>
+model: smollm2-135m-instruct   # shared blocks: model, lora, data, train
+lora: {r: 8}
+stages:
+  - name: sft
+    data: data/sft.jsonl
+  - name: dpo
+    from: sft                  # start from the sft stage's output
+    data: data/pairs.jsonl
+```
+Relative data paths are read relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import (
+    STAGE_CONFIGS,
+    StageConfig,
+    build_config,
+    deep_merge,
+    parse_override,
+    read_yaml,
+    set_path,
+)
+from align.errors import ConfigError
+
+SHARED_BLOCKS = ("model", "lora", "data", "train")
+RECIPE_KEYS = ("name", "output_dir", "stages", *SHARED_BLOCKS)
+STAGE_KEYS = ("name", "stage", "from")
+PATH_FIELDS = (("data", "path"), ("data", "eval_path"), ("prompts", "path"), ("model", "path"), ("model", "chat_template"))
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    output_dir: Path
+    stages: list[StageConfig]
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a whole recipe; every stage's config is checked here."""
+    raw = read_yaml(path)
+    stage_names = [s.get("name") for s in raw.get("stages", []) if isinstance(s, dict)]
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] in stage_names and len(keys) > 1:
+            stage = raw["stages"][stage_names.index(keys[0])]
+            set_path(stage, keys[1:], value)
+        else:
+            set_path(raw, keys, value)
+    return resolve_recipe(path, raw)
+
+
+def resolve_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
+    unknown = [k for k in raw if k not in RECIPE_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r}; a recipe has {', '.join(RECIPE_KEYS)}")
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{path}: a recipe needs a non-empty 'stages:' list")
+    name = str(raw.get("name") or path.stem)
+    output_dir = Path(raw.get("output_dir") or Path("runs") / name)
+    shared = {key: raw[key] for key in SHARED_BLOCKS if key in raw}
+    outputs: dict[str, str] = {}
+    configs = []
+    for index, entry in enumerate(stages):
+        where = f"{path}: stages[{index}]"
+        config = _resolve_stage(entry, where, shared, outputs, output_dir, path.parent)
+        outputs[config.name] = config.output
+        configs.append(config)
+    return Recipe(path=path, name=name, output_dir=output_dir, stages=configs)
+
+
+def _resolve_stage(
+    entry: Any, where: str, shared: dict, outputs: dict[str, str], output_dir: Path, base_dir: Path
+) -> StageConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each stage is a mapping with at least 'name', got {entry!r}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: every stage needs a 'name'")
+    where = f"{where} ({name})"
+    if name in outputs:
+        raise ConfigError(f"{where}: stage name {name!r} is used twice; give each stage its own name")
+    kind = entry.get("stage", name)
+    if kind not in STAGE_CONFIGS:
+        raise ConfigError(
+            f"{where}: unknown stage type {kind!r}; set 'stage:' to one of {', '.join(STAGE_CONFIGS)}"
+        )
+    cls = STAGE_CONFIGS[kind]
+    body = {k: v for k, v in entry.items() if k not in STAGE_KEYS}
+    merged = deep_merge({k: v for k, v in shared.items() if k in cls.model_fields}, body)
+    merged["name"] = name
+    merged.setdefault("output", str(output_dir / (f"{name}.jsonl" if kind == "generate" else name)))
+    if "from" in entry:
+        merged = deep_merge(merged, {"model": {"path": _resolve_from(entry["from"], where, outputs)}})
+    for block, key in PATH_FIELDS:
+        _resolve_relative(merged, block, key, base_dir)
+    return build_config(cls, merged, where)
+
+
+def _resolve_from(source: Any, where: str, outputs: dict[str, str]) -> str:
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{where}: 'from' must name an earlier stage or a model path, got {source!r}")
+    if source in outputs:
+        return outputs[source]
+    if Path(source).exists() or "/" in source:
+        return source
+    earlier = ", ".join(outputs) or "none"
+    raise ConfigError(
+        f"{where}: 'from: {source}' is not an earlier stage (earlier stages: {earlier}) "
+        "nor an existing path; stages can only start from stages listed before them"
+    )
+
+
+def _resolve_relative(config: dict, block: str, key: str, base_dir: Path) -> None:
+    """Paths written in a recipe are relative to the recipe file when the file exists there."""
+    value = config.get(block)
+    if isinstance(value, str) and key == "path":
+        value = config[block] = {"path": value}
+    if not isinstance(value, dict) or not isinstance(value.get(key), str):
+        return
+    candidate = base_dir / value[key]
+    if not Path(value[key]).is_absolute() and candidate.exists():
+        value[key] = str(candidate)
+
+
+def stage_from_file(path: Path, kind: str, stage_name: str | None) -> dict[str, Any]:
+    """The raw config for one `align <kind> --config FILE` run.
+
+    FILE is either a plain stage config or a recipe; from a recipe the stage is picked by
+    `--stage NAME`, or as the only stage of this kind, with the recipe's shared blocks applied.
+    """
+    raw = read_yaml(path)
+    if "stages" not in raw:
+        return raw
+    recipe = resolve_recipe(path, raw)
+    matching = [c for c in recipe.stages if c.stage == kind and (stage_name is None or c.name == stage_name)]
+    if len(matching) != 1:
+        names = [c.name for c in recipe.stages if c.stage == kind]
+        detail = f"its {kind} stages are: {', '.join(names)}; pick one with --stage NAME" if names else f"it has no {kind} stage"
+        raise ConfigError(f"{path}: cannot pick the {kind} stage to run: {detail}")
+    return matching[0].model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,53 @@
+"""Sample completions from any checkpoint into a JSONL file (one row per sample)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from align.checkpoints import atomic_write_text, prepare_output_file, write_manifest
+from align.config import GenerateConfig
+from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
+from align.generation import sample
+from align.models import load_model, load_tokenizer, resolve_model
+
+log = logging.getLogger("align")
+
+
+def run(config: GenerateConfig) -> Path:
+    out = Path(config.output)
+    started = time.time()
+    source = resolve_model(config.model)
+    tokenizer = load_tokenizer(config.model, source, padding_side="left")
+    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
+    prompts = [row["prompt"] for row in rows]
+    chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
+    prepare_output_file(out, overwrite=config.overwrite or config.resume)
+    model = load_model(config.model, source)
+
+    total = len(prompts) * config.sampling.num_samples
+    with tqdm(total=total, desc="generate", unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
+        completions = sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update)
+    lines = [
+        json.dumps({"prompt": prompt, "completion": c.text, "sample": k, "finished": c.finished, "tokens": len(c.token_ids)})
+        for prompt, samples in zip(prompts, completions)
+        for k, c in enumerate(samples)
+    ]
+    # Written whole or not at all; the manifest beside it (FILE.align.json) comes last.
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    finished = sum(c.finished for samples in completions for c in samples)
+    write_manifest(
+        out, config=config, started=started,
+        metrics={
+            "samples": total,
+            "eos_rate": finished / total,
+            "mean_tokens": sum(len(c.token_ids) for s in completions for c in s) / total,
+        },
+    )
+    log.info("generate: wrote %d samples to %s (%.0f%% ended with EOS)", total, out, 100 * finished / total)
+    return out
+

@@ -1,0 +1,128 @@
+"""What every TRL-backed stage shares: trainer arguments, the metrics log, the NaN guard, resume.
+
+Stages compose these helpers; there is no trainer base class of our own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint
+from align.config import TrainStageConfig
+from align.errors import ConfigError, TrainingError
+
+log = logging.getLogger("align")
+
+
+def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, **stage_args: Any):
+    """A TRL config object (SFTConfig, DPOConfig, ...) from our typed config."""
+    train = config.train
+    on_gpu = torch.cuda.is_available()
+    dtype = config.model.dtype
+    if config.train.report_to != "none":
+        _check_tracker(config.train.report_to)
+    eval_steps = train.eval_steps or train.save_steps
+    return args_cls(
+        output_dir=str(out / CHECKPOINTS),
+        max_steps=train.max_steps or -1,
+        num_train_epochs=train.epochs,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        # Keep NaN losses visible: the default filter would hide them behind the running mean.
+        logging_nan_inf_filter=False,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        gradient_checkpointing=train.gradient_checkpointing,
+        report_to=[] if train.report_to == "none" else [train.report_to],
+        use_cpu=not on_gpu,
+        bf16=on_gpu and dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported(),
+        fp16=on_gpu and (dtype == "float16" or (dtype == "auto" and not torch.cuda.is_bf16_supported())),
+        disable_tqdm=not logging.getLogger("align").isEnabledFor(logging.INFO),
+        **stage_args,
+    )
+
+
+def _check_tracker(name: str) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}[name]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"--report-to {name} needs the {module} package: pip install {module}")
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every logged dict to OUT/metrics.jsonl and stops on a NaN/inf loss."""
+
+    def __init__(self, out: Path, stage: str):
+        self.out = out
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if state.is_world_process_zero:
+            append_metrics(self.out, {"stage": self.stage, "step": state.global_step, **logs})
+        for key in ("loss", "eval_loss"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                raise TrainingError(
+                    f"{key} became {value} at step {state.global_step}; training stopped. "
+                    f"{_last_good(args.output_dir)} Lower the learning rate or check the data."
+                )
+
+
+def _last_good(checkpoints_dir: str) -> str:
+    last = latest_checkpoint(Path(checkpoints_dir).parent)
+    return f"The last good checkpoint is kept in {last}." if last else "No checkpoint had been saved yet."
+
+
+def run_training(trainer, out: Path, resume: bool) -> dict[str, float]:
+    """Train (from the newest checkpoint when resuming); return the final metrics."""
+    if not log.isEnabledFor(logging.INFO):
+        trainer.remove_callback(PrinterCallback)
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        log.info("%s: no intermediate checkpoint to resume from; starting from the beginning", out)
+    elif checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if trainer.eval_dataset is not None:
+        evaluated = trainer.evaluate()
+        metrics.update({k: v for k, v in evaluated.items() if isinstance(v, (int, float))})
+    _check_finite(metrics, out)
+    return metrics
+
+
+def _check_finite(metrics: dict[str, float], out: Path) -> None:
+    for key in ("train_loss", "eval_loss"):
+        if key in metrics and not math.isfinite(metrics[key]):
+            raise TrainingError(f"{key} is {metrics[key]}; the run diverged. {_last_good(str(out / CHECKPOINTS))}")
+
+
+def last_logged(trainer, prefix: str = "") -> dict[str, float]:
+    """The most recent value of each logged metric (optionally only keys starting with `prefix`)."""
+    latest: dict[str, float] = {}
+    for entry in trainer.state.log_history:
+        for key, value in entry.items():
+            if key.startswith(prefix) and isinstance(value, (int, float)):
+                latest[key] = value
+    return latest
