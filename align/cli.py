@@ -236,6 +236,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if quiet:
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 def entrypoint() -> None:

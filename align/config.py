@@ -303,6 +303,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, str):
+        # YAML 1.1 reads 1e-4 as a string; people mean the number.
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
     return key.strip().split("."), parsed
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align import hub
 from align.config import DataSpec
 from align.errors import DataError
 
@@ -125,6 +126,9 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
     try:
         import datasets
+
+        if not hub.reachable():
+            datasets.config.HF_HUB_OFFLINE = True  # the local datasets cache only
 
         return datasets.load_dataset(name, split=split).to_list()
     except Exception as exc:  # the hub client raises many types when offline

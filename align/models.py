@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from align.checkpoints import atomic_write_text
+from align import hub
 from align.config import LoraSpec, ModelSpec
 from align.errors import ModelError
 
@@ -139,14 +138,19 @@ def resolve_model(spec: ModelSpec) -> str:
 
 
 def _hub_guard(name: str, action: Callable):
-    """Run a from_pretrained call; say plainly when a hub id cannot be fetched."""
+    """Run a from_pretrained call; say plainly when a hub id cannot be fetched.
+
+    When the hub is unreachable, a hub id still loads from the local Hugging Face cache.
+    """
+    local_only = not Path(name).is_dir() and not hub.reachable()
     try:
-        return action()
+        return action(local_only)
     except OSError as exc:
         if Path(name).is_dir():
             raise ModelError(f"{name}: could not load ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        reason = "the hub is unreachable from this machine" if local_only else "no such model, or no access"
         raise ModelError(
-            f"{name}: could not fetch it from the Hugging Face Hub (no network access or no such model); "
+            f"{name}: could not fetch it from the Hugging Face Hub ({reason}); "
             "download it elsewhere and pass the local directory, or use a built-in model (align models)"
         ) from None
 
@@ -154,8 +158,8 @@ def _hub_guard(name: str, action: Callable):
 def load_tokenizer(spec: ModelSpec, source: str, padding_side: str = "right"):
     tokenizer = _hub_guard(
         source,
-        lambda: AutoTokenizer.from_pretrained(
-            source, trust_remote_code=spec.trust_remote_code, revision=spec.revision
+        lambda local_only: AutoTokenizer.from_pretrained(
+            source, trust_remote_code=spec.trust_remote_code, revision=spec.revision, local_files_only=local_only
         ),
     )
     if spec.chat_template:
@@ -201,7 +205,7 @@ def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, ki
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
-    return _hub_guard(source, lambda: auto.from_pretrained(source, **kwargs))
+    return _hub_guard(source, lambda local_only: auto.from_pretrained(source, local_files_only=local_only, **kwargs))
 
 
 def _check_architecture(source: str, spec: ModelSpec, kind: str) -> None:
@@ -262,15 +266,6 @@ def save_stage_model(trained, tokenizer, out: Path, spec: ModelSpec, source: str
     base = load_model(full_spec, source, kind=kind, pad_token_id=tokenizer.pad_token_id)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out)
-    _record_base_in_adapter(adapter_dir, spec.path)
-
-
-def _record_base_in_adapter(adapter_dir: Path, base: str) -> None:
-    """Point the adapter at the base the user named (not a cache path that may move)."""
-    config_path = adapter_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base
-    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -1,0 +1,95 @@
+"""Shared fixtures: an isolated model cache, the tiny model, data files, and a CLI driver.
+
+`align(...)` runs the real console entrypoint in-process (so imports are paid once per test
+session) and returns its exit code, stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    import os
+
+    if "ALIGN_CACHE" not in os.environ:
+        os.environ["ALIGN_CACHE"] = str(tmp_path_factory.mktemp("align-cache"))
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from align.models import ensure_builtin
+
+    return ensure_builtin("tiny")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def align(capsys, monkeypatch):
+    from align.cli import entrypoint
+
+    def run(*args: str) -> Result:
+        monkeypatch.setattr(sys, "argv", ["align", "-q", *map(str, args)])
+        code = 0
+        try:
+            entrypoint()
+        except SystemExit as exc:
+            code = exc.code or 0
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say something kind, number {i}."},
+                      {"role": "assistant", "content": "You are wonderful and kind!"}]}
+        for i in range(16)
+    ]
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    rows = [
+        {"prompt": f"How was movie {i}?", "chosen": "It was wonderful and great, thanks!", "rejected": "It was awful and boring."}
+        for i in range(16)
+    ]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(5)])
+
+
+def assert_clean_failure(result: Result, code: int, *needles: str) -> None:
+    """A user mistake: the given exit code, one line naming the culprit, and no traceback."""
+    assert result.code == code, (result.code, result.err)
+    assert "Traceback" not in result.err
+    error_lines = [line for line in result.err.splitlines() if line.startswith("align: error:")]
+    assert len(error_lines) == 1, result.err
+    for needle in needles:
+        assert needle in error_lines[0], error_lines[0]
