@@ -1,0 +1,71 @@
+"""`align run`: stages chain, finished stages are skipped, changed ones need --overwrite."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import ROOT, assert_clean_failure
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    shutil.copytree(ROOT / "recipes" / "data", tmp_path / "data")
+    path = tmp_path / "tiny.yaml"
+    text = (ROOT / "recipes" / "tiny.yaml").read_text().replace("output_dir: runs/tiny", f"output_dir: {tmp_path / 'runs'}")
+    path.write_text(text)
+    return path
+
+
+def test_tiny_recipe_chains_every_stage_and_skips_them_on_rerun(align, recipe, tmp_path):
+    result = align("run", recipe, "--set", "train.max_steps=2")
+    assert result.code == 0, result.err
+    runs = tmp_path / "runs"
+    manifests = {name: json.loads((runs / name / "align.json").read_text()) for name in ("sft", "rm", "dpo")}
+    assert manifests["rm"]["base_model"] == manifests["dpo"]["base_model"] == str(runs / "sft")
+    assert manifests["dpo"]["input_run_id"] == manifests["sft"]["run_id"]
+    assert (runs / "samples.jsonl").is_file() and (runs / "samples.jsonl.align.json").is_file()
+    assert manifests["rm"]["metrics"]["eval_accuracy"] >= 0
+    assert all(word in result.out for word in ("sft", "rm", "dpo", "samples", "ran"))
+
+    again = align("run", recipe, "--set", "train.max_steps=2")
+    assert again.code == 0 and again.out.count("skipped") == 4
+    assert json.loads((runs / "sft" / "align.json").read_text())["run_id"] == manifests["sft"]["run_id"]
+
+    changed = align("run", recipe, "--set", "train.max_steps=2", "--set", "dpo.dpo.beta=0.2")
+    assert_clean_failure(changed, 5, "different config", "--overwrite")
+
+    redone = align("run", recipe, "--set", "train.max_steps=2", "--set", "sft.train.learning_rate=5e-4", "--overwrite")
+    assert redone.code == 0, redone.err
+    # sft changed, so everything downstream of it was redone too, from the new sft output.
+    assert redone.out.count("ran") == 4
+    new = {name: json.loads((runs / name / "align.json").read_text()) for name in ("sft", "dpo")}
+    assert new["dpo"]["input_run_id"] == new["sft"]["run_id"] != manifests["sft"]["run_id"]
+
+
+def test_interrupted_stage_needs_resume(align, recipe, tmp_path):
+    (tmp_path / "runs" / "sft" / "checkpoints").mkdir(parents=True)
+    result = align("run", recipe, "--set", "train.max_steps=1")
+    assert_clean_failure(result, 5, "unfinished 'sft' run", "--resume")
+
+
+def test_dry_run_lists_stages_without_running(align, recipe, tmp_path):
+    result = align("run", recipe, "--dry-run")
+    assert result.code == 0
+    assert [line.split()[0] for line in result.out.splitlines()] == ["sft", "rm", "dpo", "samples"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_models_command_lists_builtins(align, tiny_model):
+    result = align("models")
+    assert result.code == 0
+    assert "tiny" in result.out and "smollm2-135m-instruct" in result.out and "ready" in result.out
+
+
+def test_version_and_help(align):
+    from align import __version__
+
+    assert align("--version").out.strip() == f"align {__version__}"
+    for command in ("sft", "rm", "dpo", "generate", "run", "models"):
+        result = align(command, "--help")
+        assert result.code == 0 and "Usage:" in result.out
