@@ -177,6 +177,22 @@ def write_manifest(
     return manifest
 
 
+def trim_metrics(out: Path, last_step: int) -> None:
+    """Forget logged steps after `last_step`, so a resumed run does not log them twice."""
+    path = out / METRICS
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 1 << 62  # a torn last line from a killed run: drop it
+
+
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
     with (out / METRICS).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

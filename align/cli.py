@@ -176,6 +176,19 @@ def run(
     for result in results:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k in SUMMARY_METRICS)
         typer.echo(f"  {result.name:<12} {result.status:<8} {result.seconds:7.1f}s  {result.output}  {shown}")
+    for result in results:
+        if result.stage == "generate":
+            _show_samples(Path(result.output), result.name)
+
+
+def _show_samples(path: Path, name: str, count: int = 3) -> None:
+    import json
+
+    typer.echo(f"\n{name}: first samples from {path}")
+    for line in path.read_text(encoding="utf-8").splitlines()[:count]:
+        row = json.loads(line)
+        prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+        typer.echo(f"  > {prompt}\n    {' '.join(row['completion'].split())[:160]}")
 
 
 SUMMARY_METRICS = ("train_loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies", "eval_rewards/margins", "eos_rate")

@@ -336,6 +336,20 @@ def preference_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec,
     return examples
 
 
+def load_preference_data(spec: DataSpec, tokenizer, seed: int) -> tuple[DataReport, list[dict], list[dict]]:
+    """Train and eval preference pairs, validated, filtered and rendered for TRL's trainers."""
+    _, train_rows, eval_rows = load_split(spec, PREFERENCE_FORMATS, seed)
+    chat = use_chat_template(tokenizer, spec, is_messages(train_rows[0]["chosen"]), spec.path)
+    report = DataReport(spec.path, format="preference", rows_read=len(train_rows) + len(eval_rows))
+    train = preference_examples(train_rows, tokenizer, chat, spec, report)
+    evals = preference_examples(eval_rows, tokenizer, chat, spec, report)
+    if not train:
+        raise DataError(f"{spec.path}: no usable preference pairs left after filtering ({report.dropped})")
+    report.rows_used = len(train)
+    warn_report(report)
+    return report, train, evals
+
+
 def warn_report(report: DataReport) -> None:
     for reason, count in report.dropped.items():
         log.warning("%s: dropped %d row(s): %s", report.source, count, reason)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.checkpoints import is_up_to_date, read_manifest
+from align.checkpoints import is_complete, is_up_to_date, read_manifest
 from align.config import StageConfig
 from align.errors import OutputError
 from align.recipe import Recipe
@@ -33,6 +33,9 @@ class StageResult:
 
 def run_stage(config: StageConfig) -> Path:
     """Run one stage by its type; the only place that maps stage names to modules."""
+    if config.resume and is_complete(Path(config.output)):
+        log.info("%s is already complete; nothing to resume", config.output)
+        return Path(config.output)
     module = importlib.import_module(f"align.stages.{config.stage}")
     return module.run(config)
 

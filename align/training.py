@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint
+from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, trim_metrics
 from align.config import TrainStageConfig
 from align.errors import ConfigError, TrainingError
 
@@ -101,8 +101,9 @@ def run_training(trainer, out: Path, resume: bool) -> dict[str, float]:
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         log.info("%s: no intermediate checkpoint to resume from; starting from the beginning", out)
-    elif checkpoint is not None:
+    if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
+    trim_metrics(out, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if trainer.eval_dataset is not None:

@@ -167,7 +167,10 @@ def test_resume_continues_from_the_newest_checkpoint(align, sft_file, tmp_path):
     out = tmp_path / "sft"
     args = ["sft", "-m", "tiny", "-d", sft_file, "-o", out, "--set", "train.save_steps=2"]
     assert align(*args, "--max-steps", "2").code == 0
-    (out / "align.json").unlink()  # as if the run had been killed after its checkpoint
+    # As if the run had been killed after logging step 3 but before saving it, mid-write.
+    (out / "align.json").unlink()
+    with (out / "metrics.jsonl").open("a") as log:
+        log.write('{"stage": "sft", "step": 3, "loss": 9.9}\n{"stage": "sf')
     result = align(*args, "--max-steps", "4", "--resume")
     assert result.code == 0, result.err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]

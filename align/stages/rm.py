@@ -13,10 +13,9 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from align.checkpoints import is_complete, prepare_output, write_manifest
+from align.checkpoints import prepare_output, write_manifest
 from align.config import RMConfig
-from align.data import PREFERENCE_FORMATS, DataReport, is_messages, load_split, preference_examples, use_chat_template, warn_report
-from align.errors import DataError
+from align.data import load_preference_data
 from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
 from align.training import MetricsLog, last_logged, run_training, trainer_args
 
@@ -25,14 +24,12 @@ log = logging.getLogger("align")
 
 def run(config: RMConfig) -> Path:
     out = Path(config.output)
-    if config.resume and is_complete(out):
-        log.info("%s is already complete; nothing to resume", out)
-        return out
     started = time.time()
     check_lora_possible(config.lora)
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(config.model, source)
-    report, train_set, eval_set = _prepare_data(config, tokenizer)
+    report, train_rows, eval_rows = load_preference_data(config.data, tokenizer, config.train.seed)
+    train_set, eval_set = Dataset.from_list(train_rows), Dataset.from_list(eval_rows) if eval_rows else None
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
 
     from trl import RewardConfig, RewardTrainer
@@ -57,16 +54,3 @@ def run(config: RMConfig) -> Path:
     )
     return out
 
-
-def _prepare_data(config: RMConfig, tokenizer) -> tuple[DataReport, Dataset, Dataset | None]:
-    _, train_rows, eval_rows = load_split(config.data, PREFERENCE_FORMATS, config.train.seed)
-    conversational = is_messages(train_rows[0]["chosen"])
-    chat = use_chat_template(tokenizer, config.data, conversational, config.data.path)
-    report = DataReport(config.data.path, format="preference", rows_read=len(train_rows) + len(eval_rows))
-    train = preference_examples(train_rows, tokenizer, chat, config.data, report)
-    evals = preference_examples(eval_rows, tokenizer, chat, config.data, report)
-    if not train:
-        raise DataError(f"{config.data.path}: no usable preference pairs left after filtering ({report.dropped})")
-    report.rows_used = len(train)
-    warn_report(report)
-    return report, Dataset.from_list(train), Dataset.from_list(evals) if evals else None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from align.checkpoints import is_complete, prepare_output, write_manifest
+from align.checkpoints import prepare_output, write_manifest
 from align.config import SFTConfig
 from align.data import (
     SFT_FORMATS,
@@ -30,9 +30,6 @@ log = logging.getLogger("align")
 
 def run(config: SFTConfig) -> Path:
     out = Path(config.output)
-    if config.resume and is_complete(out):
-        log.info("%s is already complete; nothing to resume", out)
-        return out
     started = time.time()
     check_lora_possible(config.lora)
     source = resolve_model(config.model)
