@@ -136,9 +136,10 @@ def config_hash(config: Any) -> str:
 
 
 def input_run_id(config: Any) -> str | None:
-    """The run id of the stage output this stage started from, if it started from one."""
-    upstream = read_manifest(Path(config.model.path))
-    return upstream.get("run_id") if upstream else None
+    """The run ids of the stage outputs this stage reads (its model, and a reward model), if any."""
+    inputs = [config.model.path, getattr(getattr(config, "reward_model", None), "path", None)]
+    ids = [(read_manifest(Path(p)) or {}).get("run_id") for p in inputs if p]
+    return "+".join(i for i in ids if i) or None
 
 
 def is_up_to_date(config: Any) -> bool:

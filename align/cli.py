@@ -53,11 +53,22 @@ FLAG_KEYS = {
     "lora": "lora.enabled", "qlora": "lora.qlora", "report_to": "train.report_to",
     "beta": "dpo.beta", "loss": "dpo.loss", "label_smoothing": "dpo.label_smoothing",
     "precompute_ref": "dpo.precompute_ref_log_probs", "completion_only_loss": "completion_only_loss", "packing": "packing",
-    "prompts": "prompts.path", "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens",
-    "temperature": "sampling.temperature", "top_p": "sampling.top_p", "sample_batch_size": "sampling.batch_size",
-    "sample_seed": "sampling.seed",
+    "prompts": "prompts.path", "eval_prompts": "eval_prompts.path", "reward_model": "reward_model.path",
+    "reward_fn": "reward_fn", "value_model": "value_model",
+}
+STAGE_FLAG_KEYS = {
+    "generate": {
+        "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens", "top_p": "sampling.top_p",
+        "temperature": "sampling.temperature", "batch_size": "sampling.batch_size", "seed": "sampling.seed",
+    },
+    "ppo": {
+        "episodes": "ppo.episodes", "mini_batches": "ppo.mini_batches", "ppo_epochs": "ppo.ppo_epochs",
+        "max_new_tokens": "ppo.max_new_tokens", "temperature": "ppo.temperature", "kl_coef": "ppo.kl_coef",
+        "target_kl": "ppo.target_kl", "eval_every": "ppo.eval_every",
+    },
 }
 REQUIRED = {"model": "--model", "output": "--output"}
+DATA_FLAG = {"generate": ("prompts", "--prompts"), "ppo": ("prompts", "--prompts")}
 
 
 def build_stage_config(kind: str, config_file: Path | None, stage_name: str | None, sets: list[str] | None, **flags: Any):
@@ -66,14 +77,15 @@ def build_stage_config(kind: str, config_file: Path | None, stage_name: str | No
     from align.recipe import stage_from_file
 
     raw = stage_from_file(config_file, kind, stage_name) if config_file else {}
+    keys = FLAG_KEYS | STAGE_FLAG_KEYS.get(kind, {})
     for name, value in flags.items():
         if value is not None:
-            set_path(raw, FLAG_KEYS[name].split("."), value)
+            set_path(raw, keys[name].split("."), value)
     for text in sets or []:
         keys, value = parse_override(text)
         set_path(raw, keys, value)
-    data_key = "prompts" if kind == "generate" else "data"
-    for key, flag in {**REQUIRED, data_key: f"--{'prompts' if kind == 'generate' else 'data'}"}.items():
+    data_key, data_flag = DATA_FLAG.get(kind, ("data", "--data"))
+    for key, flag in {**REQUIRED, data_key: data_flag}.items():
         if key not in raw:
             raise ConfigError(f"align {kind}: {flag} is required (or set '{key}' in --config)")
     return build_config(STAGE_CONFIGS[kind], raw, f"align {kind}")
@@ -144,13 +156,40 @@ def generate(
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest completion.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 for greedy decoding.")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
-    sample_batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per generation batch.")] = None,
-    sample_seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per generation batch.")] = None,
+    seed: Seed = None,
     config: ConfigFile = None, stage: StageName = None, set_: Sets = None, overwrite: Overwrite = False,
 ) -> None:
     """Sample completions from any model or stage output into a JSONL file."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS}
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["generate"]}
     _run(build_stage_config("generate", config, stage, set_, **flags).model_copy(update=dict(overwrite=overwrite)))
+
+
+@app.command()
+def ppo(
+    model: Model = None,
+    reward_model: Annotated[Optional[str], typer.Option("--reward-model", help="Reward model (an `align rm` output or any 1-label sequence classifier).")] = None,
+    reward_fn: Annotated[Optional[str], typer.Option("--reward-fn", help="A python scorer MODULE:FUNCTION or FILE.py:FUNCTION, f(prompts, completions) -> list[float]. Runs your code.")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", "-p", help="Prompt-only training file ('prompt' column).")] = None,
+    eval_prompts: Annotated[Optional[str], typer.Option("--eval-prompts", help="Held-out prompts scored every --eval-every updates.")] = None,
+    output: Output = None,
+    episodes: Annotated[Optional[int], typer.Option("--episodes", help="Total responses to sample.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Rollouts per PPO update.")] = None,
+    mini_batches: Annotated[Optional[int], typer.Option("--mini-batches", help="Mini-batches per rollout batch.")] = None,
+    ppo_epochs: Annotated[Optional[int], typer.Option("--ppo-epochs", help="Passes over each rollout batch.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature for rollouts.")] = None,
+    kl_coef: Annotated[Optional[float], typer.Option("--kl-coef", help="Weight of the per-token KL penalty.")] = None,
+    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Adapt --kl-coef towards this KL per response.")] = None,
+    value_model: Annotated[Optional[str], typer.Option("--value-model", help="Initialise the value function from this sequence classifier.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Score held-out prompts every K updates.")] = None,
+    learning_rate: LearningRate = None, max_steps: MaxSteps = None, seed: Seed = None, lora: Lora = None, qlora: QLora = None,
+    config: ConfigFile = None, stage: StageName = None, set_: Sets = None, resume: Resume = False,
+    overwrite: Overwrite = False, report_to: ReportTo = None,
+) -> None:
+    """PPO (InstructGPT's RL step, our own trainer) against a reward model or a python reward."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["ppo"]}
+    _run(build_stage_config("ppo", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
 
 
 @app.command()
@@ -255,7 +294,12 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 def entrypoint() -> None:
     """The console script: project errors become one line and an exit code, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # The click that typer vendors returns 130 for Ctrl-C instead of raising it.
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except AlignError as exc:
         typer.echo(f"align: error: {exc}", err=True)
         sys.exit(exc.exit_code)

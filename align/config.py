@@ -221,11 +221,70 @@ class GenerateConfig(StageConfig):
         return [self.prompts.path]
 
 
+class PPOSpec(Closed):
+    """PPO's rollout, reward-shaping and update settings (InstructGPT's RL step)."""
+
+    episodes: PositiveInt = Field(512, description="total sampled responses")
+    mini_batches: PositiveInt = 1
+    ppo_epochs: PositiveInt = 4
+    max_new_tokens: PositiveInt = 64
+    temperature: PositiveFloat = 0.7
+    kl_coef: Annotated[float, Field(ge=0)] = 0.05
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    target_kl: PositiveFloat | None = Field(None, description="adapt kl_coef towards this KL per sequence")
+    kl_horizon: PositiveInt = 10000
+    gamma: Annotated[float, Field(gt=0, le=1)] = 1.0
+    lam: Annotated[float, Field(ge=0, le=1)] = 0.95
+    clip_range: PositiveFloat = 0.2
+    clip_range_value: PositiveFloat = 0.2
+    vf_coef: PositiveFloat = 0.1
+    entropy_coef: Annotated[float, Field(ge=0)] = 0.0
+    whiten_advantages: bool = True
+    reward_norm: bool = Field(False, description="normalise scores by their running mean and std")
+    reward_clip: PositiveFloat | None = None
+    missing_eos_penalty: Annotated[float, Field(ge=0)] | None = Field(None, description="subtracted from the score of responses that never end")
+    early_stop_kl: PositiveFloat | None = Field(None, description="stop an update's epochs when approx KL exceeds this")
+    sample_every: PositiveInt = 10
+    eval_every: PositiveInt | None = None
+    score_batch_size: PositiveInt = 16
+
+
+class PPOConfig(StageConfig):
+    stage: Literal["ppo"] = "ppo"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    prompts: DataSpec
+    eval_prompts: DataSpec | None = None
+    reward_model: ModelSpec | None = None
+    reward_fn: str | None = Field(None, description="MODULE:FUNCTION or FILE.py:FUNCTION returning one score per completion")
+    value_model: str | None = Field(None, description="default: the reward model when it shares the policy's tokenizer")
+    ppo: PPOSpec = Field(default_factory=PPOSpec)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(batch_size=16, learning_rate=1e-5, save_steps=10))
+
+    def data_files(self) -> list[str]:
+        return [d.path for d in (self.prompts, self.eval_prompts) if d]
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ValueError("give exactly one reward source: reward_model (--reward-model) or reward_fn (--reward-fn)")
+        batch, minis = self.train.batch_size, self.ppo.mini_batches
+        if batch % minis:
+            divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+            raise ValueError(
+                f"the rollout batch ({batch}) must split evenly into {minis} mini-batches; "
+                f"use --mini-batches {', '.join(map(str, divisors))}, or change --batch-size"
+            )
+        if self.ppo.episodes < batch:
+            raise ValueError(f"--episodes ({self.ppo.episodes}) is smaller than one rollout batch ({batch})")
+        return self
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "sft": SFTConfig,
     "rm": RMConfig,
     "dpo": DPOConfig,
     "generate": GenerateConfig,
+    "ppo": PPOConfig,
 }
 
 

@@ -92,3 +92,51 @@ def sample(model, tokenizer, prompts: list[Any], sampling: SamplingSpec, chat: b
     finally:
         model.train(was_training)
     return results
+
+
+@dataclass
+class Rollout:
+    """Sampled responses with the behaviour policy's log-probs, straight from the generation pass.
+
+    query (B, P) left-padded prompts; response (B, T) right-padded; masks mark real tokens. The
+    response mask covers every token up to and including the first EOS.
+    """
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor  # (B, T) log pi_old(token) under softmax(logits / temperature)
+    finished: torch.Tensor  # (B,) bool: ended with EOS
+
+
+@torch.no_grad()
+def sample_rollout(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> Rollout:
+    """Sample one response per prompt from softmax(logits / temperature), no top-k/top-p, so the
+    log-probs of the sampled tokens (read from the same pass) are exactly PPO's behaviour log-probs."""
+    from transformers import GenerationConfig
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer)
+    query, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+    )
+    try:
+        output = model.generate(input_ids=query.to(device), attention_mask=query_mask.to(device), generation_config=config)
+    finally:
+        model.train(was_training)
+    response = output.sequences[:, query.shape[1]:].cpu()  # (B, T)
+    scores = torch.stack(output.scores, dim=1).float().cpu()  # (B, T, V): logits / temperature
+    logprobs = torch.gather(torch.log_softmax(scores, dim=-1), -1, response.unsqueeze(-1)).squeeze(-1)
+    is_eos = torch.isin(response, torch.tensor(sorted(eos_ids)))
+    finished = is_eos.any(dim=1)
+    # Tokens after the first EOS are padding: cumsum counts EOS seen strictly before each position.
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    response_mask = (before == 0).long()
+    length = int(response_mask.sum(dim=1).max())
+    response = response[:, :length].masked_fill(response_mask[:, :length] == 0, tokenizer.pad_token_id)
+    return Rollout(query, query_mask, response, response_mask[:, :length], logprobs[:, :length] * response_mask[:, :length], finished)

@@ -183,6 +183,13 @@ def compute_dtype(spec: ModelSpec) -> torch.dtype:
     return torch.float32
 
 
+def context_length(spec: ModelSpec, source: str) -> int:
+    """How many tokens the model can attend to (prompt + response)."""
+    config = _hub_guard(source, lambda local_only: AutoConfig.from_pretrained(
+        source, trust_remote_code=spec.trust_remote_code, local_files_only=local_only))
+    return int(getattr(config, "max_position_embeddings", None) or 1 << 20)
+
+
 def has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
@@ -260,7 +267,8 @@ def save_stage_model(trained, tokenizer, out: Path, spec: ModelSpec, source: str
     from peft import PeftModel
 
     adapter_dir = out / "adapter"
-    trained.save_pretrained(adapter_dir)
+    # Only the trained model's own adapter: PPO keeps its value adapter on the same base.
+    trained.save_pretrained(adapter_dir, selected_adapters=["default"])
     tokenizer.save_pretrained(adapter_dir)
     full_spec = spec.model_copy(update={"dtype": "float32" if spec.dtype == "auto" and lora.qlora else spec.dtype})
     base = load_model(full_spec, source, kind=kind, pad_token_id=tokenizer.pad_token_id)

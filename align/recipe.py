@@ -33,8 +33,11 @@ from align.errors import ConfigError
 
 SHARED_BLOCKS = ("model", "lora", "data", "train")
 RECIPE_KEYS = ("name", "output_dir", "stages", *SHARED_BLOCKS)
-STAGE_KEYS = ("name", "stage", "from")
-PATH_FIELDS = (("data", "path"), ("data", "eval_path"), ("prompts", "path"), ("model", "path"), ("model", "chat_template"))
+STAGE_KEYS = ("name", "stage", "from", "reward_from")
+PATH_FIELDS = (
+    ("data", "path"), ("data", "eval_path"), ("prompts", "path"), ("eval_prompts", "path"),
+    ("model", "path"), ("model", "chat_template"), ("reward_model", "path"),
+)
 
 
 @dataclass
@@ -102,6 +105,8 @@ def _resolve_stage(
     merged.setdefault("output", str(output_dir / (f"{name}.jsonl" if kind == "generate" else name)))
     if "from" in entry:
         merged = deep_merge(merged, {"model": {"path": _resolve_from(entry["from"], where, outputs)}})
+    if "reward_from" in entry:
+        merged = deep_merge(merged, {"reward_model": {"path": _resolve_from(entry["reward_from"], where, outputs)}})
     for block, key in PATH_FIELDS:
         _resolve_relative(merged, block, key, base_dir)
     return build_config(cls, merged, where)

@@ -27,7 +27,7 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
     on_gpu = torch.cuda.is_available()
     dtype = config.model.dtype
     if config.train.report_to != "none":
-        _check_tracker(config.train.report_to)
+        check_tracker(config.train.report_to)
     eval_steps = train.eval_steps or train.save_steps
     return args_cls(
         output_dir=str(out / CHECKPOINTS),
@@ -61,7 +61,7 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
     )
 
 
-def _check_tracker(name: str) -> None:
+def check_tracker(name: str) -> None:
     import importlib.util
 
     module = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}[name]

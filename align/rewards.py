@@ -1,0 +1,111 @@
+"""Reward sources behind one interface: `score(prompts, completions) -> (B,) tensor`.
+
+- RewardModel: a 1-label sequence classifier (an `align rm` output, or any such model). It
+  scores the rendered conversation with its own tokenizer and chat template, so it may use a
+  different tokenizer and architecture than the policy.
+- RewardFunction: a user's Python function `f(prompts, completions) -> list[float]`, named as
+  `module:function` or `path/to/file.py:function`. This runs the user's code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from align.config import ModelSpec
+from align.data import as_messages
+from align.errors import ConfigError, ModelError
+from align.models import load_model, load_tokenizer, resolve_model
+
+
+class RewardModel:
+    def __init__(self, spec: ModelSpec, batch_size: int = 16, device: torch.device | None = None):
+        source = resolve_model(spec)
+        _require_classifier(spec, source)
+        self.tokenizer = load_tokenizer(spec, source, padding_side="right")
+        self.model = load_model(spec, source, kind="reward", pad_token_id=self.tokenizer.pad_token_id).eval()
+        if getattr(self.model.config, "num_labels", 1) != 1:
+            raise ModelError(f"{spec.path}: the reward model must output one score (num_labels=1), it has {self.model.config.num_labels}")
+        if device is not None:
+            self.model.to(device)
+        self.batch_size = batch_size
+        self.chat = bool(self.tokenizer.chat_template)
+        self.name = spec.path
+
+    def render(self, prompt: Any, completion: str) -> str:
+        if self.chat:
+            messages = (as_messages(prompt, "user") if prompt else []) + as_messages(completion, "assistant")
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return f"{prompt}{completion}{self.tokenizer.eos_token or ''}"
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        texts = [self.render(p, c) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start:start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=not self.chat
+            ).to(device)
+            scores.append(self.model(**batch).logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+def _require_classifier(spec: ModelSpec, source: str) -> None:
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code).architectures or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelError(
+            f"{spec.path}: is a {architectures[0]}, not a reward model (a sequence classifier with one score); "
+            "train one with `align rm`, or pass a python scorer with --reward-fn"
+        )
+
+
+class RewardFunction:
+    def __init__(self, reference: str):
+        self.fn = load_function(reference)
+        self.name = reference
+
+    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        try:
+            values = self.fn(prompts, completions)
+        except Exception as exc:  # the user's code: report, don't crash with their traceback
+            raise ConfigError(f"reward function {self.name} raised {exc.__class__.__name__}: {exc}") from None
+        values = list(values) if not isinstance(values, list) else values
+        if len(values) != len(completions):
+            raise ConfigError(f"reward function {self.name} returned {len(values)} values for {len(completions)} completions")
+        for row, value in enumerate(values):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"reward function {self.name} returned {value!r} for row {row}; expected a finite number")
+        return torch.tensor(values, dtype=torch.float32)
+
+
+def load_function(reference: str) -> Callable:
+    """`package.module:function` or `path/to/file.py:function` -> the function."""
+    module_name, sep, attribute = reference.rpartition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"reward function {reference!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"reward function {reference!r}: file {path} not found")
+            spec = importlib.util.spec_from_file_location(f"align_user_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"reward function {reference!r}: importing it failed ({exc.__class__.__name__}: {exc})") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ConfigError(f"reward function {reference!r}: {module_name} has no function {attribute!r}")
+    return function

@@ -1,0 +1,436 @@
+"""PPO against a reward model or a reward function: InstructGPT's RL step, in our own loop.
+
+One update:
+  1. rollout   sample a batch of responses (eval mode, temperature, stop at EOS); the behaviour
+               log-probs come from the sampling pass itself, not from a second forward pass
+  2. score     reward on prompt + response text; reference log-probs and values (one forward
+               each, on response positions only); per-token KL penalty, score on the last token;
+               GAE advantages, whitened
+  3. train     ppo_epochs over shuffled mini-batches: clipped policy loss, clipped value loss
+The math lives in align/losses.py; the models (one shared base with LoRA) in align/roles.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from align import losses
+from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, prepare_output, trim_metrics, write_manifest
+from align.config import ModelSpec, PPOConfig
+from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
+from align.errors import DataError, TrainingError
+from align.generation import Rollout, prompt_ids, sample_rollout
+from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
+from align.rewards import RewardFunction, RewardModel
+from align.roles import Roles, body, build_roles, save_value, same_vocabulary
+from align.training import check_tracker
+
+log = logging.getLogger("align")
+
+
+@dataclass
+class Prompts:
+    raw: list  # as given (strings or message lists), for the reward and the logs
+    ids: list[list[int]]
+
+
+@dataclass
+class Batch:
+    """A scored rollout, ready for PPO updates. Sequences are (B, P + T); the rest (B, T) or (B,)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+    response: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor
+    non_score: torch.Tensor
+
+    def inputs(self, idx: torch.Tensor | slice = slice(None)):
+        return self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.prompt_width, self.response.shape[1]
+
+
+def run(config: PPOConfig) -> Path:
+    out, started, settings = Path(config.output), time.time(), config.ppo
+    check_lora_possible(config.lora)
+    source = resolve_model(config.model)
+    tokenizer = load_tokenizer(config.model, source, padding_side="left")
+    window = context_length(config.model, source)
+    prompts, held_out, report = _load_prompts(config, tokenizer, window)
+    reward = _load_reward(config, tokenizer, conversational=is_messages(prompts.raw[0]))
+    value_source = _value_source(config, tokenizer, reward)
+    prepare_output(out, resume=config.resume, overwrite=config.overwrite)
+
+    torch.manual_seed(config.train.seed)  # LoRA's initial A matrices come from this generator
+    roles = build_roles(config.model, source, config.lora, value_source, tokenizer.pad_token_id)
+    roles.train(False)  # no dropout anywhere: PPO's ratio must be 1 before the first step
+    params = roles.trainable()
+    optimizer = torch.optim.AdamW(params.values(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    updates = min(settings.episodes // config.train.batch_size, config.train.max_steps or 1 << 30)
+    scheduler = _scheduler(config, optimizer, updates)
+    kl = losses.AdaptiveKLController(settings.kl_coef, settings.target_kl or 1.0, settings.kl_horizon)
+    moments = losses.RunningMoments()
+    generator = torch.Generator().manual_seed(config.train.seed)
+    first = _resume(out, params, optimizer, scheduler, kl, moments, generator) if config.resume else 0
+    trim_metrics(out, first)
+    log.info("ppo: %d updates of %d rollouts, %s trainable parameters, value from %s",
+             updates, config.train.batch_size, f"{sum(p.numel() for p in params.values()):,}", value_source or "scratch")
+
+    tracker = _tracker(config, out)
+    metrics: dict[str, float] = {}
+    for step in tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO)):
+        timer = time.perf_counter()
+        picked = _batch_indices(len(prompts.ids), config.train.batch_size, step, config.train.seed)
+        with roles.acting() as policy:
+            rollout = sample_rollout(policy, tokenizer, [prompts.ids[i] for i in picked], settings.max_new_tokens, settings.temperature)
+        generated = time.perf_counter()
+        completions = _decode(tokenizer, rollout)
+        raw_scores = _score(reward, [prompts.raw[i] for i in picked], completions, rollout.finished, settings.missing_eos_penalty)
+        scores = _normalise(raw_scores, moments, settings)
+        batch = _score_batch(roles, rollout, scores, settings, kl.value)
+        scored = time.perf_counter()
+        train_stats = _update(roles, optimizer, batch, config, params, generator, out)
+        scheduler.step()
+        sequence_kl = (batch.kl.sum(1)).mean().item()
+        if settings.target_kl:
+            kl.update(sequence_kl, config.train.batch_size)
+        metrics = {
+            "step": step + 1, "episodes": (step + 1) * config.train.batch_size,
+            "score": raw_scores.mean().item(), "score_std": raw_scores.std().item(), "kl": sequence_kl,
+            "non_score_reward": batch.non_score.sum(1).mean().item(),
+            "explained_variance": losses.explained_variance(batch.values, batch.returns, batch.mask).item(),
+            "response_length": rollout.response_mask.sum(1).float().mean().item(), "eos_rate": rollout.finished.float().mean().item(),
+            "learning_rate": scheduler.get_last_lr()[0], "kl_coef": kl.value, **train_stats,
+            "time_generate": generated - timer, "time_score": scored - generated, "time_train": time.perf_counter() - scored,
+        }
+        if settings.eval_every and held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == updates):
+            metrics.update(_evaluate(roles, tokenizer, held_out, reward, config))
+        append_metrics(out, {"stage": "ppo", **metrics})
+        if tracker:
+            tracker.log(metrics, step=step + 1)
+        if step % settings.sample_every == 0:
+            _log_samples(out, step + 1, [prompts.raw[i] for i in picked], completions, raw_scores)
+        if (step + 1) % config.train.save_steps == 0 and step + 1 < updates:
+            _save_checkpoint(out, step + 1, params, optimizer, scheduler, kl, moments, generator, config.train.save_total_limit)
+
+    if tracker:
+        tracker.end_training()
+    save_stage_model(roles.policy, tokenizer, out, config.model, source, config.lora)
+    save_value(roles, out / "value")
+    write_manifest(
+        out, config=config, metrics=metrics, started=started, data=asdict(report), lora=config.lora.enabled,
+        reward=getattr(reward, "name", ""), value_init=value_source or "scratch",
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def _load_prompts(config: PPOConfig, tokenizer, window: int) -> tuple[Prompts, Prompts | None, DataReport]:
+    """Training prompts, and held-out prompts (eval_prompts, or data.eval_fraction of prompts)."""
+    _, rows, held = load_split(config.prompts, PROMPT_FORMATS, config.train.seed)
+    report = DataReport(config.prompts.path, format="prompt-only", rows_read=len(rows) + len(held))
+    prompts = _tokenize_prompts(rows, config.prompts.path, tokenizer, config, window, report)
+    if config.eval_prompts:
+        _, held, _ = load_split(config.eval_prompts.model_copy(update={"eval_fraction": 0.0}), PROMPT_FORMATS, 0)
+    evals = _tokenize_prompts(held, config.prompts.path, tokenizer, config, window, DataReport("eval")) if held else None
+    report.rows_used = len(prompts.ids)
+    warn_report(report)
+    return prompts, evals, report
+
+
+def _tokenize_prompts(rows, source: str, tokenizer, config: PPOConfig, window: int, report: DataReport) -> Prompts:
+    chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0]["prompt"]), source)
+    limit, new_tokens = config.prompts.max_length, config.ppo.max_new_tokens
+    raw, ids = [], []
+    for number, row in enumerate(rows, start=1):
+        tokens = prompt_ids(tokenizer, row["prompt"], chat)
+        if len(tokens) > limit:
+            if config.prompts.overlong == "drop":
+                report.drop(f"prompt longer than max_length={limit}")
+                continue
+            tokens = tokens[-limit:]  # keep the end: the question and the assistant header
+            report.truncated += 1
+        if len(tokens) + new_tokens > window:
+            raise DataError(
+                f"{source}: row {number}: the prompt is {len(tokens)} tokens, and with max_new_tokens={new_tokens} "
+                f"that exceeds the model's context of {window}; shorten it, lower --max-new-tokens or set data.max_length"
+            )
+        raw.append(row["prompt"])
+        ids.append(tokens)
+    if not ids:
+        raise DataError(f"{source}: no prompts left after filtering ({report.dropped})")
+    return Prompts(raw, ids)
+
+
+def _load_reward(config: PPOConfig, tokenizer, conversational: bool):
+    if config.reward_fn:
+        return RewardFunction(config.reward_fn)
+    reward = RewardModel(config.reward_model, batch_size=config.ppo.score_batch_size)
+    if conversational and not reward.chat:
+        raise DataError(
+            f"{config.reward_model.path}: the prompts are conversations but the reward model's tokenizer has no chat "
+            "template, so it cannot read them; give it one (reward_model.chat_template) or use plain-text prompts"
+        )
+    return reward
+
+
+def _value_source(config: PPOConfig, tokenizer, reward) -> str | None:
+    """Initialise the value function from --value-model, else from the reward model when it shares the
+    policy's tokenizer and width, else from scratch (LoRA) or the policy (full fine-tuning)."""
+    if config.value_model:
+        return resolve_model(ModelSpec(path=config.value_model))
+    if isinstance(reward, RewardModel) and same_vocabulary(reward.tokenizer, tokenizer):
+        reward_width = getattr(reward.model.config, "hidden_size", None)
+        if reward_width == _hidden_width(config.model, resolve_model(config.model)):
+            return resolve_model(config.reward_model)
+    return None
+
+
+def _hidden_width(spec: ModelSpec, source: str) -> int | None:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code), "hidden_size", None)
+
+
+def _tracker(config: PPOConfig, out: Path):
+    """Send metrics to --report-to through accelerate's trackers (the same ones the HF Trainer uses)."""
+    if config.train.report_to == "none":
+        return None
+    from accelerate import Accelerator
+
+    check_tracker(config.train.report_to)
+    accelerator = Accelerator(log_with=config.train.report_to, project_dir=str(out / "logs"), cpu=not torch.cuda.is_available())
+    flat = {k: v for k, v in {**config.ppo.model_dump(), **config.train.model_dump()}.items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers(config.name or "align-ppo", config=flat)
+    return accelerator
+
+
+def _scheduler(config: PPOConfig, optimizer, updates: int):
+    from transformers import get_scheduler
+
+    warmup = round(config.train.warmup_ratio * updates)
+    return get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(updates, 1))
+
+
+def _batch_indices(count: int, batch: int, step: int, seed: int) -> list[int]:
+    """Prompts for update `step`: passes over a seeded shuffle, so a resumed run sees the same ones."""
+    start = step * batch
+    order: list[int] = []
+    epoch = start // count
+    while len(order) < (start % count) + batch:
+        shuffled = list(range(count))
+        random.Random(seed * 7919 + epoch).shuffle(shuffled)
+        order += shuffled
+        epoch += 1
+    return order[start % count: start % count + batch]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout scoring
+
+
+def _decode(tokenizer, rollout: Rollout) -> list[str]:
+    return [
+        tokenizer.decode(row[mask.bool()], skip_special_tokens=True) for row, mask in zip(rollout.response, rollout.response_mask)
+    ]
+
+
+def _score(reward, prompts: list, completions: list[str], finished: torch.Tensor, eos_penalty: float | None) -> torch.Tensor:
+    scores = reward(prompts, completions).float()
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise TrainingError(f"the reward returned {scores[bad[0]].item()} for completion {completions[bad[0]]!r}; training stopped")
+    if eos_penalty:
+        scores = scores - eos_penalty * (~finished).float()
+    return scores
+
+
+def _normalise(scores: torch.Tensor, moments: losses.RunningMoments, settings) -> torch.Tensor:
+    if settings.reward_norm:
+        moments.update(scores)
+        scores = (scores - moments.mean) / moments.std
+    if settings.reward_clip:
+        scores = scores.clamp(-settings.reward_clip, settings.reward_clip)
+    return scores
+
+
+def _sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + response as one (B, P + T) batch; positions count real tokens only (left padding)."""
+    input_ids = torch.cat([rollout.query, rollout.response], dim=1)
+    attention_mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def response_hidden(model, input_ids, attention_mask, position_ids, prompt_width: int, length: int) -> torch.Tensor:
+    """Hidden states that predict each response token: positions P-1 .. P+T-2. (B, T, H)."""
+    device = next(model.parameters()).device
+    hidden = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
+    ).last_hidden_state
+    return hidden[:, prompt_width - 1: prompt_width - 1 + length]
+
+
+def response_logits(causal_lm, *inputs) -> torch.Tensor:
+    """Logits for the response tokens only: the output head never runs on prompt positions. (B, T, V)."""
+    return causal_lm.get_output_embeddings()(response_hidden(body(causal_lm), *inputs)).float()
+
+
+def response_values(value_body, head, *inputs) -> torch.Tensor:
+    return head(response_hidden(value_body, *inputs).float()).squeeze(-1)  # (B, T)
+
+
+@torch.no_grad()
+def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings, kl_coef: float) -> Batch:
+    input_ids, attention_mask, position_ids = _sequences(rollout)
+    inputs = (input_ids, attention_mask, position_ids, rollout.query.shape[1], rollout.response.shape[1])
+    mask = rollout.response_mask.float()
+    with roles.referencing() as reference:
+        ref_logprobs = losses.token_logprobs(response_logits(reference, *inputs).cpu(), rollout.response, settings.temperature)
+    with roles.valuing() as value_body:
+        values = response_values(value_body, roles.value_head, *inputs).cpu() * mask
+    kl = losses.kl_penalty(rollout.logprobs, ref_logprobs, settings.kl_estimator) * mask
+    rewards, non_score = losses.shaped_rewards(scores, kl, mask, kl_coef)
+    advantages, returns = losses.gae(rewards, values, mask, settings.gamma, settings.lam)
+    if settings.whiten_advantages:
+        advantages = losses.masked_whiten(advantages, mask)
+    return Batch(
+        input_ids, attention_mask, position_ids, rollout.query.shape[1], rollout.response, mask,
+        rollout.logprobs, ref_logprobs, values, advantages, returns, kl, non_score,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Updates
+
+
+def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: dict, generator, out: Path) -> dict[str, float]:
+    """ppo_epochs passes of shuffled mini-batches; the policy and value losses are back-propagated
+    separately because, on a shared base, each needs its own adapter switched on."""
+    settings, size = config.ppo, batch.response.shape[0]
+    step_size = size // settings.mini_batches
+    stats: dict[str, list[float]] = defaultdict(list)
+    for _ in range(settings.ppo_epochs):
+        order, epoch_kl = torch.randperm(size, generator=generator), []
+        for start in range(0, size, step_size):
+            idx = order[start:start + step_size]
+            mask = batch.mask[idx]
+            with roles.acting() as policy:
+                logits = response_logits(policy, *batch.inputs(idx)).cpu()
+                logprobs = losses.token_logprobs(logits, batch.response[idx], settings.temperature)
+                pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, settings.clip_range)
+                entropy = losses.masked_mean(losses.entropy_from_logits(logits / settings.temperature), mask)
+                (pg_loss - settings.entropy_coef * entropy).backward()
+            with roles.valuing() as value_body:
+                values = response_values(value_body, roles.value_head, *batch.inputs(idx)).cpu()
+                vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
+                (settings.vf_coef * vf_loss).backward()
+            if not (math.isfinite(pg_loss.item()) and math.isfinite(vf_loss.item())):
+                last = latest_checkpoint(out)
+                raise TrainingError(f"a PPO loss became NaN; training stopped. "
+                                    f"{'The last good checkpoint is kept in ' + str(last) if last else 'No checkpoint had been saved yet'}.")
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, "grad_norm": grad_norm,
+                               **pg_stats, **vf_stats}.items():
+                stats[key].append(float(value.detach() if torch.is_tensor(value) else value))
+            epoch_kl.append(float(pg_stats["approx_kl"]))
+        if settings.early_stop_kl and sum(epoch_kl) / len(epoch_kl) > settings.early_stop_kl:
+            stats["early_stopped"].append(1.0)
+            break
+    return {key: sum(values) / len(values) for key, values in stats.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, samples, checkpoints
+
+
+@torch.no_grad()
+def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConfig) -> dict[str, float]:
+    """Mean reward, length and EOS rate of sampled responses on held-out prompts."""
+    scores, lengths, finished = [], [], []
+    for start in range(0, len(prompts.ids), config.train.batch_size):
+        chunk = slice(start, start + config.train.batch_size)
+        with roles.acting() as policy:
+            rollout = sample_rollout(policy, tokenizer, prompts.ids[chunk], config.ppo.max_new_tokens, config.ppo.temperature)
+        scores.append(reward(prompts.raw[chunk], _decode(tokenizer, rollout)).float())
+        lengths.append(rollout.response_mask.sum(1).float())
+        finished.append(rollout.finished.float())
+    return {
+        "eval_score": torch.cat(scores).mean().item(),
+        "eval_response_length": torch.cat(lengths).mean().item(),
+        "eval_eos_rate": torch.cat(finished).mean().item(),
+    }
+
+
+def _log_samples(out: Path, step: int, prompts: list, completions: list[str], scores: torch.Tensor, count: int = 3) -> None:
+    with (out / "samples.jsonl").open("a", encoding="utf-8") as handle:
+        for prompt, completion, score in list(zip(prompts, completions, scores.tolist()))[:count]:
+            handle.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "score": score}) + "\n")
+
+
+def _save_checkpoint(out: Path, step: int, params: dict, optimizer, scheduler, kl, moments, generator, keep: int) -> None:
+    """Everything an exact resume needs, written to a temp dir and renamed into place."""
+    from safetensors.torch import save_file
+
+    root = out / CHECKPOINTS
+    final, staging = root / f"checkpoint-{step}", root / f".checkpoint-{step}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({name: p.detach().cpu().contiguous() for name, p in params.items()}, staging / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "generator": generator.get_state()}, staging / "optimizer.pt")
+    state = {"global_step": step, "kl_coef": kl.value, "moments": [moments.mean, moments.var, moments.count]}
+    (staging / "trainer_state.json").write_text(json.dumps(state))
+    os.replace(staging, final)
+    for old in sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+
+
+def _resume(out: Path, params: dict, optimizer, scheduler, kl, moments, generator) -> int:
+    """Load the newest checkpoint into the live objects; the step to continue from (0 if none)."""
+    from safetensors.torch import load_file
+
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        log.info("%s: no checkpoint to resume from; starting from the beginning", out)
+        return 0
+    saved = load_file(checkpoint / "trainable.safetensors")
+    missing = set(params) - set(saved)
+    if missing:
+        raise TrainingError(f"{checkpoint}: does not match this run (missing {sorted(missing)[0]}); resume with the same settings")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    extra = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    generator.set_state(extra["generator"])
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    kl.value = state["kl_coef"]
+    moments.mean, moments.var, moments.count = state["moments"]
+    log.info("resuming from %s", checkpoint)
+    return int(state["global_step"])

@@ -1,0 +1,188 @@
+"""align ppo on the tiny model: the loop learns, resumes exactly, shares one base with LoRA, and
+refuses bad input clearly."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import assert_clean_failure, write_jsonl
+
+REWARD = '''
+def share_of_e(prompts, completions):
+    return [c.count("e") / max(len(c), 1) for c in completions]
+
+def not_a_number(prompts, completions):
+    return [float("nan")] * len(completions)
+'''
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARD)
+    return path
+
+
+@pytest.fixture
+def ppo_prompts(tmp_path):
+    return write_jsonl(tmp_path / "ppo_prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(32)])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def ppo_args(prompts, out, *extra):
+    return ["ppo", "-m", "tiny", "-p", prompts, "-o", out, "--batch-size", "8", "--mini-batches", "2",
+            "--ppo-epochs", "2", "--max-new-tokens", "8", *extra]
+
+
+def test_ppo_raises_a_rule_based_reward_with_bounded_kl(align, ppo_prompts, reward_file, tmp_path, tiny_model):
+    out = tmp_path / "ppo"
+    result = align("ppo", "-m", "tiny", "-p", ppo_prompts, "-o", out, "--reward-fn", f"{reward_file}:share_of_e",
+                   "--no-lora", "--episodes", "320", "--batch-size", "16", "--mini-batches", "2", "--ppo-epochs", "2",
+                   "--max-new-tokens", "8", "--lr", "3e-3", "--kl-coef", "0.02")
+    assert result.code == 0, result.err
+    rows = metrics(out)
+    assert len(rows) == 20
+    first = sum(r["score"] for r in rows[:4]) / 4
+    last = sum(r["score"] for r in rows[-4:]) / 4
+    assert last > first * 1.3, (first, last)
+    assert max(r["kl"] for r in rows) < 5.0
+    assert all(r["entropy"] > 0 and 0 <= r["clipfrac"] <= 1 for r in rows)
+    assert {"time_generate", "time_score", "time_train", "explained_variance", "eos_rate", "approx_kl"} <= set(rows[0])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    changed = not torch.equal(model.model.embed_tokens.weight, AutoModelForCausalLM.from_pretrained(tiny_model).model.embed_tokens.weight)
+    assert changed
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["completed"] and manifest["metrics"]["episodes"] == 320
+    assert (out / "samples.jsonl").is_file() and (out / "value" / "value_head.safetensors").is_file()
+
+
+def test_behaviour_logprobs_from_sampling_equal_a_fresh_forward(tiny_model):
+    from align.config import LoraSpec, ModelSpec
+    from align.generation import prompt_ids, sample_rollout
+    from align.losses import token_logprobs
+    from align.models import load_tokenizer
+    from align.roles import build_roles
+    from align.stages.ppo import _sequences, response_logits
+
+    tokenizer = load_tokenizer(ModelSpec(path="tiny"), str(tiny_model), padding_side="left")
+    for lora in (LoraSpec(), LoraSpec(enabled=False)):
+        roles = build_roles(ModelSpec(path="tiny"), str(tiny_model), lora, None, tokenizer.pad_token_id)
+        roles.train(False)  # as in the PPO loop: no dropout
+        with torch.no_grad():  # a policy that differs from the base, so the check means something
+            for name, param in roles.policy.named_parameters():
+                if "lora_B" in name and ".default." in name:
+                    param.normal_(0, 0.05)
+        # Prompts of different lengths: left padding and position ids must be handled alike.
+        prompts = [prompt_ids(tokenizer, "Tell me" + " more" * i, True) for i in range(5)]
+        with roles.acting() as policy:
+            rollout = sample_rollout(policy, tokenizer, prompts, 8, 0.7)
+            inputs = (*_sequences(rollout), rollout.query.shape[1], rollout.response.shape[1])
+            again = token_logprobs(response_logits(policy, *inputs), rollout.response, 0.7)
+        assert torch.allclose(again * rollout.response_mask, rollout.logprobs, atol=1e-5)
+
+
+def test_lora_ppo_keeps_one_base_for_policy_value_and_reference(tiny_model):
+    from align.config import LoraSpec, ModelSpec
+    from align.roles import build_roles
+
+    roles = build_roles(ModelSpec(path="tiny"), str(tiny_model), LoraSpec(r=4), None, 0)
+    assert roles.shared_base and roles.reference is None and roles.value_model is None
+    assert set(roles.policy.peft_config) == {"default", "value"}
+    names = roles.trainable()
+    assert any(".default." in n for n in names) and any(".value." in n for n in names) and "value_head.weight" in names
+    assert not any("embed_tokens" in n for n in names)
+    x = torch.tensor([[1, 5, 9]])
+    with roles.referencing() as reference:
+        ref_logits = reference(input_ids=x).logits
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert torch.allclose(ref_logits, base(input_ids=x).logits, atol=1e-5)
+
+
+@pytest.fixture
+def tiny_rm(align, pairs_file, tmp_path):
+    out = tmp_path / "rm"
+    assert align("rm", "-m", "tiny", "-d", pairs_file, "-o", out, "--max-steps", "2").code == 0
+    return out
+
+
+def test_ppo_against_a_trained_reward_model_with_lora_and_qlora(align, ppo_prompts, tiny_rm, tmp_path):
+    for mode in ([], ["--qlora"]):
+        out = tmp_path / f"ppo{'-q' if mode else ''}"
+        result = align(*ppo_args(ppo_prompts, out, "--reward-model", tiny_rm, "--episodes", "16", "--eval-prompts",
+                                 ppo_prompts, "--eval-every", "1", *mode))
+        assert result.code == 0, result.err
+        manifest = json.loads((out / "align.json").read_text())
+        assert manifest["value_init"] == str(tiny_rm)  # same tokenizer and width: value starts from the RM
+        assert "eval_score" in manifest["metrics"]
+        assert (out / "adapter" / "adapter_config.json").is_file()
+        assert getattr(AutoModelForCausalLM.from_pretrained(out).config, "quantization_config", None) is None
+
+
+def test_resume_after_an_interruption_ends_with_identical_weights(align, ppo_prompts, reward_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from align.stages import ppo
+
+    common = ppo_args(ppo_prompts, None, "--reward-fn", f"{reward_file}:share_of_e", "--episodes", "32", "--set", "train.save_steps=2")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert align(*[str(straight) if a is None else a for a in common]).code == 0
+
+    original, calls = ppo._update, []
+
+    def dies_on_third_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "_update", dies_on_third_update)
+    args = [str(interrupted) if a is None else a for a in common]
+    assert align(*args).code == 130
+    assert (interrupted / "checkpoints" / "checkpoint-2").is_dir() and not (interrupted / "align.json").exists()
+    monkeypatch.setattr(ppo, "_update", original)
+    assert align(*args, "--resume").code == 0
+    a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(interrupted)] == [1, 2, 3, 4]
+    assert [r["policy_loss"] for r in metrics(interrupted)] == [r["policy_loss"] for r in metrics(straight)]
+
+
+def test_ppo_bad_input(align, ppo_prompts, reward_file, tiny_model, tmp_path):
+    fn = ["--reward-fn", f"{reward_file}:share_of_e"]
+    assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", *fn, "--batch-size", "6", "--mini-batches", "4")),
+                         2, "must split evenly into 4 mini-batches", "--mini-batches 1, 2, 3, 6")
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "short"}, {"prompt": "word " * 600}])
+    assert_clean_failure(align(*ppo_args(long, tmp_path / "o", *fn, "--set", "prompts.max_length=4096")),
+                         3, "long.jsonl: row 2", "exceeds the model's context of 512")
+    assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", "--reward-model", "tiny")),
+                         4, "not a reward model", "align rm")
+    assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", "--reward-fn", f"{reward_file}:not_a_number")),
+                         2, "returned nan for row 0")
+    assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o")), 2, "exactly one reward source")
+    assert not (tmp_path / "o" / "align.json").exists()
+
+
+def test_conversational_prompts_need_a_reward_model_that_can_read_them(align, tiny_rm, tmp_path):
+    import json as _json
+
+    config = _json.loads((tiny_rm / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tiny_rm / "tokenizer_config.json").write_text(_json.dumps(config))
+    (tiny_rm / "chat_template.jinja").unlink(missing_ok=True)
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": [{"role": "user", "content": "hi"}]}] * 8)
+    assert_clean_failure(align(*ppo_args(chats, tmp_path / "o", "--reward-model", tiny_rm)), 3, "cannot read them")
+
+
+def test_hidden_size_that_cannot_be_read_is_a_clear_error():
+    from transformers import PretrainedConfig
+
+    from align.errors import ModelError
+    from align.roles import hidden_size
+
+    with pytest.raises(ModelError, match="cannot read the hidden size"):
+        hidden_size(PretrainedConfig(), "odd-model")
