@@ -197,3 +197,50 @@ def _step(line: str) -> int:
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
     with (out / METRICS).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def save_loop_state(out: Path, step: int, params: dict, optimizer, scheduler, generator, extra: dict, keep: int) -> Path:
+    """Everything an exact resume of our own training loops needs, written to a temp dir and
+    renamed into place (a killed save leaves the previous checkpoint as the newest)."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = out / CHECKPOINTS
+    final, staging = root / f"checkpoint-{step}", root / f".checkpoint-{step}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({name: p.detach().cpu().contiguous() for name, p in params.items()}, staging / "trainable.safetensors")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+         "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
+        staging / "optimizer.pt",
+    )
+    (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, **extra}))
+    os.replace(staging, final)
+    for old in sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_loop_state(out: Path, params: dict, optimizer, scheduler, generator) -> tuple[int, dict]:
+    """Load the newest checkpoint into the live objects: (step to continue from, extra state)."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return 0, {}
+    saved = load_file(checkpoint / "trainable.safetensors")
+    missing = sorted(set(params) - set(saved))
+    if missing:
+        raise OutputError(f"{checkpoint}: does not match this run (it lacks {missing[0]}); resume with the same settings")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["generator"])
+    extra = json.loads((checkpoint / "trainer_state.json").read_text())
+    return int(extra.pop("global_step")), extra

@@ -118,7 +118,7 @@ def test_ppo_against_a_trained_reward_model_with_lora_and_qlora(align, ppo_promp
         assert result.code == 0, result.err
         manifest = json.loads((out / "align.json").read_text())
         assert manifest["value_init"] == str(tiny_rm)  # same tokenizer and width: value starts from the RM
-        assert "eval_score" in manifest["metrics"]
+        assert {"eval_score", "eval_score_start", "eval_eos_rate_start"} <= set(manifest["metrics"])
         assert (out / "adapter" / "adapter_config.json").is_file()
         assert getattr(AutoModelForCausalLM.from_pretrained(out).config, "quantization_config", None) is None
 
@@ -148,7 +148,7 @@ def test_resume_after_an_interruption_ends_with_identical_weights(align, ppo_pro
     assert align(*args, "--resume").code == 0
     a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in metrics(interrupted)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(interrupted)] == [1, 2, 3, 4]  # no duplicates after resuming
     assert [r["policy_loss"] for r in metrics(interrupted)] == [r["policy_loss"] for r in metrics(straight)]
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -27,7 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from align import losses
-from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, prepare_output, trim_metrics, write_manifest
+from align.checkpoints import (
+    append_metrics, latest_checkpoint, load_loop_state, prepare_output, save_loop_state, trim_metrics, write_manifest,
+)
 from align.config import ModelSpec, PPOConfig
 from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
 from align.errors import DataError, TrainingError
@@ -89,12 +89,17 @@ def run(config: PPOConfig) -> Path:
     kl = losses.AdaptiveKLController(settings.kl_coef, settings.target_kl or 1.0, settings.kl_horizon)
     moments = losses.RunningMoments()
     generator = torch.Generator().manual_seed(config.train.seed)
-    first = _resume(out, params, optimizer, scheduler, kl, moments, generator) if config.resume else 0
+    first, extra = load_loop_state(out, params, optimizer, scheduler, generator) if config.resume else (0, {})
+    if first:
+        log.info("resuming %s after update %d", out, first)
+        kl.value = extra["kl_coef"]
+        moments.mean, moments.var, moments.count = extra["moments"]
     trim_metrics(out, first)
     log.info("ppo: %d updates of %d rollouts, %s trainable parameters, value from %s",
              updates, config.train.batch_size, f"{sum(p.numel() for p in params.values()):,}", value_source or "scratch")
 
     tracker = _tracker(config, out)
+    baseline = _baseline(out, first, roles, tokenizer, held_out, reward, config)
     metrics: dict[str, float] = {}
     for step in tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO)):
         timer = time.perf_counter()
@@ -129,14 +134,15 @@ def run(config: PPOConfig) -> Path:
         if step % settings.sample_every == 0:
             _log_samples(out, step + 1, [prompts.raw[i] for i in picked], completions, raw_scores)
         if (step + 1) % config.train.save_steps == 0 and step + 1 < updates:
-            _save_checkpoint(out, step + 1, params, optimizer, scheduler, kl, moments, generator, config.train.save_total_limit)
+            extra = {"kl_coef": kl.value, "moments": [moments.mean, moments.var, moments.count]}
+            save_loop_state(out, step + 1, params, optimizer, scheduler, generator, extra, config.train.save_total_limit)
 
     if tracker:
         tracker.end_training()
     save_stage_model(roles.policy, tokenizer, out, config.model, source, config.lora)
     save_value(roles, out / "value")
     write_manifest(
-        out, config=config, metrics=metrics, started=started, data=asdict(report), lora=config.lora.enabled,
+        out, config=config, metrics={**metrics, **baseline, "peak_memory_mb": _peak_memory_mb()}, started=started, data=asdict(report), lora=config.lora.enabled,
         reward=getattr(reward, "name", ""), value_init=value_source or "scratch",
     )
     return out
@@ -385,52 +391,29 @@ def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConf
     }
 
 
+def _peak_memory_mb() -> float:
+    """Peak accelerator memory allocated by torch, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _baseline(out: Path, first: int, roles: Roles, tokenizer, held_out: Prompts | None, reward, config: PPOConfig) -> dict:
+    """Held-out scores of the starting policy (logged as step 0), to compare the trained one with."""
+    if not (held_out and config.ppo.eval_every):
+        return {}
+    if first == 0:
+        start = _evaluate(roles, tokenizer, held_out, reward, config)
+        append_metrics(out, {"stage": "ppo", "step": 0, **start})
+    else:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        start = next((r for r in records if r.get("step") == 0), {})
+    return {f"{key}_start": value for key, value in start.items() if key.startswith("eval_")}
+
+
 def _log_samples(out: Path, step: int, prompts: list, completions: list[str], scores: torch.Tensor, count: int = 3) -> None:
     with (out / "samples.jsonl").open("a", encoding="utf-8") as handle:
         for prompt, completion, score in list(zip(prompts, completions, scores.tolist()))[:count]:
             handle.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "score": score}) + "\n")
-
-
-def _save_checkpoint(out: Path, step: int, params: dict, optimizer, scheduler, kl, moments, generator, keep: int) -> None:
-    """Everything an exact resume needs, written to a temp dir and renamed into place."""
-    from safetensors.torch import save_file
-
-    root = out / CHECKPOINTS
-    final, staging = root / f"checkpoint-{step}", root / f".checkpoint-{step}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({name: p.detach().cpu().contiguous() for name, p in params.items()}, staging / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "generator": generator.get_state()}, staging / "optimizer.pt")
-    state = {"global_step": step, "kl_coef": kl.value, "moments": [moments.mean, moments.var, moments.count]}
-    (staging / "trainer_state.json").write_text(json.dumps(state))
-    os.replace(staging, final)
-    for old in sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-        shutil.rmtree(old)
-
-
-def _resume(out: Path, params: dict, optimizer, scheduler, kl, moments, generator) -> int:
-    """Load the newest checkpoint into the live objects; the step to continue from (0 if none)."""
-    from safetensors.torch import load_file
-
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        log.info("%s: no checkpoint to resume from; starting from the beginning", out)
-        return 0
-    saved = load_file(checkpoint / "trainable.safetensors")
-    missing = set(params) - set(saved)
-    if missing:
-        raise TrainingError(f"{checkpoint}: does not match this run (missing {sorted(missing)[0]}); resume with the same settings")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
-    extra = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    generator.set_state(extra["generator"])
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    kl.value = state["kl_coef"]
-    moments.mean, moments.var, moments.count = state["moments"]
-    log.info("resuming from %s", checkpoint)
-    return int(state["global_step"])

@@ -1,4 +1,4 @@
-"""Builds the bundled example data from templates written for align (run: python recipes/data/make_data.py).
+"""Builds the bundled example data (held-out prompts.jsonl share no topic with the training files) from templates written for align (run: python recipes/data/make_data.py).
 
 The task: answer short questions about films, books, places and pastimes in a warm, upbeat
 and helpful way. Chosen answers are warm and specific; rejected ones are curt and negative.
@@ -50,7 +50,7 @@ def main() -> None:
     rng.shuffle(items)
     held_out = items[:12]
     train_items = items[12:]
-    sft, pairs, prompts = [], [], []
+    sft, pairs, prompts, ppo_prompts = [], [], [], []
     for kind, t in train_items:
         for question in rng.sample(QUESTIONS, 3):
             q = question.format(t=t)
@@ -58,9 +58,11 @@ def main() -> None:
             cold = rng.choice(COLD).format(T=cap(t), t=t)
             sft.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": warm}]})
             pairs.append({"prompt": q, "chosen": warm, "rejected": cold})
+            ppo_prompts.append({"prompt": q})
     for kind, t in held_out:
         prompts.append({"prompt": rng.choice(QUESTIONS).format(t=t)})
-    for name, rows in [("sft.jsonl", sft), ("pairs.jsonl", pairs), ("prompts.jsonl", prompts)]:
+    files = [("sft.jsonl", sft), ("pairs.jsonl", pairs), ("prompts.jsonl", prompts), ("ppo_prompts.jsonl", ppo_prompts)]
+    for name, rows in files:
         (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{name}: {len(rows)} rows")
 

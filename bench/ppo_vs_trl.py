@@ -1,0 +1,128 @@
+"""align ppo vs TRL's last PPO trainer (trl 1.5.0, trl.experimental.ppo), side by side.
+
+    python bench/ppo_vs_trl.py                      # tiny model and SmolLM2-135M
+    python bench/ppo_vs_trl.py --models tiny --episodes 64
+
+Matched settings for both: the same policy, reward model (also the value model's start),
+prompts, rollout batch, response length and temperature; one PPO epoch, one mini-batch, full
+fine-tuning. align additionally runs in its default LoRA mode (one shared base) for memory.
+TRL is installed into its own throw-away venv (bench/.venv-trl-1.5.0) with this environment's
+torch and transformers versions, so only the trainer differs. Each run is a separate process;
+episodes/s counts training wall time only (model loading excluded), peak memory is the
+process's peak RSS on CPU or torch's peak allocation on GPU. Results: bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROMPTS = ROOT / "recipes" / "data" / "ppo_prompts.jsonl"
+
+
+def trl_venv(path: Path) -> Path:
+    python = path / "bin" / "python"
+    if not (path / ".ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        pins = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}", "trl==1.5.0", "accelerate", "datasets"]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
+        (path / ".ready").write_text("ok\n")
+    return python
+
+
+def prepare(model: str, work: Path) -> tuple[Path, Path]:
+    """The policy checkpoint, and a reward model made from it (random score head, seeded)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.models import ensure_builtin
+
+    policy = ensure_builtin(model)
+    reward = work / f"{model}-reward"
+    if not (reward / "config.json").exists():
+        torch.manual_seed(0)
+        tokenizer = AutoTokenizer.from_pretrained(policy)
+        AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, pad_token_id=tokenizer.pad_token_id).save_pretrained(reward)
+        tokenizer.save_pretrained(reward)
+    return policy, reward
+
+
+def run_trl(python: Path, policy: Path, reward: Path, args, work: Path) -> dict:
+    command = [str(python), str(HERE / "trl_ppo_runner.py"), str(policy), str(reward), str(PROMPTS),
+               str(args.episodes), str(args.batch_size), str(args.response_length), str(work / "trl-out")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"TRL run failed:\n{result.stderr[-3000:]}")
+    line = next(l for l in result.stdout.splitlines() if l.startswith("BENCH "))
+    return json.loads(line[len("BENCH "):])
+
+
+def run_align(policy: Path, reward: Path, args, work: Path, lora: bool) -> dict:
+    out = work / f"align-{'lora' if lora else 'full'}"
+    command = [sys.executable, "-m", "align", "-q", "ppo", "-m", str(policy), "--reward-model", str(reward),
+               "-p", str(PROMPTS), "-o", str(out), "--overwrite", "--episodes", str(args.episodes),
+               "--batch-size", str(args.batch_size), "--mini-batches", "1", "--ppo-epochs", "1",
+               "--max-new-tokens", str(args.response_length), "--temperature", "0.7", "--lr", "1e-5",
+               "--set", "train.save_steps=100000", "--set", "ppo.sample_every=100000", "--seed", "0"]
+    if not lora:
+        command.append("--no-lora")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"align run failed:\n{result.stderr[-3000:]}")
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"time_train"' in l]
+    seconds = sum(r["time_generate"] + r["time_score"] + r["time_train"] for r in rows)
+    manifest = json.loads((out / "align.json").read_text())
+    return {"train_seconds": seconds, "episodes": args.episodes, "peak_memory_mb": manifest["metrics"]["peak_memory_mb"],
+            "mean_response_length": sum(r["response_length"] for r in rows) / len(rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m-instruct"])
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--response-length", type=int, default=32)
+    parser.add_argument("--venv", type=Path, default=HERE / ".venv-trl-1.5.0")
+    parser.add_argument("--work", type=Path, default=HERE / ".work")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    python = trl_venv(args.venv)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    results = {"device": device, "settings": vars(args) | {"venv": str(args.venv), "work": str(args.work)}, "models": {}}
+    for model in args.models:
+        policy, reward = prepare(model, args.work)
+        trl = run_trl(python, policy, reward, args, args.work / model)
+        full = run_align(policy, reward, args, args.work / model, lora=False)
+        lora = run_align(policy, reward, args, args.work / model, lora=True)
+        eps = {name: r["episodes"] / r["train_seconds"] for name, r in (("trl", trl), ("full", full), ("lora", lora))}
+        results["models"][model] = {
+            "trl_1.5.0": trl, "align_full": full, "align_lora": lora,
+            "episodes_per_second": eps,
+            "speedup_full_vs_trl": eps["full"] / eps["trl"],
+            "memory_ratio_full_vs_trl": full["peak_memory_mb"] / trl["peak_memory_mb"],
+            "memory_ratio_lora_vs_trl": lora["peak_memory_mb"] / trl["peak_memory_mb"],
+        }
+        r = results["models"][model]
+        print(f"\n{model} on {device}: {args.episodes} episodes, batch {args.batch_size}, {args.response_length} new tokens")
+        print(f"  {'':22} {'episodes/s':>10} {'peak MB':>9}")
+        for name, key in (("TRL 1.5.0 PPOTrainer", "trl_1.5.0"), ("align ppo --no-lora", "align_full"), ("align ppo (LoRA)", "align_lora")):
+            print(f"  {name:22} {r[key]['episodes'] / r[key]['train_seconds']:10.2f} {r[key]['peak_memory_mb']:9.0f}")
+        print(f"  speed-up (full vs TRL): {r['speedup_full_vs_trl']:.2f}x   memory: full {r['memory_ratio_full_vs_trl']:.2f}x, "
+              f"LoRA {r['memory_ratio_lora_vs_trl']:.2f}x of TRL")
+    (HERE / "results").mkdir(exist_ok=True)
+    path = HERE / "results" / "ppo_vs_trl.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
