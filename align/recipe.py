@@ -109,6 +109,7 @@ def _resolve_stage(
         merged = deep_merge(merged, {"reward_model": {"path": _resolve_from(entry["reward_from"], where, outputs)}})
     for block, key in PATH_FIELDS:
         _resolve_relative(merged, block, key, base_dir)
+    _resolve_reward_fn(merged, base_dir)
     return build_config(cls, merged, where)
 
 
@@ -136,6 +137,15 @@ def _resolve_relative(config: dict, block: str, key: str, base_dir: Path) -> Non
     candidate = base_dir / value[key]
     if not Path(value[key]).is_absolute() and candidate.exists():
         value[key] = str(candidate)
+
+
+def _resolve_reward_fn(config: dict, base_dir: Path) -> None:
+    """`reward_fn: rewards.py:score` in a recipe means the file beside the recipe."""
+    value = config.get("reward_fn")
+    if isinstance(value, str) and ".py:" in value:
+        file, _, function = value.rpartition(":")
+        if not Path(file).is_absolute() and (base_dir / file).is_file():
+            config["reward_fn"] = f"{base_dir / file}:{function}"
 
 
 def stage_from_file(path: Path, kind: str, stage_name: str | None) -> dict[str, Any]:

@@ -114,6 +114,21 @@ def test_bad_recipes_fail_with_the_stage_named(tmp_path, stages, fragment):
     assert str(tmp_path / "recipe.yaml") in str(info.value)
 
 
+def test_recipe_resolves_reward_sources_from_earlier_stages_and_files(tmp_path):
+    (tmp_path / "p.jsonl").write_text("{}\n")
+    (tmp_path / "score.py").write_text("def f(p, c):\n    return [0.0] * len(c)\n")
+    recipe = load_recipe(write(tmp_path, """
+model: tiny
+stages:
+  - {name: rm, data: p.jsonl}
+  - {name: ppo, from: rm, reward_from: rm, prompts: p.jsonl}
+  - {name: ppo2, stage: ppo, reward_fn: "score.py:f", prompts: p.jsonl}
+"""))
+    rm, ppo, ppo2 = recipe.stages
+    assert ppo.reward_model.path == rm.output
+    assert ppo2.reward_fn == f"{tmp_path / 'score.py'}:f"
+
+
 def test_recipe_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_recipe(tmp_path / "missing.yaml")

@@ -186,3 +186,12 @@ def test_hidden_size_that_cannot_be_read_is_a_clear_error():
 
     with pytest.raises(ModelError, match="cannot read the hidden size"):
         hidden_size(PretrainedConfig(), "odd-model")
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(align, ppo_prompts, reward_file, tmp_path):
+    out = tmp_path / "o"
+    result = align(*ppo_args(ppo_prompts, out, "--reward-fn", f"{reward_file}:share_of_e", "--no-lora", "--lr", "1e30",
+                             "--episodes", "32", "--mini-batches", "1", "--ppo-epochs", "1", "--set", "train.save_steps=1",
+                             "--set", "train.max_grad_norm=1e30"))
+    assert_clean_failure(result, 6, "NaN/inf", "training stopped", "checkpoint-1")
+    assert (out / "checkpoints" / "checkpoint-1").is_dir() and not (out / "align.json").exists()

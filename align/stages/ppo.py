@@ -104,8 +104,7 @@ def run(config: PPOConfig) -> Path:
     for step in tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO)):
         timer = time.perf_counter()
         picked = _batch_indices(len(prompts.ids), config.train.batch_size, step, config.train.seed)
-        with roles.acting() as policy:
-            rollout = sample_rollout(policy, tokenizer, [prompts.ids[i] for i in picked], settings.max_new_tokens, settings.temperature)
+        rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], settings, out)
         generated = time.perf_counter()
         completions = _decode(tokenizer, rollout)
         raw_scores = _score(reward, [prompts.raw[i] for i in picked], completions, rollout.finished, settings.missing_eos_penalty)
@@ -256,6 +255,16 @@ def _batch_indices(count: int, batch: int, step: int, seed: int) -> list[int]:
 # Rollout scoring
 
 
+def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], settings, out: Path) -> Rollout:
+    try:
+        with roles.acting() as policy:
+            return sample_rollout(policy, tokenizer, prompts, settings.max_new_tokens, settings.temperature)
+    except RuntimeError as exc:
+        if "inf" in str(exc) or "nan" in str(exc):  # torch.multinomial on a diverged policy
+            _diverged(out, "the policy's probabilities became NaN/inf while sampling")
+        raise
+
+
 def _decode(tokenizer, rollout: Rollout) -> list[str]:
     return [
         tokenizer.decode(row[mask.bool()], skip_special_tokens=True) for row, mask in zip(rollout.response, rollout.response_mask)
@@ -352,12 +361,12 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
                 values = response_values(value_body, roles.value_head, *batch.inputs(idx)).cpu()
                 vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
                 (settings.vf_coef * vf_loss).backward()
-            if not (math.isfinite(pg_loss.item()) and math.isfinite(vf_loss.item())):
-                last = latest_checkpoint(out)
-                raise TrainingError(f"a PPO loss became NaN; training stopped. "
-                                    f"{'The last good checkpoint is kept in ' + str(last) if last else 'No checkpoint had been saved yet'}.")
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.train.max_grad_norm)
+            if not all(math.isfinite(float(x)) for x in (pg_loss, vf_loss, grad_norm)):
+                _diverged(out, "a PPO loss or gradient became NaN/inf")
             optimizer.step()
+            if not all(torch.isfinite(p).all() for p in params.values()):
+                _diverged(out, "the weights became NaN/inf after an optimizer step (learning rate too high?)")
             optimizer.zero_grad(set_to_none=True)
             for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, "grad_norm": grad_norm,
                                **pg_stats, **vf_stats}.items():
@@ -371,6 +380,13 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation, samples, checkpoints
+
+
+@torch.no_grad()
+def _diverged(out: Path, what: str) -> None:
+    last = latest_checkpoint(out)
+    kept = f"The last checkpoint is kept in {last}." if last else "No checkpoint had been saved yet."
+    raise TrainingError(f"{what}; training stopped. {kept} Lower the learning rate or check the reward.")
 
 
 @torch.no_grad()
