@@ -57,6 +57,7 @@ FLAG_KEYS = {
     "reward_fn": "reward_fn", "value_model": "value_model",
 }
 STAGE_FLAG_KEYS = {
+    "merge": {"base": "base", "dtype": "dtype", "push_to_hub": "push_to_hub"},
     "generate": {
         "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens", "top_p": "sampling.top_p",
         "temperature": "sampling.temperature", "batch_size": "sampling.batch_size", "seed": "sampling.seed",
@@ -68,7 +69,7 @@ STAGE_FLAG_KEYS = {
     },
 }
 REQUIRED = {"model": "--model", "output": "--output"}
-DATA_FLAG = {"generate": ("prompts", "--prompts"), "ppo": ("prompts", "--prompts")}
+DATA_FLAG = {"generate": ("prompts", "--prompts"), "ppo": ("prompts", "--prompts"), "merge": ("model", "--model")}
 
 
 def build_stage_config(kind: str, config_file: Path | None, stage_name: str | None, sets: list[str] | None, **flags: Any):
@@ -190,6 +191,20 @@ def ppo(
     """PPO (InstructGPT's RL step, our own trainer) against a reward model or a python reward."""
     flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["ppo"]}
     _run(build_stage_config("ppo", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+@app.command()
+def merge(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A stage output with adapter/, or an adapter directory.")] = None,
+    output: Output = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the one the adapter names).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also upload to this hub repo (needs network and a token).")] = None,
+    config: ConfigFile = None, stage: StageName = None, set_: Sets = None, overwrite: Overwrite = False,
+) -> None:
+    """Merge a LoRA/QLoRA adapter into a standalone full-precision checkpoint, verified by its logits."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["merge"]}
+    _run(build_stage_config("merge", config, stage, set_, **flags).model_copy(update=dict(overwrite=overwrite)))
 
 
 @app.command()

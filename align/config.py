@@ -279,12 +279,24 @@ class PPOConfig(StageConfig):
         return self
 
 
+class MergeConfig(StageConfig):
+    """Merge a LoRA/QLoRA adapter into a standalone checkpoint. `model` is a stage output with an
+    adapter/ folder, or an adapter directory; the base comes from the adapter unless `base` is given."""
+
+    stage: Literal["merge"] = "merge"
+    base: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    push_to_hub: str | None = Field(None, description="also upload the merged model to this hub repo")
+    max_abs_diff: PositiveFloat = Field(1e-3, description="largest logit difference allowed between merged and adapter model")
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "sft": SFTConfig,
     "rm": RMConfig,
     "dpo": DPOConfig,
     "generate": GenerateConfig,
     "ppo": PPOConfig,
+    "merge": MergeConfig,
 }
 
 
