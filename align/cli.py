@@ -57,6 +57,11 @@ FLAG_KEYS = {
     "reward_fn": "reward_fn", "value_model": "value_model",
 }
 STAGE_FLAG_KEYS = {
+    "eval": {
+        "reward_model": "reward_models", "reward_fn": "reward_fns", "reference": "reference", "no_reference": "no_reference",
+        "pairs": "pairs.path", "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens",
+        "temperature": "sampling.temperature", "batch_size": "sampling.batch_size", "seed": "sampling.seed",
+    },
     "merge": {"base": "base", "dtype": "dtype", "push_to_hub": "push_to_hub"},
     "generate": {
         "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens", "top_p": "sampling.top_p",
@@ -69,7 +74,8 @@ STAGE_FLAG_KEYS = {
     },
 }
 REQUIRED = {"model": "--model", "output": "--output"}
-DATA_FLAG = {"generate": ("prompts", "--prompts"), "ppo": ("prompts", "--prompts"), "merge": ("model", "--model")}
+DATA_FLAG = {"generate": ("prompts", "--prompts"), "ppo": ("prompts", "--prompts"), "merge": ("model", "--model"),
+             "eval": ("model", "--model")}
 
 
 def build_stage_config(kind: str, config_file: Path | None, stage_name: str | None, sets: list[str] | None, **flags: Any):
@@ -191,6 +197,27 @@ def ppo(
     """PPO (InstructGPT's RL step, our own trainer) against a reward model or a python reward."""
     flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["ppo"]}
     _run(build_stage_config("ppo", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Model = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", "-p", help="Prompts to sample and score.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write metrics.json.")] = None,
+    reward_model: Annotated[Optional[list[str]], typer.Option("--reward-model", help="A reward model to score with (repeatable).")] = None,
+    reward_fn: Annotated[Optional[list[str]], typer.Option("--reward-fn", help="A python scorer MODULE:FUNCTION or FILE.py:FUNCTION (repeatable; runs your code).")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Model to compare with (default: the one the stage started from).")] = None,
+    no_reference: Annotated[Optional[bool], typer.Option("--no-reference", help="Skip KL and win rate.")] = None,
+    pairs: Annotated[Optional[str], typer.Option("--pairs", help="Preference pairs: RM accuracy or DPO implicit-reward accuracy.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Samples per prompt.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest completion.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 for greedy decoding.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per generation batch.")] = None,
+    seed: Seed = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None, overwrite: Overwrite = False,
+) -> None:
+    """Evaluate a model: rewards, KL and win rate against its reference, accuracy on pairs."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["eval"]}
+    _run(build_stage_config("eval", config, stage, set_, **flags).model_copy(update=dict(overwrite=overwrite)))
 
 
 @app.command()

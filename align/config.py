@@ -290,6 +290,29 @@ class MergeConfig(StageConfig):
     max_abs_diff: PositiveFloat = Field(1e-3, description="largest logit difference allowed between merged and adapter model")
 
 
+class EvalConfig(StageConfig):
+    """Score a model: rewards, KL and win rate against its reference, accuracy on preference pairs."""
+
+    stage: Literal["eval"] = "eval"
+    prompts: DataSpec | None = None
+    pairs: DataSpec | None = None
+    reward_models: list[ModelSpec] = Field(default_factory=list)
+    reward_fns: list[str] = Field(default_factory=list)
+    reference: str | None = Field(None, description="default: the model the stage started from (its manifest)")
+    no_reference: bool = False
+    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(num_samples=1, max_new_tokens=64))
+    sample_table: Annotated[int, Field(ge=0)] = 5
+
+    def data_files(self) -> list[str]:
+        return [d.path for d in (self.prompts, self.pairs) if d]
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> EvalConfig:
+        if self.prompts is None and self.pairs is None:
+            raise ValueError("give --prompts (to sample and score) and/or --pairs (for pairwise accuracy)")
+        return self
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "sft": SFTConfig,
     "rm": RMConfig,
@@ -297,6 +320,7 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "generate": GenerateConfig,
     "ppo": PPOConfig,
     "merge": MergeConfig,
+    "eval": EvalConfig,
 }
 
 

@@ -1,4 +1,4 @@
-"""Batched sampling with left padding, EOS truncation and reproducible seeds.
+"""Batched sampling with left padding, EOS truncation and reproducible seeds; response log-probs.
 
 The only module that knows how text is sampled. Models are put in eval mode for sampling:
 with gradient checkpointing on and the model in train mode, transformers 5.23 generates garbage.
@@ -29,12 +29,12 @@ def prompt_ids(tokenizer, prompt: Any, chat: bool) -> list[int]:
     return render_ids(tokenizer, prompt, chat=False)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, T), padded on the left so generation continues each row."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
+    width = max(len(s) for s in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, seq in enumerate(rows):
         input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         attention_mask[row, width - len(seq):] = 1
     return input_ids, attention_mask
@@ -140,3 +140,64 @@ def sample_rollout(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     length = int(response_mask.sum(dim=1).max())
     response = response[:, :length].masked_fill(response_mask[:, :length] == 0, tokenizer.pad_token_id)
     return Rollout(query, query_mask, response, response_mask[:, :length], logprobs[:, :length] * response_mask[:, :length], finished)
+
+
+def sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + response as one (B, P + T) batch; positions count real tokens only (left padding)."""
+    input_ids = torch.cat([rollout.query, rollout.response], dim=1)
+    attention_mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def response_hidden(model, input_ids, attention_mask, position_ids, prompt_width: int, length: int) -> torch.Tensor:
+    """Hidden states that predict each response token: positions P-1 .. P+T-2. (B, T, H)."""
+    device = next(model.parameters()).device
+    hidden = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
+    ).last_hidden_state
+    return hidden[:, prompt_width - 1: prompt_width - 1 + length]
+
+
+def body(model):
+    """The transformer without its output head (a peft-wrapped model's or a plain model's)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
+def response_logits(causal_lm, *inputs) -> torch.Tensor:
+    """Logits for the response tokens only: the output head never runs on prompt positions. (B, T, V)."""
+    return causal_lm.get_output_embeddings()(response_hidden(body(causal_lm), *inputs)).float()
+
+
+def response_values(value_body, head, *inputs) -> torch.Tensor:
+    return head(response_hidden(value_body, *inputs).float()).squeeze(-1)  # (B, T)
+
+
+@torch.no_grad()
+def completion_logprobs(
+    model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float = 1.0, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each completion given its prompt, under softmax(logits / temperature).
+
+    Returns (logprobs, mask), both (N, T), zero past each completion's end.
+    """
+    was_training = model.training
+    model.eval()
+    width = max(1, max(len(c) for c in completions))
+    logprobs = torch.zeros(len(prompts), width)
+    mask = torch.zeros(len(prompts), width)
+    for start in range(0, len(prompts), batch_size):
+        query, query_mask = left_pad(prompts[start:start + batch_size], pad_id)
+        chunk = completions[start:start + batch_size]
+        response = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        for row, tokens in enumerate(chunk):
+            response[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[start + row, :len(tokens)] = 1
+        response_mask = mask[start:start + len(chunk)].long()
+        rollout = Rollout(query, query_mask, response, response_mask, torch.zeros(response.shape), torch.zeros(len(chunk)))
+        logits = response_logits(model, *sequences(rollout), query.shape[1], width).cpu() / temperature
+        picked = torch.gather(torch.log_softmax(logits, -1), -1, response.unsqueeze(-1)).squeeze(-1)
+        logprobs[start:start + len(chunk)] = picked * response_mask
+    model.train(was_training)
+    return logprobs, mask

@@ -20,6 +20,7 @@ from torch import nn
 
 from align.config import LoraSpec, ModelSpec
 from align.errors import ModelError
+from align.generation import body
 from align.models import load_model, peft_config
 
 POLICY, VALUE = "default", "value"
@@ -83,12 +84,6 @@ class Roles:
         for module in (self.policy, self.value_model, self.value_head):
             if module is not None:
                 module.train(mode)
-
-
-def body(model: nn.Module) -> nn.Module:
-    """The transformer without its output head (a PeftModel's or a plain model's)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model
 
 
 def hidden_size(config, where: str) -> int:

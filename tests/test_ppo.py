@@ -67,7 +67,7 @@ def test_behaviour_logprobs_from_sampling_equal_a_fresh_forward(tiny_model):
     from align.losses import token_logprobs
     from align.models import load_tokenizer
     from align.roles import build_roles
-    from align.stages.ppo import _sequences, response_logits
+    from align.generation import response_logits, sequences
 
     tokenizer = load_tokenizer(ModelSpec(path="tiny"), str(tiny_model), padding_side="left")
     for lora in (LoraSpec(), LoraSpec(enabled=False)):
@@ -81,7 +81,7 @@ def test_behaviour_logprobs_from_sampling_equal_a_fresh_forward(tiny_model):
         prompts = [prompt_ids(tokenizer, "Tell me" + " more" * i, True) for i in range(5)]
         with roles.acting() as policy:
             rollout = sample_rollout(policy, tokenizer, prompts, 8, 0.7)
-            inputs = (*_sequences(rollout), rollout.query.shape[1], rollout.response.shape[1])
+            inputs = (*sequences(rollout), rollout.query.shape[1], rollout.response.shape[1])
             again = token_logprobs(response_logits(policy, *inputs), rollout.response, 0.7)
         assert torch.allclose(again * rollout.response_mask, rollout.logprobs, atol=1e-5)
 

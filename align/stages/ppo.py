@@ -31,10 +31,10 @@ from align.checkpoints import (
 from align.config import ModelSpec, PPOConfig
 from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
 from align.errors import DataError, TrainingError
-from align.generation import Rollout, prompt_ids, sample_rollout
+from align.generation import Rollout, prompt_ids, response_logits, response_values, sample_rollout, sequences
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.rewards import RewardFunction, RewardModel
-from align.roles import Roles, body, build_roles, save_value, same_vocabulary
+from align.roles import Roles, build_roles, save_value, same_vocabulary
 from align.training import check_tracker
 
 log = logging.getLogger("align")
@@ -290,35 +290,9 @@ def _normalise(scores: torch.Tensor, moments: losses.RunningMoments, settings) -
     return scores
 
 
-def _sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt + response as one (B, P + T) batch; positions count real tokens only (left padding)."""
-    input_ids = torch.cat([rollout.query, rollout.response], dim=1)
-    attention_mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
-
-
-def response_hidden(model, input_ids, attention_mask, position_ids, prompt_width: int, length: int) -> torch.Tensor:
-    """Hidden states that predict each response token: positions P-1 .. P+T-2. (B, T, H)."""
-    device = next(model.parameters()).device
-    hidden = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
-    ).last_hidden_state
-    return hidden[:, prompt_width - 1: prompt_width - 1 + length]
-
-
-def response_logits(causal_lm, *inputs) -> torch.Tensor:
-    """Logits for the response tokens only: the output head never runs on prompt positions. (B, T, V)."""
-    return causal_lm.get_output_embeddings()(response_hidden(body(causal_lm), *inputs)).float()
-
-
-def response_values(value_body, head, *inputs) -> torch.Tensor:
-    return head(response_hidden(value_body, *inputs).float()).squeeze(-1)  # (B, T)
-
-
 @torch.no_grad()
 def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings, kl_coef: float) -> Batch:
-    input_ids, attention_mask, position_ids = _sequences(rollout)
+    input_ids, attention_mask, position_ids = sequences(rollout)
     inputs = (input_ids, attention_mask, position_ids, rollout.query.shape[1], rollout.response.shape[1])
     mask = rollout.response_mask.float()
     with roles.referencing() as reference:

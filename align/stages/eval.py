@@ -1,0 +1,152 @@
+"""Did it work, and at what cost? Rewards, KL and win rate against the reference, pairwise accuracy.
+
+- rewards: mean/std per reward source (reward models, python functions) over sampled completions
+- KL(model || reference): mean over samples y ~ pi of sum_t k3(t), with k3 = (r - 1) - log r and
+  r = pi_ref(y_t) / pi(y_t): an unbiased, non-negative estimate of the sequence-level KL between
+  the two models as sampled (both at the sampling temperature; use --top-p 1 for it to be exact)
+- win rate: the model's completion scores higher than the reference's on the same prompt
+  (ties count half), per reward source
+- pairs: a reward model's accuracy (score(chosen) > score(rejected)), or a policy's DPO implicit
+  reward accuracy (log-ratio to the reference higher for chosen than for rejected)
+Deterministic for a given --seed and batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from align.checkpoints import atomic_write_text, prepare_output_file, read_manifest, write_manifest
+from align.config import EvalConfig, ModelSpec
+from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, as_messages, is_messages, load_split, use_chat_template
+from align.errors import ConfigError
+from align.generation import completion_logprobs, prompt_ids, sample
+from align.losses import kl_penalty
+from align.models import load_model, load_tokenizer, resolve_model
+from align.rewards import RewardFunction, RewardModel
+
+log = logging.getLogger("align")
+
+
+def run(config: EvalConfig) -> Path:
+    out, started = Path(config.output), time.time()
+    source = resolve_model(config.model)
+    is_reward_model = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(source).architectures or [])
+    reference = None if (config.no_reference or is_reward_model) else _reference(config)
+    rewards = [RewardModel(spec) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
+    prepare_output_file(out, overwrite=config.overwrite)
+    results: dict = {"model": config.model.path, "reference": reference}
+    if is_reward_model:
+        results["pairs"] = _reward_model_accuracy(config, source)
+    else:
+        tokenizer = load_tokenizer(config.model, source, padding_side="left")
+        model = load_model(config.model, source).eval()
+        ref_model = load_model(ModelSpec(path=reference), resolve_model(ModelSpec(path=reference))).eval() if reference else None
+        if config.prompts:
+            results.update(_sampled(config, model, ref_model, tokenizer, rewards))
+        if config.pairs and ref_model is not None:
+            results["pairs"] = _implicit_reward_accuracy(config, model, ref_model, tokenizer)
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    write_manifest(out, config=config, metrics=flat, started=started)
+    log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in flat.items()))
+    return out
+
+
+def _reference(config: EvalConfig) -> str:
+    if config.reference:
+        return config.reference
+    manifest = read_manifest(Path(config.model.path))
+    if not manifest:
+        raise ConfigError(
+            f"{config.model.path}: has no align manifest naming the model it started from; pass --reference MODEL "
+            "(or --no-reference to skip KL and win rate)"
+        )
+    return manifest["base_model"]
+
+
+def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
+    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
+    prompts = [row["prompt"] for row in rows]
+    chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
+    samples = sample(model, tokenizer, prompts, config.sampling, chat)
+    flat = [(p, c) for p, cs in zip(prompts, samples) for c in cs]
+    results = {
+        "samples": len(flat),
+        "response_length": sum(len(c.token_ids) for _, c in flat) / len(flat),
+        "eos_rate": sum(c.finished for _, c in flat) / len(flat),
+    }
+    scores = {r.name: r([p for p, _ in flat], [c.text for _, c in flat]) for r in rewards}
+    for name, values in scores.items():
+        results[f"reward/{name}/mean"] = values.mean().item()
+        results[f"reward/{name}/std"] = values.std().item() if len(values) > 1 else 0.0
+    table_ref: list = [None] * len(flat)
+    if ref_model is not None:
+        prompt_tokens = [prompt_ids(tokenizer, p, chat) for p, _ in flat]
+        tokens, temperature = [c.token_ids for _, c in flat], config.sampling.temperature or 1.0
+        policy_lp, mask = completion_logprobs(model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
+        ref_lp, _ = completion_logprobs(ref_model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
+        results["kl"] = (kl_penalty(policy_lp, ref_lp, "k3") * mask).sum(1).mean().item()
+        ref_samples = sample(ref_model, tokenizer, prompts, config.sampling, chat)
+        ref_flat = [c for cs in ref_samples for c in cs]
+        table_ref = [c.text for c in ref_flat]
+        for reward in rewards:
+            ref_scores = reward([p for p, _ in flat], table_ref)
+            wins = (scores[reward.name] > ref_scores).float() + 0.5 * (scores[reward.name] == ref_scores).float()
+            results[f"win_rate/{reward.name}"] = wins.mean().item()
+            results[f"reward/{reward.name}/reference_mean"] = ref_scores.mean().item()
+    results["table"] = [
+        {"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c.text, "reference": ref,
+         **{name: round(values[i].item(), 4) for name, values in scores.items()}}
+        for i, ((p, c), ref) in enumerate(zip(flat, table_ref)) if i < config.sample_table
+    ]
+    return results
+
+
+def _pairs(config: EvalConfig) -> list[dict]:
+    _, rows, _ = load_split(config.pairs, PREFERENCE_FORMATS, 0)
+    return rows
+
+
+def _reward_model_accuracy(config: EvalConfig, source: str) -> dict:
+    if not config.pairs:
+        raise ConfigError(f"{config.model.path}: is a reward model; evaluate it with --pairs FILE")
+    reward = RewardModel(config.model)
+    rows = _pairs(config)
+    chosen = reward([r["prompt"] for r in rows], [_text(r["chosen"]) for r in rows])
+    rejected = reward([r["prompt"] for r in rows], [_text(r["rejected"]) for r in rows])
+    return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(), "count": len(rows)}
+
+
+def _implicit_reward_accuracy(config: EvalConfig, model, ref_model, tokenizer) -> dict:
+    rows = _pairs(config)
+    chat = use_chat_template(tokenizer, config.pairs, is_messages(rows[0]["chosen"]), config.pairs.path)
+    prompts = [prompt_ids(tokenizer, r["prompt"], chat) for r in rows]
+
+    def ratio(side: str) -> torch.Tensor:
+        tokens = [_completion_ids(tokenizer, r["prompt"], r[side], chat) for r in rows]
+        pad = tokenizer.pad_token_id
+        return completion_logprobs(model, prompts, tokens, pad)[0].sum(1) - completion_logprobs(ref_model, prompts, tokens, pad)[0].sum(1)
+
+    margin = ratio("chosen") - ratio("rejected")
+    return {"implicit_reward_accuracy": (margin > 0).float().mean().item(), "implicit_margin": margin.mean().item(), "count": len(rows)}
+
+
+def _completion_ids(tokenizer, prompt, response, chat: bool) -> list[int]:
+    """The tokens of `response` as they follow the rendered prompt (with its end-of-turn token)."""
+    head = prompt_ids(tokenizer, prompt, chat)
+    if chat:
+        full = tokenizer.apply_chat_template(as_messages(prompt, "user") + as_messages(response, "assistant"),
+                                             tokenize=True, return_dict=False)
+    else:
+        full = head + tokenizer(_text(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return list(full[len(head):])
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else value[-1]["content"]
