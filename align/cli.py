@@ -260,6 +260,9 @@ def run(
     for result in results:
         if result.stage == "generate":
             _show_samples(Path(result.output), result.name)
+    from align.report import write_report
+
+    typer.echo(f"\nreport: {write_report(loaded.output_dir)}")
 
 
 def _show_samples(path: Path, name: str, count: int = 3) -> None:
@@ -272,7 +275,20 @@ def _show_samples(path: Path, name: str, count: int = 3) -> None:
         typer.echo(f"  > {prompt}\n    {' '.join(row['completion'].split())[:160]}")
 
 
-SUMMARY_METRICS = ("train_loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies", "eval_rewards/margins", "eos_rate")
+SUMMARY_METRICS = (
+    "train_loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies", "eval_rewards/margins", "eos_rate",
+    "eval_score_start", "eval_score", "kl",
+)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A recipe's output_dir, or one stage output.")],
+) -> None:
+    """Write RUN_DIR/report/report.html (self-contained) and PNG plots of every stage's metrics."""
+    from align.report import write_report
+
+    typer.echo(f"report: {write_report(run_dir)}")
 
 
 @app.command()
