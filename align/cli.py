@@ -56,7 +56,13 @@ FLAG_KEYS = {
     "prompts": "prompts.path", "eval_prompts": "eval_prompts.path", "reward_model": "reward_model.path",
     "reward_fn": "reward_fn", "value_model": "value_model",
 }
+ONLINE_FLAGS = {
+    "reward_model": "reward_models", "reward_fn": "reward_fns", "num_generations": "online.num_generations",
+    "max_new_tokens": "online.max_new_tokens", "temperature": "online.temperature", "beta": "online.beta",
+}
 STAGE_FLAG_KEYS = {
+    "grpo": ONLINE_FLAGS,
+    "rloo": ONLINE_FLAGS,
     "eval": {
         "reward_model": "reward_models", "reward_fn": "reward_fns", "reference": "reference", "no_reference": "no_reference",
         "pairs": "pairs.path", "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens",
@@ -75,7 +81,7 @@ STAGE_FLAG_KEYS = {
 }
 REQUIRED = {"model": "--model", "output": "--output"}
 DATA_FLAG = {"generate": ("prompts", "--prompts"), "ppo": ("prompts", "--prompts"), "merge": ("model", "--model"),
-             "eval": ("model", "--model")}
+             "eval": ("model", "--model"), "grpo": ("prompts", "--prompts"), "rloo": ("prompts", "--prompts")}
 
 
 def build_stage_config(kind: str, config_file: Path | None, stage_name: str | None, sets: list[str] | None, **flags: Any):
@@ -197,6 +203,46 @@ def ppo(
     """PPO (InstructGPT's RL step, our own trainer) against a reward model or a python reward."""
     flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["ppo"]}
     _run(build_stage_config("ppo", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+RewardModels = Annotated[Optional[list[str]], typer.Option("--reward-model", help="A reward model (repeatable; any tokenizer).")]
+RewardFns = Annotated[Optional[list[str]], typer.Option("--reward-fn", help="A python scorer MODULE:FUNCTION or FILE.py:FUNCTION (repeatable; runs your code).")]
+Prompts = Annotated[Optional[str], typer.Option("--prompts", "-p", help="Prompt-only training file ('prompt' column).")]
+NumGenerations = Annotated[Optional[int], typer.Option("--num-generations", help="Completions sampled per prompt (the group).")]
+NewTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest completion.")]
+Temperature = Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature.")]
+KLBeta = Annotated[Optional[float], typer.Option("--beta", help="KL penalty coefficient (0: no reference model).")]
+
+
+def _online(kind: str, flags: dict, config, stage, set_, resume, overwrite) -> None:
+    flags = {k: v for k, v in flags.items() if k in FLAG_KEYS | STAGE_FLAG_KEYS[kind]}
+    _run(build_stage_config(kind, config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+@app.command()
+def grpo(
+    model: Model = None, prompts: Prompts = None, output: Output = None, reward_model: RewardModels = None,
+    reward_fn: RewardFns = None, num_generations: NumGenerations = None, max_new_tokens: NewTokens = None,
+    temperature: Temperature = None, beta: KLBeta = None, max_steps: MaxSteps = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, learning_rate: LearningRate = None, seed: Seed = None, lora: Lora = None,
+    qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
+    resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+) -> None:
+    """GRPO (TRL GRPOTrainer): several completions per prompt, rewards normalised within each group."""
+    _online("grpo", locals(), config, stage, set_, resume, overwrite)
+
+
+@app.command()
+def rloo(
+    model: Model = None, prompts: Prompts = None, output: Output = None, reward_model: RewardModels = None,
+    reward_fn: RewardFns = None, num_generations: NumGenerations = None, max_new_tokens: NewTokens = None,
+    temperature: Temperature = None, beta: KLBeta = None, max_steps: MaxSteps = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, learning_rate: LearningRate = None, seed: Seed = None, lora: Lora = None,
+    qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
+    resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+) -> None:
+    """RLOO (TRL RLOOTrainer): several completions per prompt, each baselined by the others' mean reward."""
+    _online("rloo", locals(), config, stage, set_, resume, overwrite)
 
 
 @app.command(name="eval")

@@ -313,6 +313,55 @@ class EvalConfig(StageConfig):
         return self
 
 
+class OnlineSpec(Closed):
+    """Sampling and loss settings shared by GRPO and RLOO (TRL's trainers)."""
+
+    num_generations: Annotated[int, Field(ge=2)] = 4
+    max_new_tokens: PositiveInt = 64
+    temperature: PositiveFloat = 0.7
+    beta: Annotated[float, Field(ge=0)] = 0.04
+    epsilon: PositiveFloat = 0.2
+    num_iterations: PositiveInt = 1
+    reward_weights: list[float] | None = None
+
+
+class OnlineRLConfig(StageConfig):
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    prompts: DataSpec
+    reward_models: list[ModelSpec] = Field(default_factory=list)
+    reward_fns: list[str] = Field(default_factory=list)
+    online: OnlineSpec = Field(default_factory=OnlineSpec)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(batch_size=8, learning_rate=1e-5))
+
+    def data_files(self) -> list[str]:
+        return [self.prompts.path]
+
+    @model_validator(mode="after")
+    def _check(self) -> OnlineRLConfig:
+        sources = len(self.reward_models) + len(self.reward_fns)
+        if not sources:
+            raise ValueError("give at least one reward: --reward-model and/or --reward-fn (repeatable)")
+        weights = self.online.reward_weights
+        if weights is not None and len(weights) != sources:
+            raise ValueError(f"online.reward_weights has {len(weights)} weights for {sources} reward sources")
+        batch, group = self.train.batch_size, self.online.num_generations
+        if batch % group:
+            raise ValueError(
+                f"the batch ({batch} completions) must hold whole groups of {group} generations per prompt; "
+                f"use --batch-size {group * max(1, batch // group)} or {group * (batch // group + 1)}"
+            )
+        return self
+
+
+class GRPOConfig(OnlineRLConfig):
+    stage: Literal["grpo"] = "grpo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+
+
+class RLOOConfig(OnlineRLConfig):
+    stage: Literal["rloo"] = "rloo"
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "sft": SFTConfig,
     "rm": RMConfig,
@@ -321,6 +370,8 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "ppo": PPOConfig,
     "merge": MergeConfig,
     "eval": EvalConfig,
+    "grpo": GRPOConfig,
+    "rloo": RLOOConfig,
 }
 
 

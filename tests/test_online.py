@@ -1,0 +1,58 @@
+"""align grpo / align rloo on the tiny model through TRL's trainers."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import assert_clean_failure, write_jsonl
+
+REWARD = '''
+def share_of_e(prompts, completions):
+    return [c.count("e") / max(len(c), 1) for c in completions]
+
+def constant(prompts, completions):
+    return [1.0] * len(completions)
+'''
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARD)
+    return path
+
+
+@pytest.fixture
+def online_prompts(tmp_path):
+    return write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(16)])
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_online_rl_trains_with_weighted_python_rewards_and_a_reward_model(align, method, online_prompts, reward_file,
+                                                                          pairs_file, tiny_model, tmp_path):
+    rm = tmp_path / "rm"
+    assert align("rm", "-m", "tiny", "-d", pairs_file, "-o", rm, "--max-steps", "1").code == 0
+    out = tmp_path / method
+    result = align(method, "-m", "tiny", "-p", online_prompts, "-o", out, "--reward-fn", f"{reward_file}:share_of_e",
+                   "--reward-fn", f"{reward_file}:constant", "--reward-model", rm, "--set", "online.reward_weights=[1.0, 0.5, 0.1]",
+                   "--num-generations", "4", "--batch-size", "8", "--max-new-tokens", "8", "--max-steps", "3", "--lr", "1e-2")
+    assert result.code == 0, result.err
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["stage"] == method and len(manifest["rewards"]) == 3
+    assert any(k.startswith("reward") for k in manifest["metrics"])
+    logged = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert any(not (trained[k] == base[k]).all() for k in base if "q_proj" in k)
+
+
+def test_online_rl_bad_input(align, online_prompts, reward_file, tmp_path):
+    common = ["grpo", "-m", "tiny", "-p", online_prompts, "-o", tmp_path / "o"]
+    assert_clean_failure(align(*common), 2, "at least one reward")
+    assert_clean_failure(align(*common, "--reward-fn", f"{reward_file}:constant", "--num-generations", "3", "--batch-size", "8"),
+                         2, "whole groups of 3", "--batch-size 6 or 9")
+    assert_clean_failure(align(*common, "--reward-fn", f"{reward_file}:constant", "--set", "online.reward_weights=[1, 2]"),
+                         2, "2 weights for 1 reward")
