@@ -137,7 +137,8 @@ def config_hash(config: Any) -> str:
 
 def input_run_id(config: Any) -> str | None:
     """The run ids of the stage outputs this stage reads (its model, and a reward model), if any."""
-    inputs = [config.model.path, getattr(getattr(config, "reward_model", None), "path", None)]
+    reward_models = [getattr(config, "reward_model", None), *getattr(config, "reward_models", [])]
+    inputs = [config.model.path, *(m.path for m in reward_models if m is not None)]
     ids = [(read_manifest(Path(p)) or {}).get("run_id") for p in inputs if p]
     return "+".join(i for i in ids if i) or None
 

@@ -32,10 +32,11 @@ from align.config import (
 from align.errors import ConfigError
 
 SHARED_BLOCKS = ("model", "lora", "data", "train")
+FILE_OUTPUTS = {"generate": ".jsonl", "eval": ".json"}  # stages whose output is one file
 RECIPE_KEYS = ("name", "output_dir", "stages", *SHARED_BLOCKS)
 STAGE_KEYS = ("name", "stage", "from", "reward_from")
 PATH_FIELDS = (
-    ("data", "path"), ("data", "eval_path"), ("prompts", "path"), ("eval_prompts", "path"),
+    ("data", "path"), ("data", "eval_path"), ("prompts", "path"), ("eval_prompts", "path"), ("pairs", "path"),
     ("model", "path"), ("model", "chat_template"), ("reward_model", "path"),
 )
 
@@ -102,11 +103,15 @@ def _resolve_stage(
     body = {k: v for k, v in entry.items() if k not in STAGE_KEYS}
     merged = deep_merge({k: v for k, v in shared.items() if k in cls.model_fields}, body)
     merged["name"] = name
-    merged.setdefault("output", str(output_dir / (f"{name}.jsonl" if kind == "generate" else name)))
+    merged.setdefault("output", str(output_dir / (name + FILE_OUTPUTS.get(kind, ""))))
     if "from" in entry:
         merged = deep_merge(merged, {"model": {"path": _resolve_from(entry["from"], where, outputs)}})
     if "reward_from" in entry:
-        merged = deep_merge(merged, {"reward_model": {"path": _resolve_from(entry["reward_from"], where, outputs)}})
+        reward = _resolve_from(entry["reward_from"], where, outputs)
+        if "reward_models" in cls.model_fields:  # eval, grpo and rloo take a list of reward models
+            merged["reward_models"] = [*merged.get("reward_models", []), reward]
+        else:
+            merged = deep_merge(merged, {"reward_model": {"path": reward}})
     for block, key in PATH_FIELDS:
         _resolve_relative(merged, block, key, base_dir)
     _resolve_reward_fn(merged, base_dir)

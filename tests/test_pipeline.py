@@ -25,13 +25,16 @@ def test_tiny_recipe_chains_every_stage_and_skips_them_on_rerun(align, recipe, t
     assert manifests["rm"]["base_model"] == manifests["dpo"]["base_model"] == str(runs / "sft")
     assert manifests["dpo"]["input_run_id"] == manifests["sft"]["run_id"]
     assert (runs / "samples.jsonl").is_file() and (runs / "samples.jsonl.align.json").is_file()
+    evaluation = json.loads((runs / "eval.json").read_text())
+    assert evaluation["reference"] == str(runs / "sft") and "kl" in evaluation and "implicit_reward_accuracy" in evaluation["pairs"]
+    assert (runs / "report" / "report.html").is_file() and "report:" in result.out
     assert manifests["rm"]["metrics"]["eval_accuracy"] >= 0
-    assert all(word in result.out for word in ("sft", "rm", "dpo", "ppo", "samples", "ran"))
+    assert all(word in result.out for word in ("sft", "rm", "dpo", "ppo", "eval", "samples", "ran"))
     ppo = json.loads((runs / "ppo" / "align.json").read_text())
     assert ppo["input_run_id"] == f"{manifests['sft']['run_id']}+{manifests['rm']['run_id']}"
 
     again = align("run", recipe, "--set", "train.max_steps=2")
-    assert again.code == 0 and again.out.count("skipped") == 5
+    assert again.code == 0 and again.out.count("skipped") == 6
     assert json.loads((runs / "sft" / "align.json").read_text())["run_id"] == manifests["sft"]["run_id"]
 
     changed = align("run", recipe, "--set", "train.max_steps=2", "--set", "dpo.dpo.beta=0.2")
@@ -40,7 +43,7 @@ def test_tiny_recipe_chains_every_stage_and_skips_them_on_rerun(align, recipe, t
     redone = align("run", recipe, "--set", "train.max_steps=2", "--set", "sft.train.learning_rate=5e-4", "--overwrite")
     assert redone.code == 0, redone.err
     # sft changed, so everything downstream of it was redone too, from the new sft output.
-    assert redone.out.count("ran") == 5
+    assert redone.out.count("ran") == 6
     new = {name: json.loads((runs / name / "align.json").read_text()) for name in ("sft", "dpo")}
     assert new["dpo"]["input_run_id"] == new["sft"]["run_id"] != manifests["sft"]["run_id"]
 
@@ -54,7 +57,7 @@ def test_interrupted_stage_needs_resume(align, recipe, tmp_path):
 def test_dry_run_lists_stages_without_running(align, recipe, tmp_path):
     result = align("run", recipe, "--dry-run")
     assert result.code == 0
-    assert [line.split()[0] for line in result.out.splitlines()] == ["sft", "rm", "dpo", "ppo", "samples"]
+    assert [line.split()[0] for line in result.out.splitlines()] == ["sft", "rm", "dpo", "ppo", "eval", "samples"]
     assert not (tmp_path / "runs").exists()
 
 
