@@ -113,13 +113,15 @@ def run(config: PPOConfig) -> Path:
         scored = time.perf_counter()
         train_stats = _update(roles, optimizer, batch, config, params, generator, out)
         scheduler.step()
-        sequence_kl = (batch.kl.sum(1)).mean().item()
+        # Reported KL (and the adaptive controller's input) uses k3: unbiased and never negative,
+        # whatever estimator shapes the rewards.
+        sequence_kl = (losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1).mean().item()
         if settings.target_kl:
             kl.update(sequence_kl, config.train.batch_size)
         metrics = {
             "step": step + 1, "episodes": (step + 1) * config.train.batch_size,
             "score": raw_scores.mean().item(), "score_std": raw_scores.std().item(), "kl": sequence_kl,
-            "non_score_reward": batch.non_score.sum(1).mean().item(),
+            "non_score_reward": batch.non_score.sum(1).mean().item(), "kl_penalty": batch.kl.sum(1).mean().item(),
             "explained_variance": losses.explained_variance(batch.values, batch.returns, batch.mask).item(),
             "response_length": rollout.response_mask.sum(1).float().mean().item(), "eos_rate": rollout.finished.float().mean().item(),
             "learning_rate": scheduler.get_last_lr()[0], "kl_coef": kl.value, **train_stats,
