@@ -130,8 +130,14 @@ def sample_rollout(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     finally:
         model.train(was_training)
     response = output.sequences[:, query.shape[1]:].cpu()  # (B, T)
-    scores = torch.stack(output.scores, dim=1).float().cpu()  # (B, T, V): logits / temperature
-    logprobs = torch.gather(torch.log_softmax(scores, dim=-1), -1, response.unsqueeze(-1)).squeeze(-1)
+    # output.scores: one (B, V) tensor per step, logits / temperature. Reduce step by step rather
+    # than stacking a (B, T, V) tensor.
+    logprobs = torch.stack(
+        [torch.log_softmax(step.float(), dim=-1).gather(-1, response[:, t:t + 1].to(step.device)).squeeze(-1).cpu()
+         for t, step in enumerate(output.scores)],
+        dim=1,
+    )
+    del output
     is_eos = torch.isin(response, torch.tensor(sorted(eos_ids)))
     finished = is_eos.any(dim=1)
     # Tokens after the first EOS are padding: cumsum counts EOS seen strictly before each position.

@@ -123,22 +123,38 @@ def _score_layer(classifier: nn.Module) -> nn.Linear:
 
 
 def _init_head(head: nn.Linear, value_source: str | None, spec: ModelSpec, pad_token_id: int, width: int) -> None:
-    """Start the value head from the reward model's score layer when the widths match, else at 0."""
+    """Start the value head from the reward model's score layer when the widths match, else at 0.
+
+    Only that layer is read from the checkpoint: loading the whole reward model again would
+    briefly double its memory.
+    """
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     if value_source is None:
         return
-    classifier = load_model(spec.model_copy(update={"path": value_source}), value_source, kind="reward", pad_token_id=pad_token_id)
-    if hidden_size(classifier.config, value_source) != width:
+    weight, bias = _read_score_layer(Path(value_source))
+    if weight.shape != (1, width):
         raise ModelError(
-            f"{value_source}: hidden size {classifier.config.hidden_size} differs from the policy's {width}; with LoRA the "
+            f"{value_source}: its score layer is {tuple(weight.shape)}, the policy's width is {width}; with LoRA the "
             "value shares the policy's base, so its head can only start from a model of the same width (or use --no-lora)"
         )
-    score = _score_layer(classifier)
     with torch.no_grad():
-        head.weight.copy_(score.weight.float())
-        if score.bias is not None:
-            head.bias.copy_(score.bias.float())
+        head.weight.copy_(weight.float())
+        if bias is not None:
+            head.bias.copy_(bias.float())
+
+
+def _read_score_layer(source: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from safetensors import safe_open
+
+    for file in sorted(source.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            names = [k for k in handle.keys() if k.split(".")[-2] in ("score", "classifier") and k.endswith("weight")]
+            if names:
+                prefix = names[0][: -len("weight")]
+                bias = handle.get_tensor(prefix + "bias") if prefix + "bias" in handle.keys() else None
+                return handle.get_tensor(names[0]), bias
+    raise ModelError(f"{source}: no single-output score layer found in its safetensors files; pass a sequence classifier")
 
 
 def same_vocabulary(a, b) -> bool:

@@ -93,3 +93,32 @@ def assert_clean_failure(result: Result, code: int, *needles: str) -> None:
     assert len(error_lines) == 1, result.err
     for needle in needles:
         assert needle in error_lines[0], error_lines[0]
+
+
+SCORERS = """
+def share_of_e(prompts, completions):
+    return [c.count("e") / max(len(c), 1) for c in completions]
+
+def constant(prompts, completions):
+    return [1.0] * len(completions)
+
+def length(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+def not_a_number(prompts, completions):
+    return [float("nan")] * len(completions)
+
+def broken(prompts, completions):
+    raise ValueError("no scores today")
+
+def short(prompts, completions):
+    return [1.0]
+"""
+
+
+@pytest.fixture
+def reward_file(tmp_path) -> Path:
+    """Python reward functions, as a user would write them in a file."""
+    path = tmp_path / "scorers.py"
+    path.write_text(SCORERS)
+    return path

@@ -4,25 +4,6 @@ import pytest
 
 from conftest import assert_clean_failure
 
-SCORER = '''
-def length(prompts, completions):
-    return [float(len(c)) for c in completions]
-
-def broken(prompts, completions):
-    raise ValueError("no scores today")
-
-def short(prompts, completions):
-    return [1.0]
-'''
-
-
-@pytest.fixture
-def scorer(tmp_path):
-    path = tmp_path / "scorer.py"
-    path.write_text(SCORER)
-    return path
-
-
 @pytest.fixture
 def dpo_out(align, pairs_file, tmp_path):
     out = tmp_path / "dpo"
@@ -30,14 +11,14 @@ def dpo_out(align, pairs_file, tmp_path):
     return out
 
 
-def test_eval_of_a_dpo_output_reports_rewards_kl_win_rate_and_pair_accuracy(align, dpo_out, prompts_file, pairs_file, scorer, tmp_path):
+def test_eval_of_a_dpo_output_reports_rewards_kl_win_rate_and_pair_accuracy(align, dpo_out, prompts_file, pairs_file, reward_file, tmp_path):
     out = tmp_path / "metrics.json"
-    args = ["eval", "-m", dpo_out, "-p", prompts_file, "--pairs", pairs_file, "--reward-fn", f"{scorer}:length",
+    args = ["eval", "-m", dpo_out, "-p", prompts_file, "--pairs", pairs_file, "--reward-fn", f"{reward_file}:length",
             "-o", out, "-n", "2", "--max-new-tokens", "8", "--seed", "3"]
     result = align(*args)
     assert result.code == 0, result.err
     metrics = json.loads(out.read_text())
-    name = f"{scorer}:length"
+    name = f"{reward_file}:length"
     assert metrics["reference"] == "tiny" and metrics["samples"] == 10
     assert metrics["kl"] > 0  # DPO moved the policy away from the reference
     assert 0 <= metrics[f"win_rate/{name}"] <= 1 and metrics[f"reward/{name}/mean"] > 0
@@ -48,14 +29,14 @@ def test_eval_of_a_dpo_output_reports_rewards_kl_win_rate_and_pair_accuracy(alig
     assert json.loads(again.read_text()) == metrics
 
 
-def test_reference_itself_has_zero_kl_and_even_win_rate(align, tiny_model, prompts_file, scorer, tmp_path):
+def test_reference_itself_has_zero_kl_and_even_win_rate(align, tiny_model, prompts_file, reward_file, tmp_path):
     out = tmp_path / "m.json"
-    result = align("eval", "-m", "tiny", "-p", prompts_file, "--reference", "tiny", "--reward-fn", f"{scorer}:length",
+    result = align("eval", "-m", "tiny", "-p", prompts_file, "--reference", "tiny", "--reward-fn", f"{reward_file}:length",
                    "-o", out, "--max-new-tokens", "8", "--seed", "1")
     assert result.code == 0, result.err
     metrics = json.loads(out.read_text())
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-5)
-    assert metrics[f"win_rate/{scorer}:length"] == 0.5  # same seed, same model: identical samples, all ties
+    assert metrics[f"win_rate/{reward_file}:length"] == 0.5  # same seed, same model: identical samples, all ties
 
 
 def test_eval_of_a_reward_model_measures_pairwise_accuracy(align, pairs_file, tmp_path):
@@ -66,10 +47,10 @@ def test_eval_of_a_reward_model_measures_pairwise_accuracy(align, pairs_file, tm
     assert json.loads(out.read_text())["pairs"]["accuracy"] == 1.0
 
 
-def test_eval_bad_input(align, tiny_model, prompts_file, scorer, tmp_path):
+def test_eval_bad_input(align, tiny_model, prompts_file, reward_file, tmp_path):
     assert_clean_failure(align("eval", "-m", tiny_model, "-p", prompts_file, "-o", tmp_path / "a.json"), 2, "--reference")
     common = ["eval", "-m", "tiny", "-p", prompts_file, "--no-reference", "--max-new-tokens", "4"]
-    assert_clean_failure(align(*common, "--reward-fn", f"{scorer}:broken", "-o", tmp_path / "b.json"), 2, "raised ValueError: no scores today")
-    assert_clean_failure(align(*common, "--reward-fn", f"{scorer}:short", "-o", tmp_path / "c.json"), 2, "returned 1 values for 5")
-    assert_clean_failure(align(*common, "--reward-fn", f"{scorer}:missing", "-o", tmp_path / "d.json"), 2, "no function 'missing'")
+    assert_clean_failure(align(*common, "--reward-fn", f"{reward_file}:broken", "-o", tmp_path / "b.json"), 2, "raised ValueError: no scores today")
+    assert_clean_failure(align(*common, "--reward-fn", f"{reward_file}:short", "-o", tmp_path / "c.json"), 2, "returned 1 values for 5")
+    assert_clean_failure(align(*common, "--reward-fn", f"{reward_file}:missing", "-o", tmp_path / "d.json"), 2, "no function 'missing'")
     assert not any((tmp_path / n).exists() for n in ("a.json", "b.json", "c.json", "d.json"))

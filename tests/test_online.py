@@ -7,22 +7,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_clean_failure, write_jsonl
 
-REWARD = '''
-def share_of_e(prompts, completions):
-    return [c.count("e") / max(len(c), 1) for c in completions]
-
-def constant(prompts, completions):
-    return [1.0] * len(completions)
-'''
-
-
-@pytest.fixture
-def reward_file(tmp_path):
-    path = tmp_path / "rewards.py"
-    path.write_text(REWARD)
-    return path
-
-
 @pytest.fixture
 def online_prompts(tmp_path):
     return write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(16)])

@@ -9,22 +9,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_clean_failure, write_jsonl
 
-REWARD = '''
-def share_of_e(prompts, completions):
-    return [c.count("e") / max(len(c), 1) for c in completions]
-
-def not_a_number(prompts, completions):
-    return [float("nan")] * len(completions)
-'''
-
-
-@pytest.fixture
-def reward_file(tmp_path):
-    path = tmp_path / "rewards.py"
-    path.write_text(REWARD)
-    return path
-
-
 @pytest.fixture
 def ppo_prompts(tmp_path):
     return write_jsonl(tmp_path / "ppo_prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(32)])
@@ -195,3 +179,14 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(align, pp
                              "--set", "train.max_grad_norm=1e30"))
     assert_clean_failure(result, 6, "NaN/inf", "training stopped", "checkpoint-1")
     assert (out / "checkpoints" / "checkpoint-1").is_dir() and not (out / "align.json").exists()
+
+
+def test_value_head_starts_from_the_reward_models_score_layer(tiny_rm, tiny_model):
+    from transformers import AutoModelForSequenceClassification
+
+    from align.config import LoraSpec, ModelSpec
+    from align.roles import build_roles
+
+    roles = build_roles(ModelSpec(path="tiny"), str(tiny_model), LoraSpec(r=4), str(tiny_rm), 0)
+    score = AutoModelForSequenceClassification.from_pretrained(tiny_rm).score
+    assert torch.equal(roles.value_head.weight, score.weight) and roles.value_head.weight.abs().sum() > 0

@@ -331,8 +331,13 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
                 logits = response_logits(policy, *batch.inputs(idx)).cpu()
                 logprobs = losses.token_logprobs(logits, batch.response[idx], settings.temperature)
                 pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, settings.clip_range)
-                entropy = losses.masked_mean(losses.entropy_from_logits(logits / settings.temperature), mask)
-                (pg_loss - settings.entropy_coef * entropy).backward()
+                if settings.entropy_coef:
+                    entropy = losses.masked_mean(losses.entropy_from_logits(logits / settings.temperature), mask)
+                    (pg_loss - settings.entropy_coef * entropy).backward()
+                else:  # only logged: keep its (B, T, vocab) graph out of the backward pass
+                    pg_loss.backward()
+                    with torch.no_grad():
+                        entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / settings.temperature), mask)
             with roles.valuing() as value_body:
                 values = response_values(value_body, roles.value_head, *batch.inputs(idx)).cpu()
                 vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
