@@ -100,6 +100,9 @@ class TrainSpec(Closed):
     save_total_limit: PositiveInt = 2
     eval_steps: PositiveInt | None = None
     gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="compute precision (autocast): auto = bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU"
+    )
     report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = "none"
 
 

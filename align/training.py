@@ -25,7 +25,7 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
     """A TRL config object (SFTConfig, DPOConfig, ...) from our typed config."""
     train = config.train
     on_gpu = torch.cuda.is_available()
-    dtype = config.model.dtype
+    precision = resolve_precision(train.precision)
     if config.train.report_to != "none":
         check_tracker(config.train.report_to)
     eval_steps = train.eval_steps or train.save_steps
@@ -54,11 +54,26 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
         gradient_checkpointing=train.gradient_checkpointing,
         report_to=[] if train.report_to == "none" else [train.report_to],
         use_cpu=not on_gpu,
-        bf16=on_gpu and dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported(),
-        fp16=on_gpu and (dtype == "float16" or (dtype == "auto" and not torch.cuda.is_bf16_supported())),
+        bf16=precision == torch.bfloat16,
+        fp16=precision == torch.float16,
         disable_tqdm=not logging.getLogger("align").isEnabledFor(logging.INFO),
         **stage_args,
     )
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    """The compute dtype for autocast: what was asked, or the fastest correct one for this device."""
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(precision: str, device: torch.device):
+    """A context that runs matmuls in the compute dtype (a no-op for fp32)."""
+    dtype = resolve_precision(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def check_tracker(name: str) -> None:

@@ -5,7 +5,9 @@
 
 Matched settings for both: the same policy, reward model (also the value model's start),
 prompts, rollout batch, response length and temperature; one PPO epoch, one mini-batch, full
-fine-tuning. align additionally runs in its default LoRA mode (one shared base) for memory.
+fine-tuning, float32. align additionally runs in its default LoRA mode (one shared base) for
+memory, and with bf16 compute (train.precision=bf16: its fastest setting on a CPU with
+AVX512-BF16 or a GPU; not a matched comparison, reported separately).
 TRL is installed into its own throw-away venv (bench/.venv-trl-1.5.0) with this environment's
 torch and transformers versions, so only the trainer differs. Each run is a separate process;
 episodes/s counts training wall time only (model loading excluded), peak memory is the
@@ -66,13 +68,14 @@ def run_trl(python: Path, policy: Path, reward: Path, args, work: Path) -> dict:
     return json.loads(line[len("BENCH "):])
 
 
-def run_align(policy: Path, reward: Path, args, work: Path, lora: bool) -> dict:
-    out = work / f"align-{'lora' if lora else 'full'}"
+def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precision: str = "fp32") -> dict:
+    out = work / f"align-{'lora' if lora else 'full'}-{precision}"
     command = [sys.executable, "-m", "align", "-q", "ppo", "-m", str(policy), "--reward-model", str(reward),
                "-p", str(PROMPTS), "-o", str(out), "--overwrite", "--episodes", str(args.episodes),
                "--batch-size", str(args.batch_size), "--mini-batches", "1", "--ppo-epochs", "1",
                "--max-new-tokens", str(args.response_length), "--temperature", "0.7", "--lr", "1e-5",
-               "--set", "train.save_steps=100000", "--set", "ppo.sample_every=100000", "--seed", "0"]
+               "--set", "train.save_steps=100000", "--set", "ppo.sample_every=100000", "--seed", "0",
+               "--set", f"train.precision={precision}"]
     if not lora:
         command.append("--no-lora")
     result = subprocess.run(command, capture_output=True, text=True)
@@ -103,21 +106,27 @@ def main() -> None:
         trl = run_trl(python, policy, reward, args, args.work / model)
         full = run_align(policy, reward, args, args.work / model, lora=False)
         lora = run_align(policy, reward, args, args.work / model, lora=True)
-        eps = {name: r["episodes"] / r["train_seconds"] for name, r in (("trl", trl), ("full", full), ("lora", lora))}
+        # Not matched (TRL runs float32 on CPU): align's fastest correct setting on this device.
+        fast = run_align(policy, reward, args, args.work / model, lora=False, precision="bf16")
+        runs = (("trl", trl), ("full", full), ("lora", lora), ("full_bf16", fast))
+        eps = {name: r["episodes"] / r["train_seconds"] for name, r in runs}
         results["models"][model] = {
-            "trl_1.5.0": trl, "align_full": full, "align_lora": lora,
+            "trl_1.5.0": trl, "align_full": full, "align_lora": lora, "align_full_bf16": fast,
             "episodes_per_second": eps,
             "speedup_full_vs_trl": eps["full"] / eps["trl"],
             "memory_ratio_full_vs_trl": full["peak_memory_mb"] / trl["peak_memory_mb"],
             "memory_ratio_lora_vs_trl": lora["peak_memory_mb"] / trl["peak_memory_mb"],
+            "speedup_full_bf16_vs_trl": eps["full_bf16"] / eps["trl"],
         }
         r = results["models"][model]
         print(f"\n{model} on {device}: {args.episodes} episodes, batch {args.batch_size}, {args.response_length} new tokens")
         print(f"  {'':22} {'episodes/s':>10} {'peak MB':>9}")
-        for name, key in (("TRL 1.5.0 PPOTrainer", "trl_1.5.0"), ("align ppo --no-lora", "align_full"), ("align ppo (LoRA)", "align_lora")):
+        rows = (("TRL 1.5.0 PPOTrainer", "trl_1.5.0"), ("align ppo --no-lora", "align_full"), ("align ppo (LoRA)", "align_lora"),
+                ("align --no-lora, bf16", "align_full_bf16"))
+        for name, key in rows:
             print(f"  {name:22} {r[key]['episodes'] / r[key]['train_seconds']:10.2f} {r[key]['peak_memory_mb']:9.0f}")
         print(f"  speed-up (full vs TRL): {r['speedup_full_vs_trl']:.2f}x   memory: full {r['memory_ratio_full_vs_trl']:.2f}x, "
-              f"LoRA {r['memory_ratio_lora_vs_trl']:.2f}x of TRL")
+              f"LoRA {r['memory_ratio_lora_vs_trl']:.2f}x of TRL; bf16 compute: {r['speedup_full_bf16_vs_trl']:.2f}x")
     (HERE / "results").mkdir(exist_ok=True)
     path = HERE / "results" / "ppo_vs_trl.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

@@ -35,7 +35,7 @@ from align.generation import Rollout, prompt_ids, response_logits, response_valu
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.rewards import RewardFunction, RewardModel
 from align.roles import Roles, build_roles, save_value, same_vocabulary
-from align.training import check_tracker
+from align.training import autocast, check_tracker
 
 log = logging.getLogger("align")
 
@@ -104,12 +104,14 @@ def run(config: PPOConfig) -> Path:
     for step in tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO)):
         timer = time.perf_counter()
         picked = _batch_indices(len(prompts.ids), config.train.batch_size, step, config.train.seed)
-        rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], settings, out)
+        with _compute(config, roles):
+            rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], settings, out)
         generated = time.perf_counter()
         completions = _decode(tokenizer, rollout)
         raw_scores = _score(reward, [prompts.raw[i] for i in picked], completions, rollout.finished, settings.missing_eos_penalty)
         scores = _normalise(raw_scores, moments, settings)
-        batch = _score_batch(roles, rollout, scores, settings, kl.value)
+        with _compute(config, roles):
+            batch = _score_batch(roles, rollout, scores, settings, kl.value)
         scored = time.perf_counter()
         train_stats = _update(roles, optimizer, batch, config, params, generator, out)
         scheduler.step()
@@ -257,6 +259,11 @@ def _batch_indices(count: int, batch: int, step: int, seed: int) -> list[int]:
 # Rollout scoring
 
 
+def _compute(config: PPOConfig, roles: Roles):
+    """Forward passes in the compute precision (train.precision); losses stay in float32."""
+    return autocast(config.train.precision, next(roles.policy.parameters()).device)
+
+
 def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], settings, out: Path) -> Rollout:
     try:
         with roles.acting() as policy:
@@ -327,7 +334,7 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
         for start in range(0, size, step_size):
             idx = order[start:start + step_size]
             mask = batch.mask[idx]
-            with roles.acting() as policy:
+            with roles.acting() as policy, _compute(config, roles):
                 logits = response_logits(policy, *batch.inputs(idx)).cpu()
                 logprobs = losses.token_logprobs(logits, batch.response[idx], settings.temperature)
                 pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, settings.clip_range)
@@ -338,7 +345,7 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
                     pg_loss.backward()
                     with torch.no_grad():
                         entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / settings.temperature), mask)
-            with roles.valuing() as value_body:
+            with roles.valuing() as value_body, _compute(config, roles):
                 values = response_values(value_body, roles.value_head, *batch.inputs(idx)).cpu()
                 vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
                 (settings.vf_coef * vf_loss).backward()
@@ -376,7 +383,7 @@ def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConf
     scores, lengths, finished = [], [], []
     for start in range(0, len(prompts.ids), config.train.batch_size):
         chunk = slice(start, start + config.train.batch_size)
-        with roles.acting() as policy:
+        with roles.acting() as policy, _compute(config, roles):
             rollout = sample_rollout(policy, tokenizer, prompts.ids[chunk], config.ppo.max_new_tokens, config.ppo.temperature)
         scores.append(reward(prompts.raw[chunk], _decode(tokenizer, rollout)).float())
         lengths.append(rollout.response_mask.sum(1).float())
