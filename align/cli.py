@@ -304,11 +304,34 @@ def run(
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k in SUMMARY_METRICS)
         typer.echo(f"  {result.name:<12} {result.status:<8} {result.seconds:7.1f}s  {result.output}  {shown}")
     for result in results:
+        if result.stage == "eval":
+            _show_eval(Path(result.output), result.name)
         if result.stage == "generate":
             _show_samples(Path(result.output), result.name)
     from align.report import write_report
 
     typer.echo(f"\nreport: {write_report(loaded.output_dir)}")
+
+
+def _show_eval(path: Path, name: str) -> None:
+    """Reward before (the reference) and after (the model), KL and win rate, per reward source."""
+    import json
+
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    typer.echo(f"\n{name}: {metrics['model']} against {metrics.get('reference')}")
+    for key, after in metrics.items():
+        if key.startswith("reward/") and key.endswith("/mean"):
+            source = key[len("reward/"):-len("/mean")]
+            before = metrics.get(f"reward/{source}/reference_mean")
+            change = f"{before:.3f} -> {after:.3f} ({after - before:+.3f})" if before is not None else f"{after:.3f}"
+            win = metrics.get(f"win_rate/{source}")
+            typer.echo(f"  reward ({Path(source).name}): {change}" + (f", win rate {win:.0%}" if win is not None else ""))
+    if "kl" in metrics:
+        typer.echo(f"  KL to reference: {metrics['kl']:.3f} per response")
+    pairs = metrics.get("pairs") or {}
+    for key in ("accuracy", "implicit_reward_accuracy"):
+        if key in pairs:
+            typer.echo(f"  {key.replace('_', ' ')} on pairs: {pairs[key]:.0%}")
 
 
 def _show_samples(path: Path, name: str, count: int = 3) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -113,8 +114,10 @@ def run(config: PPOConfig) -> Path:
         with _compute(config, roles):
             batch = _score_batch(roles, rollout, scores, settings, kl.value)
         scored = time.perf_counter()
+        _release_memory()
         train_stats = _update(roles, optimizer, batch, config, params, generator, out)
         scheduler.step()
+        _release_memory()
         # Reported KL (and the adaptive controller's input) uses k3: unbiased and never negative,
         # whatever estimator shapes the rewards.
         sequence_kl = (losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1).mean().item()
@@ -393,6 +396,22 @@ def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConf
         "eval_response_length": torch.cat(lengths).mean().item(),
         "eval_eos_rate": torch.cat(finished).mean().item(),
     }
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS between phases (Linux, CPU).
+
+    glibc keeps large freed blocks, so each phase's temporary tensors would otherwise add up
+    in the process's resident memory.
+    """
+    if torch.cuda.is_available() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _peak_memory_mb() -> float:
