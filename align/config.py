@@ -250,6 +250,7 @@ class PPOSpec(Closed):
     sample_every: PositiveInt = 10
     eval_every: PositiveInt | None = None
     score_batch_size: PositiveInt = 16
+    reward_in_4bit: bool = Field(False, description="load a separate reward model in 4-bit NF4 (bitsandbytes)")
 
 
 class PPOConfig(StageConfig):

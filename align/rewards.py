@@ -17,18 +17,19 @@ from typing import Any, Callable
 
 import torch
 
-from align.config import ModelSpec
+from align.config import LoraSpec, ModelSpec
 from align.data import as_messages
 from align.errors import ConfigError, ModelError
 from align.models import load_model, load_tokenizer, resolve_model
 
 
 class RewardModel:
-    def __init__(self, spec: ModelSpec, batch_size: int = 16, device: torch.device | None = None):
+    def __init__(self, spec: ModelSpec, batch_size: int = 16, device: torch.device | None = None, in_4bit: bool = False):
         source = resolve_model(spec)
         _require_classifier(spec, source)
         self.tokenizer = load_tokenizer(spec, source, padding_side="right")
-        self.model = load_model(spec, source, kind="reward", pad_token_id=self.tokenizer.pad_token_id).eval()
+        quantized = LoraSpec(enabled=True, qlora=True) if in_4bit else None  # a frozen 4-bit model, no adapter
+        self.model = load_model(spec, source, quantized, kind="reward", pad_token_id=self.tokenizer.pad_token_id).eval()
         if getattr(self.model.config, "num_labels", 1) != 1:
             raise ModelError(f"{spec.path}: the reward model must output one score (num_labels=1), it has {self.model.config.num_labels}")
         if device is not None:
@@ -38,10 +39,7 @@ class RewardModel:
         self.name = spec.path
 
     def render(self, prompt: Any, completion: str) -> str:
-        if self.chat:
-            messages = (as_messages(prompt, "user") if prompt else []) + as_messages(completion, "assistant")
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return f"{prompt}{completion}{self.tokenizer.eos_token or ''}"
+        return render_for_reward(self.tokenizer, prompt, completion)
 
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
@@ -54,6 +52,14 @@ class RewardModel:
             ).to(device)
             scores.append(self.model(**batch).logits[:, 0].float().cpu())
         return torch.cat(scores)
+
+
+def render_for_reward(tokenizer, prompt: Any, completion: str) -> str:
+    """The text a reward model reads: the conversation in its chat template, or prompt + completion + EOS."""
+    if tokenizer.chat_template:
+        messages = (as_messages(prompt, "user") if prompt else []) + as_messages(completion, "assistant")
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return f"{prompt}{completion}{tokenizer.eos_token or ''}"
 
 
 def _require_classifier(spec: ModelSpec, source: str) -> None:

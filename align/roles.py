@@ -23,7 +23,7 @@ from align.errors import ModelError
 from align.generation import body
 from align.models import load_model, peft_config
 
-POLICY, VALUE = "default", "value"
+POLICY, VALUE, REWARD = "default", "value", "reward"
 
 
 @dataclass
@@ -155,6 +155,68 @@ def _read_score_layer(source: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
                 bias = handle.get_tensor(prefix + "bias") if prefix + "bias" in handle.keys() else None
                 return handle.get_tensor(names[0]), bias
     raise ModelError(f"{source}: no single-output score layer found in its safetensors files; pass a sequence classifier")
+
+
+def shared_reward_adapter(reward_path: str, policy_source: str) -> Path | None:
+    """The reward model's LoRA adapter, if it was trained on exactly the policy's base (an
+    `align rm` output whose adapter names the same base directory)."""
+    import json
+
+    adapter = Path(reward_path) / "adapter"
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+    same = Path(base).exists() and Path(base).resolve() == Path(policy_source).resolve()
+    return adapter if same else None
+
+
+class SharedBaseReward:
+    """A reward model kept as a third adapter ("reward") on the policy's base, with its score layer.
+
+    It reads the rendered conversation with the policy's tokenizer (the same base, so the same
+    tokenizer the reward model was trained with) and scores the last real token.
+    """
+
+    def __init__(self, roles: Roles, adapter: Path, tokenizer, batch_size: int = 16):
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        config = LoraConfig.from_pretrained(str(adapter))
+        config.task_type, config.modules_to_save = "CAUSAL_LM", None
+        roles.policy.add_adapter(REWARD, config)
+        weights = load_file(str(adapter / "adapter_model.safetensors"))
+        set_peft_model_state_dict(roles.policy, {k: v for k, v in weights.items() if "lora_" in k}, adapter_name=REWARD)
+        score = [k for k in weights if ".score." in k and k.endswith("weight")]
+        if not score:
+            raise ModelError(f"{adapter}: has no score layer; it is not a reward-model adapter")
+        self.score = weights[score[0]].float()  # (1, H)
+        roles.policy.set_adapter(POLICY)
+        self.roles, self.tokenizer, self.batch_size = roles, tokenizer, batch_size
+        self.name = str(adapter.parent)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        policy = self.roles.policy
+        from align.rewards import render_for_reward
+
+        texts = [render_for_reward(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        chat = bool(self.tokenizer.chat_template)
+        device = next(policy.parameters()).device
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "right"
+        scores = []
+        try:
+            policy.set_adapter(REWARD)
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                       add_special_tokens=not chat).to(device)
+                hidden = body(policy)(**batch).last_hidden_state  # (B, T, H)
+                last = batch["attention_mask"].sum(1) - 1
+                scores.append(hidden[torch.arange(len(last)), last].float().cpu() @ self.score.T)
+        finally:
+            policy.set_adapter(POLICY)
+            self.tokenizer.padding_side = side
+        return torch.cat(scores).squeeze(-1)
 
 
 def same_vocabulary(a, b) -> bool:

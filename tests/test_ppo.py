@@ -95,7 +95,7 @@ def tiny_rm(align, pairs_file, tmp_path):
 
 
 def test_ppo_against_a_trained_reward_model_with_lora_and_qlora(align, ppo_prompts, tiny_rm, tmp_path):
-    for mode in ([], ["--qlora"]):
+    for mode in ([], ["--qlora", "--set", "ppo.reward_in_4bit=true"]):
         out = tmp_path / f"ppo{'-q' if mode else ''}"
         result = align(*ppo_args(ppo_prompts, out, "--reward-model", tiny_rm, "--episodes", "16", "--eval-prompts",
                                  ppo_prompts, "--eval-every", "1", *mode))
@@ -201,3 +201,42 @@ def test_bf16_compute_keeps_behaviour_and_training_log_probs_close(align, ppo_pr
     # One mini-batch, one epoch: the ratio is measured before any step, so it only shows the
     # rounding difference between the sampling pass and the training pass in bf16.
     assert first["approx_kl"] < 1e-3 and first["clipfrac"] < 0.05
+
+
+def test_a_lora_reward_model_on_the_same_base_becomes_a_third_adapter(align, ppo_prompts, pairs_file, tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.config import LoraSpec, ModelSpec
+    from align.rewards import RewardModel
+    from align.roles import SharedBaseReward, build_roles, shared_reward_adapter
+
+    rm = tmp_path / "rm"  # trained as LoRA on the tiny base, which the policy also starts from
+    assert align("rm", "-m", "tiny", "-d", pairs_file, "-o", rm, "--max-steps", "4", "--lr", "5e-3").code == 0
+    adapter = shared_reward_adapter(str(rm), str(tiny_model))
+    assert adapter == rm / "adapter"
+    roles = build_roles(ModelSpec(path="tiny"), str(tiny_model), LoraSpec(), str(rm), 0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    shared = SharedBaseReward(roles, adapter, tokenizer)
+    roles.train(False)  # as in the PPO loop: no dropout
+    assert set(roles.policy.peft_config) == {"default", "value", "reward"}
+    prompts, answers = ["How was movie 1?"] * 2, ["It was wonderful and great, thanks!", "It was awful and boring."]
+    separate = RewardModel(ModelSpec(path=str(rm)))(prompts, answers)  # the merged reward model, loaded on its own
+    assert torch.allclose(shared(prompts, answers), separate, atol=1e-4)
+    assert not any("reward" in name for name in roles.trainable())
+
+    out = tmp_path / "ppo"
+    result = align(*ppo_args(ppo_prompts, out, "--reward-model", rm, "--episodes", "8"))
+    assert result.code == 0, result.err
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["reward_on_shared_base"] is True
+
+
+def test_a_separate_reward_model_can_be_loaded_in_4bit(tiny_rm):
+    import bitsandbytes as bnb
+
+    from align.config import ModelSpec
+    from align.rewards import RewardModel
+
+    reward = RewardModel(ModelSpec(path=str(tiny_rm)), in_4bit=True)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in reward.model.modules())
+    assert torch.isfinite(reward(["How was movie 1?"], ["Great!"])).all()

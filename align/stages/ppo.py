@@ -35,7 +35,7 @@ from align.errors import DataError, TrainingError
 from align.generation import Rollout, prompt_ids, response_logits, response_values, sample_rollout, sequences
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.rewards import RewardFunction, RewardModel
-from align.roles import Roles, build_roles, save_value, same_vocabulary
+from align.roles import Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
 from align.training import autocast, check_tracker
 
 log = logging.getLogger("align")
@@ -76,12 +76,21 @@ def run(config: PPOConfig) -> Path:
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
     window = context_length(config.model, source)
     prompts, held_out, report = _load_prompts(config, tokenizer, window)
-    reward = _load_reward(config, tokenizer, conversational=is_messages(prompts.raw[0]))
-    value_source = _value_source(config, tokenizer, reward)
+    # A reward model trained as LoRA on this very base becomes a third adapter, not a second model.
+    shared_reward = (
+        shared_reward_adapter(resolve_model(config.reward_model), source) if config.reward_model and config.lora.enabled else None
+    )
+    reward = None if shared_reward else _load_reward(config, tokenizer, conversational=is_messages(prompts.raw[0]))
+    if shared_reward and not config.value_model:
+        value_source = resolve_model(config.reward_model)
+    else:
+        value_source = _value_source(config, tokenizer, reward)
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
 
     torch.manual_seed(config.train.seed)  # LoRA's initial A matrices come from this generator
     roles = build_roles(config.model, source, config.lora, value_source, tokenizer.pad_token_id)
+    if shared_reward:
+        reward = SharedBaseReward(roles, shared_reward, tokenizer, config.ppo.score_batch_size)
     roles.train(False)  # no dropout anywhere: PPO's ratio must be 1 before the first step
     params = roles.trainable()
     optimizer = torch.optim.AdamW(params.values(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
@@ -149,7 +158,7 @@ def run(config: PPOConfig) -> Path:
     save_value(roles, out / "value")
     write_manifest(
         out, config=config, metrics={**metrics, **baseline, "peak_memory_mb": _peak_memory_mb()}, started=started, data=asdict(report), lora=config.lora.enabled,
-        reward=getattr(reward, "name", ""), value_init=value_source or "scratch",
+        reward=getattr(reward, "name", ""), reward_on_shared_base=shared_reward is not None, value_init=value_source or "scratch",
     )
     return out
 
@@ -198,7 +207,7 @@ def _tokenize_prompts(rows, source: str, tokenizer, config: PPOConfig, window: i
 def _load_reward(config: PPOConfig, tokenizer, conversational: bool):
     if config.reward_fn:
         return RewardFunction(config.reward_fn)
-    reward = RewardModel(config.reward_model, batch_size=config.ppo.score_batch_size)
+    reward = RewardModel(config.reward_model, batch_size=config.ppo.score_batch_size, in_4bit=config.ppo.reward_in_4bit)
     if conversational and not reward.chat:
         raise DataError(
             f"{config.reward_model.path}: the prompts are conversations but the reward model's tokenizer has no chat "
