@@ -55,9 +55,9 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(output: Path, seed: int = 0) -> Path:
+def build_tiny_model(output: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     """Write a tiny random Llama checkpoint with its tokenizer to `output`."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -140,3 +140,15 @@ def test_errors_from_a_real_process_are_one_line_without_traceback(tmp_path):
 def test_unknown_command_and_flag_are_usage_errors(align):
     assert align("sfx").code == 2
     assert align("sft", "--no-such-flag").code == 2
+
+
+def test_report_to_a_tracker_that_is_not_installed(align, sft_file, tmp_path):
+    import importlib.util
+
+    missing = next((t for t in ("mlflow", "wandb", "trackio") if importlib.util.find_spec(t) is None), None)
+    if missing is None:
+        pytest.skip("every tracker is installed here")
+    out = tmp_path / "o"
+    assert_clean_failure(align("sft", "-m", "tiny", "-d", sft_file, "-o", out, "--report-to", missing), 2,
+                         f"needs the {missing} package")
+    assert not (out / "align.json").exists()

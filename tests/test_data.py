@@ -151,3 +151,13 @@ def test_conversational_data_needs_a_chat_template(tokenizer):
         use_chat_template(bare, spec("x"), conversational=True, source="x")
     assert use_chat_template(bare, spec("x"), conversational=False, source="x") is False
     assert use_chat_template(tokenizer, spec("x", chat_template="never"), conversational=False, source="x") is False
+
+
+def test_a_separate_eval_file_is_validated_like_the_training_file(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}, {"text": "b"}])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"text": "c"}])
+    kind, rows, held = load_split(spec(train, eval_path=str(evals)), SFT_FORMATS, seed=0)
+    assert (kind, len(rows), held) == ("text", 2, [{"text": "c"}])
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "p"}])
+    with pytest.raises(DataError, match="wrong.jsonl: found columns"):
+        load_split(spec(train, eval_path=str(wrong)), SFT_FORMATS, seed=0)

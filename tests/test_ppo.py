@@ -240,3 +240,37 @@ def test_a_separate_reward_model_can_be_loaded_in_4bit(tiny_rm):
     reward = RewardModel(ModelSpec(path=str(tiny_rm)), in_4bit=True)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in reward.model.modules())
     assert torch.isfinite(reward(["How was movie 1?"], ["Great!"])).all()
+
+
+def test_score_penalties_normalisation_and_clipping():
+    from types import SimpleNamespace
+
+    from align.losses import RunningMoments
+    from align.stages.ppo import _normalise, _score
+
+    scores = _score(lambda p, c: torch.tensor([1.0, 2.0]), ["a", "b"], ["x", "y"], torch.tensor([True, False]), 0.5)
+    assert scores.tolist() == [1.0, 1.5]  # the response that never ended loses 0.5
+    moments = RunningMoments()
+    settings = SimpleNamespace(reward_norm=True, reward_clip=0.5)
+    # mean 2, std 1: (1-2)/1 = -1 -> clipped to -0.5; (3-2)/1 = 1 -> 0.5
+    assert _normalise(torch.tensor([1.0, 3.0]), moments, settings).tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_ppo_with_a_reward_model_of_another_tokenizer_adaptive_kl_and_early_stop(align, ppo_prompts, tmp_path, tiny_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=3, vocab_size=300)  # a different vocabulary
+    rm = tmp_path / "other-rm"
+    AutoModelForSequenceClassification.from_pretrained(other, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(other).save_pretrained(rm)
+    out = tmp_path / "ppo"
+    result = align(*ppo_args(ppo_prompts, out, "--reward-model", rm, "--episodes", "24", "--target-kl", "0.01",
+                             "--kl-coef", "0.2", "--set", "ppo.early_stop_kl=1e-12", "--lr", "1e-2"))
+    assert result.code == 0, result.err
+    rows = metrics(out)
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["value_init"] == "scratch"  # the reward model's tokenizer differs: the value starts fresh
+    assert rows[-1]["kl_coef"] != 0.2  # the adaptive controller moved the coefficient
+    assert all(r.get("early_stopped") == 1.0 for r in rows)  # any approx KL exceeds 1e-12 after one epoch
