@@ -204,7 +204,7 @@ def test_bf16_compute_keeps_behaviour_and_training_log_probs_close(align, ppo_pr
 
 
 def test_a_lora_reward_model_on_the_same_base_becomes_a_third_adapter(align, ppo_prompts, pairs_file, tiny_model, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from align.config import LoraSpec, ModelSpec
     from align.rewards import RewardModel
