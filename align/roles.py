@@ -157,17 +157,20 @@ def _read_score_layer(source: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise ModelError(f"{source}: no single-output score layer found in its safetensors files; pass a sequence classifier")
 
 
-def shared_reward_adapter(reward_path: str, policy_source: str) -> Path | None:
-    """The reward model's LoRA adapter, if it was trained on exactly the policy's base (an
-    `align rm` output whose adapter names the same base directory)."""
+def shared_reward_adapter(reward_path: str, policy_source: str, qlora: bool) -> Path | None:
+    """The reward model's LoRA adapter, if it was trained on exactly the policy's base: an
+    `align rm` output whose adapter names the same base directory and whose base had the same
+    quantization (an adapter trained on a full-precision base scores differently on a 4-bit one)."""
     import json
 
     adapter = Path(reward_path) / "adapter"
     config = adapter / "adapter_config.json"
-    if not config.is_file():
+    manifest = Path(reward_path) / "align.json"
+    if not (config.is_file() and manifest.is_file()):
         return None
     base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
-    same = Path(base).exists() and Path(base).resolve() == Path(policy_source).resolve()
+    trained_4bit = json.loads(manifest.read_text()).get("config", {}).get("lora", {}).get("qlora", False)
+    same = Path(base).exists() and Path(base).resolve() == Path(policy_source).resolve() and trained_4bit == qlora
     return adapter if same else None
 
 

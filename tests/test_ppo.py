@@ -159,7 +159,8 @@ def test_conversational_prompts_need_a_reward_model_that_can_read_them(align, ti
     (tiny_rm / "tokenizer_config.json").write_text(_json.dumps(config))
     (tiny_rm / "chat_template.jinja").unlink(missing_ok=True)
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": [{"role": "user", "content": "hi"}]}] * 8)
-    assert_clean_failure(align(*ppo_args(chats, tmp_path / "o", "--reward-model", tiny_rm)), 3, "cannot read them")
+    # --no-lora: the reward model is loaded on its own, with its own (template-less) tokenizer.
+    assert_clean_failure(align(*ppo_args(chats, tmp_path / "o", "--reward-model", tiny_rm, "--no-lora")), 3, "cannot read them")
 
 
 def test_hidden_size_that_cannot_be_read_is_a_clear_error():
@@ -212,8 +213,9 @@ def test_a_lora_reward_model_on_the_same_base_becomes_a_third_adapter(align, ppo
 
     rm = tmp_path / "rm"  # trained as LoRA on the tiny base, which the policy also starts from
     assert align("rm", "-m", "tiny", "-d", pairs_file, "-o", rm, "--max-steps", "4", "--lr", "5e-3").code == 0
-    adapter = shared_reward_adapter(str(rm), str(tiny_model))
+    adapter = shared_reward_adapter(str(rm), str(tiny_model), qlora=False)
     assert adapter == rm / "adapter"
+    assert shared_reward_adapter(str(rm), str(tiny_model), qlora=True) is None  # trained on a full-precision base
     roles = build_roles(ModelSpec(path="tiny"), str(tiny_model), LoraSpec(), str(rm), 0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     shared = SharedBaseReward(roles, adapter, tokenizer)
