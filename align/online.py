@@ -18,7 +18,7 @@ from align.config import OnlineRLConfig
 from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, load_split, use_chat_template, warn_report
 from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
 from align.rewards import RewardFunction, RewardModel
-from align.training import MetricsLog, last_logged, run_training, trainer_args
+from align.training import MetricsLog, keep_adapters_in_compute_dtype, last_logged, run_training, trainer_args
 
 log = logging.getLogger("align")
 
@@ -61,6 +61,7 @@ def run_online(config: OnlineRLConfig, trainer_cls, args_cls, **method_args) -> 
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer,
         peft_config=peft_config(config.lora), callbacks=[MetricsLog(out, config.stage)],
     )
+    keep_adapters_in_compute_dtype(trainer, config)
     trainable, total = count_parameters(trainer.model)
     log.info("%s: %d prompts x %d generations, %s/%s parameters trainable", config.stage, len(prompts),
              settings.num_generations, f"{trainable:,}", f"{total:,}")

@@ -109,6 +109,20 @@ def _last_good(checkpoints_dir: str) -> str:
     return f"The last good checkpoint is kept in {last}." if last else "No checkpoint had been saved yet."
 
 
+def keep_adapters_in_compute_dtype(trainer, config: TrainStageConfig) -> None:
+    """TRL casts a QLoRA model's trainable tensors to bfloat16. With float32 compute (CPU) that
+    breaks a reward model's score head, which then meets float32 hidden states; so trainable
+    tensors follow the base's compute dtype unless that is bfloat16 anyway."""
+    from align.models import compute_dtype
+
+    dtype = compute_dtype(config.model)
+    if not config.lora.qlora or dtype == torch.bfloat16:
+        return
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def run_training(trainer, out: Path, resume: bool) -> dict[str, float]:
     """Train (from the newest checkpoint when resuming); return the final metrics."""
     if not log.isEnabledFor(logging.INFO):

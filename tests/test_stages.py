@@ -176,3 +176,11 @@ def test_resume_continues_from_the_newest_checkpoint(align, sft_file, tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == [1, 2, 3, 4]
     assert manifest(out)["metrics"]["train_loss"] > 0
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_qlora_preference_stages(align, pairs_file, tmp_path, stage):
+    out = tmp_path / stage
+    result = align(stage, "-m", "tiny", "-d", pairs_file, "-o", out, "--qlora", *FAST)
+    assert result.code == 0, result.err
+    assert manifest(out)["config"]["lora"]["qlora"] is True
