@@ -28,6 +28,7 @@ def test_tiny_recipe_chains_every_stage_and_skips_them_on_rerun(align, recipe, t
     evaluation = json.loads((runs / "eval.json").read_text())
     assert evaluation["reference"] == str(runs / "sft") and "kl" in evaluation and "implicit_reward_accuracy" in evaluation["pairs"]
     assert (runs / "report" / "report.html").is_file() and "report:" in result.out
+    assert "KL to reference:" in result.out and "reward (rm): " in result.out and "implicit reward accuracy" in result.out
     assert manifests["rm"]["metrics"]["eval_accuracy"] >= 0
     assert all(word in result.out for word in ("sft", "rm", "dpo", "ppo", "eval", "samples", "ran"))
     ppo = json.loads((runs / "ppo" / "align.json").read_text())
