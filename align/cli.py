@@ -219,30 +219,25 @@ def _online(kind: str, flags: dict, config, stage, set_, resume, overwrite) -> N
     _run(build_stage_config(kind, config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
 
 
-@app.command()
-def grpo(
-    model: Model = None, prompts: Prompts = None, output: Output = None, reward_model: RewardModels = None,
-    reward_fn: RewardFns = None, num_generations: NumGenerations = None, max_new_tokens: NewTokens = None,
-    temperature: Temperature = None, beta: KLBeta = None, max_steps: MaxSteps = None, epochs: Epochs = None,
-    batch_size: BatchSize = None, learning_rate: LearningRate = None, seed: Seed = None, lora: Lora = None,
-    qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
-    resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
-) -> None:
-    """GRPO (TRL GRPOTrainer): several completions per prompt, rewards normalised within each group."""
-    _online("grpo", locals(), config, stage, set_, resume, overwrite)
+def _online_command(kind: str, doc: str):
+    """`align grpo` and `align rloo` take the same options; only the trainer differs."""
+
+    def command(
+        model: Model = None, prompts: Prompts = None, output: Output = None, reward_model: RewardModels = None,
+        reward_fn: RewardFns = None, num_generations: NumGenerations = None, max_new_tokens: NewTokens = None,
+        temperature: Temperature = None, beta: KLBeta = None, max_steps: MaxSteps = None, epochs: Epochs = None,
+        batch_size: BatchSize = None, learning_rate: LearningRate = None, seed: Seed = None, lora: Lora = None,
+        qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
+        resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+    ) -> None:
+        _online(kind, locals(), config, stage, set_, resume, overwrite)
+
+    command.__doc__ = doc
+    return command
 
 
-@app.command()
-def rloo(
-    model: Model = None, prompts: Prompts = None, output: Output = None, reward_model: RewardModels = None,
-    reward_fn: RewardFns = None, num_generations: NumGenerations = None, max_new_tokens: NewTokens = None,
-    temperature: Temperature = None, beta: KLBeta = None, max_steps: MaxSteps = None, epochs: Epochs = None,
-    batch_size: BatchSize = None, learning_rate: LearningRate = None, seed: Seed = None, lora: Lora = None,
-    qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
-    resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
-) -> None:
-    """RLOO (TRL RLOOTrainer): several completions per prompt, each baselined by the others' mean reward."""
-    _online("rloo", locals(), config, stage, set_, resume, overwrite)
+app.command(name="grpo")(_online_command("grpo", "GRPO (TRL GRPOTrainer): several completions per prompt, rewards normalised within each group."))
+app.command(name="rloo")(_online_command("rloo", "RLOO (TRL RLOOTrainer): several completions per prompt, each baselined by the others' mean reward."))
 
 
 @app.command(name="eval")

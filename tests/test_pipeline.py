@@ -72,6 +72,6 @@ def test_version_and_help(align):
     from align import __version__
 
     assert align("--version").out.strip() == f"align {__version__}"
-    for command in ("sft", "rm", "dpo", "generate", "run", "models"):
+    for command in ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "generate", "eval", "report", "merge", "run", "models"):
         result = align(command, "--help")
         assert result.code == 0 and "Usage:" in result.out
