@@ -332,11 +332,12 @@ def _show_eval(path: Path, name: str) -> None:
 def _show_samples(path: Path, name: str, count: int = 3) -> None:
     import json
 
+    from align.data import last_text
+
     typer.echo(f"\n{name}: first samples from {path}")
     for line in path.read_text(encoding="utf-8").splitlines()[:count]:
         row = json.loads(line)
-        prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
-        typer.echo(f"  > {prompt}\n    {' '.join(row['completion'].split())[:160]}")
+        typer.echo(f"  > {last_text(row['prompt'])}\n    {' '.join(row['completion'].split())[:160]}")
 
 
 SUMMARY_METRICS = (

@@ -208,6 +208,11 @@ def use_chat_template(tokenizer, spec: DataSpec, conversational: bool, source: s
     return spec.chat_template == "always" or (spec.chat_template == "auto" and has_template)
 
 
+def last_text(value: str | list) -> str:
+    """A string as it is; a message list as the text of its last message."""
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
 def as_messages(value: str | list, role: str) -> list[dict[str, str]]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 

@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from align.checkpoints import prepare_output, write_manifest
 from align.config import OnlineRLConfig
-from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, load_split, use_chat_template, warn_report
+from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, last_text, load_split, use_chat_template, warn_report
 from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
 from align.rewards import RewardFunction, RewardModel
 from align.training import MetricsLog, keep_adapters_in_compute_dtype, last_logged, run_training, trainer_args
@@ -27,7 +27,7 @@ def trl_reward(source, name: str):
     """One of our reward sources as a TRL reward function (text in, list of floats out)."""
 
     def reward(prompts, completions, **_):
-        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        texts = [last_text(c) for c in completions]
         return source(prompts, texts).tolist()
 
     reward.__name__ = name

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from align.checkpoints import METRICS, atomic_write_text, read_manifest
+from align.data import last_text
 from align.errors import OutputError
 
 CURVES = {
@@ -128,7 +129,7 @@ def _section(stage_dir: Path, kind: str, manifest: dict, images: list[Path], sam
     table = ""
     if samples:
         body = "".join(
-            f"<tr><td>{r['step']}</td><td>{html.escape(_text(r['prompt']))}</td><td>{html.escape(r['completion'])}</td>"
+            f"<tr><td>{r['step']}</td><td>{html.escape(last_text(r['prompt']))}</td><td>{html.escape(r['completion'])}</td>"
             f"<td>{r['score']:.3f}</td></tr>" for r in samples
         )
         table = f"<h3>samples: first and last update</h3><table><tr><th>update</th><th>prompt</th><th>completion</th><th>score</th></tr>{body}</table>"
@@ -150,10 +151,6 @@ def _eval_section(path: Path) -> str:
     return (f"<h2>{html.escape(path.name)} <small>eval of {html.escape(str(data.get('model')))} against "
             f"{html.escape(str(data.get('reference')))}</small></h2>{_metrics_table(numbers)}"
             f"<table><tr><th>prompt</th><th>before (reference)</th><th>after (model)</th></tr>{body}</table>")
-
-
-def _text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 def _page(run_dir: Path, sections: list[str]) -> str:

@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from align.checkpoints import atomic_write_text, prepare_output_file, read_manifest, write_manifest
 from align.config import EvalConfig, ModelSpec
-from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, as_messages, is_messages, load_split, use_chat_template
+from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, as_messages, is_messages, last_text, load_split, use_chat_template
 from align.errors import ConfigError
 from align.generation import completion_logprobs, prompt_ids, sample
 from align.losses import kl_penalty
@@ -101,7 +101,7 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
             results[f"win_rate/{reward.name}"] = wins.mean().item()
             results[f"reward/{reward.name}/reference_mean"] = ref_scores.mean().item()
     results["table"] = [
-        {"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c.text, "reference": ref,
+        {"prompt": last_text(p), "completion": c.text, "reference": ref,
          **{name: round(values[i].item(), 4) for name, values in scores.items()}}
         for i, ((p, c), ref) in enumerate(zip(flat, table_ref)) if i < config.sample_table
     ]
@@ -118,8 +118,8 @@ def _reward_model_accuracy(config: EvalConfig, source: str) -> dict:
         raise ConfigError(f"{config.model.path}: is a reward model; evaluate it with --pairs FILE")
     reward = RewardModel(config.model)
     rows = _pairs(config)
-    chosen = reward([r["prompt"] for r in rows], [_text(r["chosen"]) for r in rows])
-    rejected = reward([r["prompt"] for r in rows], [_text(r["rejected"]) for r in rows])
+    chosen = reward([r["prompt"] for r in rows], [last_text(r["chosen"]) for r in rows])
+    rejected = reward([r["prompt"] for r in rows], [last_text(r["rejected"]) for r in rows])
     return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(), "count": len(rows)}
 
 
@@ -144,9 +144,5 @@ def _completion_ids(tokenizer, prompt, response, chat: bool) -> list[int]:
         full = tokenizer.apply_chat_template(as_messages(prompt, "user") + as_messages(response, "assistant"),
                                              tokenize=True, return_dict=False)
     else:
-        full = head + tokenizer(_text(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        full = head + tokenizer(last_text(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return list(full[len(head):])
-
-
-def _text(value) -> str:
-    return value if isinstance(value, str) else value[-1]["content"]

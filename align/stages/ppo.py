@@ -134,15 +134,8 @@ def run(config: PPOConfig) -> Path:
         sequence_kl = (losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1).mean().item()
         if settings.target_kl:
             kl.update(sequence_kl, config.train.batch_size)
-        metrics = {
-            "step": step + 1, "episodes": (step + 1) * config.train.batch_size,
-            "score": raw_scores.mean().item(), "score_std": raw_scores.std().item(), "kl": sequence_kl,
-            "non_score_reward": batch.non_score.sum(1).mean().item(), "kl_penalty": batch.kl.sum(1).mean().item(),
-            "explained_variance": losses.explained_variance(batch.values, batch.returns, batch.mask).item(),
-            "response_length": rollout.response_mask.sum(1).float().mean().item(), "eos_rate": rollout.finished.float().mean().item(),
-            "learning_rate": scheduler.get_last_lr()[0], "kl_coef": kl.value, **train_stats,
-            "time_generate": generated - timer, "time_score": scored - generated, "time_train": time.perf_counter() - scored,
-        }
+        metrics = _update_metrics(step, config, raw_scores, sequence_kl, batch, rollout, scheduler, kl, train_stats)
+        metrics.update(time_generate=generated - timer, time_score=scored - generated, time_train=time.perf_counter() - scored)
         if settings.eval_every and held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == updates):
             metrics.update(_evaluate(roles, tokenizer, held_out, reward, config))
         append_metrics(out, {"stage": "ppo", **metrics})
@@ -159,7 +152,8 @@ def run(config: PPOConfig) -> Path:
     save_stage_model(roles.policy, tokenizer, out, config.model, source, config.lora)
     save_value(roles, out / "value")
     write_manifest(
-        out, config=config, metrics={**metrics, **baseline, "peak_memory_mb": _peak_memory_mb()}, started=started, data=asdict(report), lora=config.lora.enabled,
+        out, config=config, metrics={**metrics, **baseline, "peak_memory_mb": _peak_memory_mb()}, started=started,
+        data=asdict(report), lora=config.lora.enabled,
         reward=getattr(reward, "name", ""), reward_on_shared_base=shared_reward is not None, value_init=value_source or "scratch",
     )
     return out
@@ -394,6 +388,20 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
 
 
 @torch.no_grad()
+def _update_metrics(step: int, config: PPOConfig, raw_scores, sequence_kl: float, batch: Batch, rollout: Rollout,
+                    scheduler, kl, train_stats: dict) -> dict[str, float]:
+    """What one update logs (README, PPO section)."""
+    return {
+        "step": step + 1, "episodes": (step + 1) * config.train.batch_size,
+        "score": raw_scores.mean().item(), "score_std": raw_scores.std().item(), "kl": sequence_kl,
+        "non_score_reward": batch.non_score.sum(1).mean().item(), "kl_penalty": batch.kl.sum(1).mean().item(),
+        "explained_variance": losses.explained_variance(batch.values, batch.returns, batch.mask).item(),
+        "response_length": rollout.response_mask.sum(1).float().mean().item(),
+        "eos_rate": rollout.finished.float().mean().item(),
+        "learning_rate": scheduler.get_last_lr()[0], "kl_coef": kl.value, **train_stats,
+    }
+
+
 def _diverged(out: Path, what: str) -> None:
     last = latest_checkpoint(out)
     kept = f"The last checkpoint is kept in {last}." if last else "No checkpoint had been saved yet."
