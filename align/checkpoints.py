@@ -138,7 +138,8 @@ def config_hash(config: Any) -> str:
 def input_run_id(config: Any) -> str | None:
     """The run ids of the stage outputs this stage reads (its model, and a reward model), if any."""
     reward_models = [getattr(config, "reward_model", None), *getattr(config, "reward_models", [])]
-    inputs = [config.model.path, *(m.path for m in reward_models if m is not None)]
+    model = getattr(config, "model", None)
+    inputs = [model.path if model else None, *(m.path for m in reward_models if m is not None)]
     ids = [(read_manifest(Path(p)) or {}).get("run_id") for p in inputs if p]
     return "+".join(i for i in ids if i) or None
 
@@ -163,7 +164,7 @@ def write_manifest(
         "align_version": __version__,
         "stage": config.stage,
         "name": config.name,
-        "base_model": config.model.path,
+        "base_model": config.model.path if config.model else None,
         "config": config.model_dump(mode="json"),
         "config_hash": config_hash(config),
         "data_fingerprint": fingerprint(config.data_files()),
@@ -245,3 +246,49 @@ def load_loop_state(out: Path, params: dict, optimizer, scheduler, generator) ->
     generator.set_state(state["generator"])
     extra = json.loads((checkpoint / "trainer_state.json").read_text())
     return int(extra.pop("global_step")), extra
+
+
+class PartialRows:
+    """JSONL outputs filled chunk by chunk that survive a kill: `--resume` neither loses nor repeats a row.
+
+    Rows go to FILE.partial; after each chunk the files are flushed and a progress record (units
+    done, every file's byte length, running counts) replaces the old one atomically. A resumed run
+    cuts each file back to its recorded length, so rows written after the last record are redone
+    once, never kept twice. `finish()` moves the files into place; until then nothing looks finished.
+    """
+
+    def __init__(self, finals: dict[str, Path], progress: Path, *, resume: bool):
+        self.finals = finals
+        self.partials = {key: path.with_name(path.name + ".partial") for key, path in finals.items()}
+        self.progress = progress
+        state = {"done": 0, "sizes": {}, "counts": {}}
+        if resume and progress.is_file():
+            state = json.loads(progress.read_text(encoding="utf-8"))
+        self.done: int = state["done"]
+        self.counts: dict[str, float] = state["counts"]
+        for key, path in self.partials.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("ab") as handle:
+                handle.truncate(state["sizes"].get(key, 0))
+
+    def append(self, rows: dict[str, list[dict]], done: int, counts: dict[str, float] | None = None) -> None:
+        for key, path in self.partials.items():
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows.get(key, [])))
+                handle.flush()
+                os.fsync(handle.fileno())
+        for name, value in (counts or {}).items():
+            self.counts[name] = self.counts.get(name, 0) + value
+        self.done = done
+        sizes = {key: path.stat().st_size for key, path in self.partials.items()}
+        atomic_write_text(self.progress, json.dumps({"done": done, "sizes": sizes, "counts": self.counts}))
+
+    def rows(self, key: str) -> list[dict]:
+        """The rows written so far to one output (for summaries)."""
+        text = self.partials[key].read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line]
+
+    def finish(self) -> None:
+        for key, path in self.partials.items():
+            os.replace(path, self.finals[key])
+        self.progress.unlink(missing_ok=True)

@@ -46,6 +46,13 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")]
 ReportTo = Annotated[Optional[str], typer.Option("--report-to", help="none | tensorboard | trackio | wandb | mlflow")]
 
+# AI judges (RLAIF) -----------------------------------------------------------------------------
+RewardJudge = Annotated[Optional[str], typer.Option("--reward-judge", help="An AI judge as the reward: a local model, or the URL of an OpenAI-compatible server. It rates each response 1-10.")]
+JudgeModel = Annotated[Optional[str], typer.Option("--judge-model", help="The model name to ask an OpenAI-compatible judge server for (API key from $ALIGN_JUDGE_API_KEY).")]
+JudgeCoT = Annotated[Optional[bool], typer.Option("--judge-cot", help="Let the judge reason before its answer is read.")]
+Constitution = Annotated[Optional[str], typer.Option("--constitution", help="Principles for the judge: a YAML file or a built-in (align constitutions).")]
+Question = Annotated[Optional[str], typer.Option("--question", help="One question the judge answers instead of a constitution's.")]
+
 FLAG_KEYS = {
     "model": "model.path", "data": "data.path", "eval_data": "data.eval_path", "eval_fraction": "data.eval_fraction",
     "output": "output", "max_steps": "train.max_steps", "epochs": "train.epochs", "batch_size": "train.batch_size",
@@ -56,15 +63,19 @@ FLAG_KEYS = {
     "prompts": "prompts.path", "eval_prompts": "eval_prompts.path", "reward_model": "reward_model.path",
     "reward_fn": "reward_fn", "value_model": "value_model",
 }
+JUDGE_REWARD_FLAGS = {
+    "reward_judge": "reward_judge", "judge_model": "reward_judge.api_model", "judge_cot": "reward_judge.chain_of_thought",
+    "constitution": "constitution", "question": "question",
+}
 ONLINE_FLAGS = {
-    "reward_model": "reward_models", "reward_fn": "reward_fns", "num_generations": "online.num_generations",
+    **JUDGE_REWARD_FLAGS, "reward_model": "reward_models", "reward_fn": "reward_fns", "num_generations": "online.num_generations",
     "max_new_tokens": "online.max_new_tokens", "temperature": "online.temperature", "beta": "online.beta",
 }
 STAGE_FLAG_KEYS = {
     "grpo": ONLINE_FLAGS,
     "rloo": ONLINE_FLAGS,
     "eval": {
-        "reward_model": "reward_models", "reward_fn": "reward_fns", "reference": "reference", "no_reference": "no_reference",
+        **JUDGE_REWARD_FLAGS, "reward_model": "reward_models", "reward_fn": "reward_fns", "reference": "reference", "no_reference": "no_reference",
         "pairs": "pairs.path", "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens",
         "temperature": "sampling.temperature", "batch_size": "sampling.batch_size", "seed": "sampling.seed",
     },
@@ -73,15 +84,29 @@ STAGE_FLAG_KEYS = {
         "num_samples": "sampling.num_samples", "max_new_tokens": "sampling.max_new_tokens", "top_p": "sampling.top_p",
         "temperature": "sampling.temperature", "batch_size": "sampling.batch_size", "seed": "sampling.seed",
     },
+    "critique": {
+        "prompts": "prompts.path", "constitution": "constitution", "rounds": "rounds", "samples_per_prompt": "samples_per_prompt",
+        "few_shot": "few_shot", "max_new_tokens": "sampling.max_new_tokens", "temperature": "sampling.temperature",
+        "batch_size": "sampling.batch_size", "seed": "sampling.seed",
+    },
+    "label": {
+        "judge": "judge", "judge_url": "judge.url", "judge_model": "judge.api_model", "judge_cot": "judge.chain_of_thought",
+        "pairs": "pairs.path", "prompts": "prompts.path", "policy": "model.path", "num_samples": "sampling.num_samples",
+        "max_new_tokens": "sampling.max_new_tokens", "temperature": "sampling.temperature", "seed": "sampling.seed",
+        "constitution": "constitution", "question": "question", "swap": "swap", "min_confidence": "min_confidence",
+        "batch_size": "judge.batch_size",
+    },
     "ppo": {
-        "episodes": "ppo.episodes", "mini_batches": "ppo.mini_batches", "ppo_epochs": "ppo.ppo_epochs",
+        **JUDGE_REWARD_FLAGS, "episodes": "ppo.episodes", "mini_batches": "ppo.mini_batches", "ppo_epochs": "ppo.ppo_epochs",
         "max_new_tokens": "ppo.max_new_tokens", "temperature": "ppo.temperature", "kl_coef": "ppo.kl_coef",
         "target_kl": "ppo.target_kl", "eval_every": "ppo.eval_every",
     },
 }
 REQUIRED = {"model": "--model", "output": "--output"}
 DATA_FLAG = {"generate": ("prompts", "--prompts"), "ppo": ("prompts", "--prompts"), "merge": ("model", "--model"),
-             "eval": ("model", "--model"), "grpo": ("prompts", "--prompts"), "rloo": ("prompts", "--prompts")}
+             "eval": ("model", "--model"), "grpo": ("prompts", "--prompts"), "rloo": ("prompts", "--prompts"),
+             "critique": ("prompts", "--prompts"), "label": ("judge", "--judge or --judge-url")}
+NO_MODEL_NEEDED = {"label"}  # its --policy is needed only with --prompts
 
 
 def build_stage_config(kind: str, config_file: Path | None, stage_name: str | None, sets: list[str] | None, **flags: Any):
@@ -92,13 +117,18 @@ def build_stage_config(kind: str, config_file: Path | None, stage_name: str | No
     raw = stage_from_file(config_file, kind, stage_name) if config_file else {}
     keys = FLAG_KEYS | STAGE_FLAG_KEYS.get(kind, {})
     for name, value in flags.items():
-        if value is not None:
-            set_path(raw, keys[name].split("."), value)
+        if value is None:
+            continue
+        key = keys[name]
+        if key in ("judge", "reward_judge"):  # a model, or a server's URL
+            key += ".url" if str(value).startswith(("http://", "https://")) else ".model"
+        set_path(raw, key.split("."), value)
     for text in sets or []:
         keys, value = parse_override(text)
         set_path(raw, keys, value)
     data_key, data_flag = DATA_FLAG.get(kind, ("data", "--data"))
-    for key, flag in {**REQUIRED, data_key: data_flag}.items():
+    required = {k: v for k, v in REQUIRED.items() if not (k == "model" and kind in NO_MODEL_NEEDED)}
+    for key, flag in {**required, data_key: data_flag}.items():
         if key not in raw:
             raise ConfigError(f"align {kind}: {flag} is required (or set '{key}' in --config)")
     return build_config(STAGE_CONFIGS[kind], raw, f"align {kind}")
@@ -194,13 +224,15 @@ def ppo(
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature for rollouts.")] = None,
     kl_coef: Annotated[Optional[float], typer.Option("--kl-coef", help="Weight of the per-token KL penalty.")] = None,
     target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Adapt --kl-coef towards this KL per response.")] = None,
+    reward_judge: RewardJudge = None, judge_model: JudgeModel = None, judge_cot: JudgeCoT = None,
+    constitution: Constitution = None, question: Question = None,
     value_model: Annotated[Optional[str], typer.Option("--value-model", help="Initialise the value function from this sequence classifier.")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Score held-out prompts every K updates.")] = None,
     learning_rate: LearningRate = None, max_steps: MaxSteps = None, seed: Seed = None, lora: Lora = None, qlora: QLora = None,
     config: ConfigFile = None, stage: StageName = None, set_: Sets = None, resume: Resume = False,
     overwrite: Overwrite = False, report_to: ReportTo = None,
 ) -> None:
-    """PPO (InstructGPT's RL step, our own trainer) against a reward model or a python reward."""
+    """PPO (InstructGPT's RL step, our own trainer) against a reward model, a python reward or an AI judge."""
     flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["ppo"]}
     _run(build_stage_config("ppo", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
 
@@ -224,8 +256,9 @@ def _online_command(kind: str, doc: str):
 
     def command(
         model: Model = None, prompts: Prompts = None, output: Output = None, reward_model: RewardModels = None,
-        reward_fn: RewardFns = None, num_generations: NumGenerations = None, max_new_tokens: NewTokens = None,
-        temperature: Temperature = None, beta: KLBeta = None, max_steps: MaxSteps = None, epochs: Epochs = None,
+        reward_fn: RewardFns = None, reward_judge: RewardJudge = None, judge_model: JudgeModel = None,
+        judge_cot: JudgeCoT = None, constitution: Constitution = None, question: Question = None,
+        num_generations: NumGenerations = None, max_new_tokens: NewTokens = None, temperature: Temperature = None, beta: KLBeta = None, max_steps: MaxSteps = None, epochs: Epochs = None,
         batch_size: BatchSize = None, learning_rate: LearningRate = None, seed: Seed = None, lora: Lora = None,
         qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
         resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
@@ -247,6 +280,8 @@ def evaluate(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write metrics.json.")] = None,
     reward_model: Annotated[Optional[list[str]], typer.Option("--reward-model", help="A reward model to score with (repeatable).")] = None,
     reward_fn: Annotated[Optional[list[str]], typer.Option("--reward-fn", help="A python scorer MODULE:FUNCTION or FILE.py:FUNCTION (repeatable; runs your code).")] = None,
+    reward_judge: RewardJudge = None, judge_model: JudgeModel = None, judge_cot: JudgeCoT = None,
+    constitution: Constitution = None, question: Question = None,
     reference: Annotated[Optional[str], typer.Option("--reference", help="Model to compare with (default: the one the stage started from).")] = None,
     no_reference: Annotated[Optional[bool], typer.Option("--no-reference", help="Skip KL and win rate.")] = None,
     pairs: Annotated[Optional[str], typer.Option("--pairs", help="Preference pairs: RM accuracy or DPO implicit-reward accuracy.")] = None,
@@ -259,6 +294,66 @@ def evaluate(
     """Evaluate a model: rewards, KL and win rate against its reference, accuracy on pairs."""
     flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["eval"]}
     _run(build_stage_config("eval", config, stage, set_, **flags).model_copy(update=dict(overwrite=overwrite)))
+
+
+@app.command()
+def critique(
+    model: Model = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", "-p", help="Prompt-only file ('prompt' column), e.g. red-team and ordinary requests.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output directory (sft.jsonl, pairs.jsonl, trace.jsonl).")] = None,
+    constitution: Annotated[Optional[str], typer.Option("--constitution", help="A constitution YAML or a built-in (align constitutions); default harmless-helpful.")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", help="Critique-revision rounds per answer.")] = None,
+    samples_per_prompt: Annotated[Optional[int], typer.Option("--samples-per-prompt", help="Answers sampled per prompt.")] = None,
+    few_shot: Annotated[Optional[bool], typer.Option("--few-shot/--no-few-shot", help="Show the principles' worked examples first (default on; small models need them).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest answer, critique or revision.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts generated together (and saved together).")] = None,
+    seed: Seed = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
+    resume: Resume = False, overwrite: Overwrite = False,
+) -> None:
+    """Constitutional AI data: answer, critique under a principle, revise; writes SFT rows and preference pairs."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["critique"]}
+    _run(build_stage_config("critique", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+@app.command()
+def label(
+    judge: Annotated[Optional[str], typer.Option("--judge", help="The judge: a local model (any causal LM align can load).")] = None,
+    judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="Or an OpenAI-compatible server (vLLM, llama.cpp, hosted); key from $ALIGN_JUDGE_API_KEY.")] = None,
+    judge_model: JudgeModel = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output JSONL of labelled pairs (prompt, chosen, rejected, label_prob).")] = None,
+    pairs: Annotated[Optional[str], typer.Option("--pairs", help="Pairs to label: prompt + chosen/rejected (or response_a/response_b).")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", "-p", help="Or prompts to sample pairs for, with --policy.")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="The model that samples the responses for --prompts.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Samples per prompt, paired in twos.")] = None,
+    constitution: Constitution = None, question: Question = None, judge_cot: JudgeCoT = None,
+    swap: Annotated[Optional[bool], typer.Option("--swap/--no-swap", help="Judge both orders and average (default; removes position bias).")] = None,
+    min_confidence: Annotated[Optional[float], typer.Option("--min-confidence", help="Drop pairs labelled with less confidence (0.5-1).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest sampled response (--prompts).")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature (--prompts).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Pairs per judge batch (and per saved chunk).")] = None,
+    seed: Seed = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
+    resume: Resume = False, overwrite: Overwrite = False,
+) -> None:
+    """RLAIF preference labels: a judge picks the better response, in both orders; soft labels from its log-probs."""
+    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["label"]}
+    _run(build_stage_config("label", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+
+
+@app.command()
+def constitutions(
+    show: Annotated[Optional[str], typer.Option("--show", help="Print this constitution (a built-in name or a file).")] = None,
+) -> None:
+    """List the built-in constitutions, or print one to start your own from."""
+    from align.constitution import builtin_names, constitution_path, load_constitution
+
+    if show:
+        load_constitution(show)  # validated before it is shown
+        typer.echo(constitution_path(show).read_text(encoding="utf-8"), nl=False)
+        return
+    for name in builtin_names():
+        loaded = load_constitution(name)
+        typer.echo(f"  {name:<18} {len(loaded.principles):>2} principles  {loaded.description}")
 
 
 @app.command()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -104,6 +104,19 @@ class TrainSpec(Closed):
         "auto", description="compute precision (autocast): auto = bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU"
     )
     report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = "none"
+
+
+class PPOTrain(TrainSpec):
+    """PPO's defaults: batch_size is the rollout batch; RL wants a small learning rate."""
+
+    batch_size: PositiveInt = 16
+    learning_rate: PositiveFloat = 1e-5
+    save_steps: PositiveInt = 10
+
+
+class OnlineTrain(TrainSpec):
+    batch_size: PositiveInt = 8
+    learning_rate: PositiveFloat = 1e-5
 
 
 class StageConfig(Closed):
@@ -215,6 +228,17 @@ class SamplingSpec(Closed):
     seed: int = 42
 
 
+class PairSampling(SamplingSpec):
+    """Sampling two responses per prompt to compare; defaults set here so a partial block keeps them."""
+
+    num_samples: Annotated[int, Field(ge=2)] = 2
+    temperature: Annotated[float, Field(ge=0)] = 1.0
+
+
+class EvalSampling(SamplingSpec):
+    max_new_tokens: PositiveInt = 64
+
+
 class GenerateConfig(StageConfig):
     stage: Literal["generate"] = "generate"
     prompts: DataSpec
@@ -222,6 +246,94 @@ class GenerateConfig(StageConfig):
 
     def data_files(self) -> list[str]:
         return [self.prompts.path]
+
+
+class JudgeSpec(Closed):
+    """An AI judge: a local causal LM (`model`) or an OpenAI-compatible completions endpoint (`url`)."""
+
+    model: str | None = Field(None, description="local dir, stage output or built-in name")
+    url: str | None = Field(None, description="http(s)://HOST:PORT[/v1] of an OpenAI-compatible server")
+    api_model: str | None = Field(None, description="the model name the server knows (sent as 'model')")
+    api_key_env: str = Field("ALIGN_JUDGE_API_KEY", description="environment variable holding the API key (never stored)")
+    tokenizer: str | None = Field(None, description="for a URL judge: a local model whose chat template renders the prompt")
+    chain_of_thought: bool = Field(False, description="the judge reasons first; the answer is read after its reasoning")
+    reasoning_tokens: PositiveInt = 128
+    batch_size: PositiveInt = 8
+    top_logprobs: PositiveInt = Field(20, description="for a URL judge: how many next-token log-probs to ask for")
+    retries: Annotated[int, Field(ge=0)] = 4
+    backoff: Annotated[float, Field(ge=0)] = Field(1.0, description="seconds before the first retry; doubled after each")
+    timeout: PositiveFloat = 60.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"url": value} if value.startswith(("http://", "https://")) else {"model": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> JudgeSpec:
+        if (self.model is None) == (self.url is None):
+            raise ValueError("a judge is either a local model (--judge MODEL) or a server (--judge-url URL), exactly one")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"judge url {self.url!r} must start with http:// or https://")
+        return self
+
+
+class JudgeQuestion(Closed):
+    """Where a judge's question comes from: a constitution's principles, or one question."""
+
+    constitution: str | None = Field(None, description="a constitution YAML or built-in name")
+    question: str | None = Field(None, description="one question for every judgement")
+
+    def _check_question(self, needed: bool) -> None:
+        if self.constitution and self.question:
+            raise ValueError("give --constitution or --question, not both")
+        if needed and not (self.constitution or self.question):
+            raise ValueError("a judge needs a question: --constitution FILE (or a built-in name) or --question TEXT")
+
+    def question_files(self) -> list[str]:
+        return [self.constitution] if self.constitution and Path(self.constitution).is_file() else []
+
+
+class CritiqueConfig(StageConfig):
+    """Constitutional AI's supervised stage: answer, critique under a drawn principle, revise."""
+
+    stage: Literal["critique"] = "critique"
+    prompts: DataSpec
+    constitution: str = Field("harmless-helpful", description="a constitution YAML or built-in name")
+    rounds: PositiveInt = 1
+    samples_per_prompt: PositiveInt = 1
+    few_shot: bool = Field(True, description="show each principle's worked examples before the model's turn")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+
+    def data_files(self) -> list[str]:
+        return [self.prompts.path] + ([self.constitution] if Path(self.constitution).is_file() else [])
+
+
+class LabelConfig(JudgeQuestion, StageConfig):
+    """RLAIF preference labels: a judge picks A or B for each pair, in both orders."""
+
+    stage: Literal["label"] = "label"
+    model: ModelSpec | None = Field(None, description="the policy that samples the pairs (with prompts)")
+    judge: JudgeSpec
+    pairs: DataSpec | None = None
+    prompts: DataSpec | None = None
+    sampling: PairSampling = Field(default_factory=PairSampling)
+    swap: bool = Field(True, description="judge every pair in both orders and average (removes position bias)")
+    min_confidence: Annotated[float, Field(ge=0.5, lt=1)] = Field(0.5, description="drop pairs labelled with less confidence")
+
+    def data_files(self) -> list[str]:
+        return [d.path for d in (self.pairs, self.prompts) if d] + self.question_files()
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelConfig:
+        self._check_question(needed=True)
+        if (self.pairs is None) == (self.prompts is None):
+            raise ValueError("give --pairs FILE (prompt + two responses), or --prompts FILE with --policy MODEL")
+        if self.prompts is not None and self.model is None:
+            raise ValueError("--prompts needs --policy MODEL to sample the responses to compare")
+        return self
 
 
 class PPOSpec(Closed):
@@ -253,24 +365,29 @@ class PPOSpec(Closed):
     reward_in_4bit: bool = Field(False, description="load a separate reward model in 4-bit NF4 (bitsandbytes)")
 
 
-class PPOConfig(StageConfig):
+class PPOConfig(JudgeQuestion, StageConfig):
     stage: Literal["ppo"] = "ppo"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     prompts: DataSpec
     eval_prompts: DataSpec | None = None
     reward_model: ModelSpec | None = None
     reward_fn: str | None = Field(None, description="MODULE:FUNCTION or FILE.py:FUNCTION returning one score per completion")
+    reward_judge: JudgeSpec | None = Field(None, description="an AI judge rates each response 1-10 (direct RLAIF)")
     value_model: str | None = Field(None, description="default: the reward model when it shares the policy's tokenizer")
     ppo: PPOSpec = Field(default_factory=PPOSpec)
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(batch_size=16, learning_rate=1e-5, save_steps=10))
+    train: PPOTrain = Field(default_factory=PPOTrain)
 
     def data_files(self) -> list[str]:
-        return [d.path for d in (self.prompts, self.eval_prompts) if d]
+        return [d.path for d in (self.prompts, self.eval_prompts) if d] + self.question_files()
 
     @model_validator(mode="after")
     def _check(self) -> PPOConfig:
-        if (self.reward_model is None) == (self.reward_fn is None):
-            raise ValueError("give exactly one reward source: reward_model (--reward-model) or reward_fn (--reward-fn)")
+        if [self.reward_model, self.reward_fn, self.reward_judge].count(None) != 2:
+            raise ValueError(
+                "give exactly one reward source: reward_model (--reward-model), reward_fn (--reward-fn) "
+                "or reward_judge (--reward-judge)"
+            )
+        self._check_question(needed=self.reward_judge is not None)
         batch, minis = self.train.batch_size, self.ppo.mini_batches
         if batch % minis:
             divisors = [d for d in range(1, batch + 1) if batch % d == 0]
@@ -294,7 +411,7 @@ class MergeConfig(StageConfig):
     max_abs_diff: PositiveFloat = Field(1e-3, description="largest logit difference allowed between merged and adapter model")
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(JudgeQuestion, StageConfig):
     """Score a model: rewards, KL and win rate against its reference, accuracy on preference pairs."""
 
     stage: Literal["eval"] = "eval"
@@ -302,16 +419,18 @@ class EvalConfig(StageConfig):
     pairs: DataSpec | None = None
     reward_models: list[ModelSpec] = Field(default_factory=list)
     reward_fns: list[str] = Field(default_factory=list)
+    reward_judge: JudgeSpec | None = Field(None, description="an AI judge: rates samples 1-10, and compares with the reference in both orders")
     reference: str | None = Field(None, description="default: the model the stage started from (its manifest)")
     no_reference: bool = False
-    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(num_samples=1, max_new_tokens=64))
+    sampling: EvalSampling = Field(default_factory=EvalSampling)
     sample_table: Annotated[int, Field(ge=0)] = 5
 
     def data_files(self) -> list[str]:
-        return [d.path for d in (self.prompts, self.pairs) if d]
+        return [d.path for d in (self.prompts, self.pairs) if d] + self.question_files()
 
     @model_validator(mode="after")
     def _something_to_do(self) -> EvalConfig:
+        self._check_question(needed=self.reward_judge is not None)
         if self.prompts is None and self.pairs is None:
             raise ValueError("give --prompts (to sample and score) and/or --pairs (for pairwise accuracy)")
         return self
@@ -329,22 +448,24 @@ class OnlineSpec(Closed):
     reward_weights: list[float] | None = None
 
 
-class OnlineRLConfig(StageConfig):
+class OnlineRLConfig(JudgeQuestion, StageConfig):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     prompts: DataSpec
     reward_models: list[ModelSpec] = Field(default_factory=list)
     reward_fns: list[str] = Field(default_factory=list)
+    reward_judge: JudgeSpec | None = Field(None, description="an AI judge rates each completion 1-10 (direct RLAIF)")
     online: OnlineSpec = Field(default_factory=OnlineSpec)
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(batch_size=8, learning_rate=1e-5))
+    train: OnlineTrain = Field(default_factory=OnlineTrain)
 
     def data_files(self) -> list[str]:
-        return [self.prompts.path]
+        return [self.prompts.path] + self.question_files()
 
     @model_validator(mode="after")
     def _check(self) -> OnlineRLConfig:
-        sources = len(self.reward_models) + len(self.reward_fns)
+        self._check_question(needed=self.reward_judge is not None)
+        sources = len(self.reward_models) + len(self.reward_fns) + (self.reward_judge is not None)
         if not sources:
-            raise ValueError("give at least one reward: --reward-model and/or --reward-fn (repeatable)")
+            raise ValueError("give at least one reward: --reward-model, --reward-fn (repeatable) or --reward-judge")
         weights = self.online.reward_weights
         if weights is not None and len(weights) != sources:
             raise ValueError(f"online.reward_weights has {len(weights)} weights for {sources} reward sources")
@@ -376,6 +497,8 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "eval": EvalConfig,
     "grpo": GRPOConfig,
     "rloo": RLOOConfig,
+    "critique": CritiqueConfig,
+    "label": LabelConfig,
 }
 
 
@@ -406,7 +529,8 @@ def _describe(cls: type[BaseModel], exc: ValidationError) -> str:
     else:
         got = first.get("input")
         shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-        message = f"{key}: {first['msg'].removeprefix('Value error, ')}{shown}"
+        text = first["msg"].removeprefix("Value error, ")
+        message = f"{key}: {text}{shown}" if loc else text
     more = len(errors) - 1
     return message + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
@@ -414,12 +538,25 @@ def _describe(cls: type[BaseModel], exc: ValidationError) -> str:
 def _fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
     """The field names of the config block at `loc` inside `cls`."""
     for part in loc:
+        if part.isdigit():  # an item of a list block
+            continue
         field = cls.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        block = _model_in(getattr(field, "annotation", None))
+        if block is None:
             return []
-        cls = annotation
+        cls = block
     return list(cls.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config block inside an annotation: X, list[X] or X | None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

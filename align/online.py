@@ -16,6 +16,7 @@ from datasets import Dataset
 from align.checkpoints import prepare_output, write_manifest
 from align.config import OnlineRLConfig
 from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, last_text, load_split, use_chat_template, warn_report
+from align.judge import JudgeReward
 from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
 from align.rewards import RewardFunction, RewardModel
 from align.training import MetricsLog, keep_adapters_in_compute_dtype, last_logged, run_training, trainer_args
@@ -45,6 +46,8 @@ def run_online(config: OnlineRLConfig, trainer_cls, args_cls, **method_args) -> 
     # TRL renders message lists with the chat template and leaves strings as they are.
     prompts = [as_messages(r["prompt"], "user") if chat else r["prompt"] for r in rows]
     sources = [RewardModel(spec) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
+    if config.reward_judge:
+        sources.append(JudgeReward(config.reward_judge, config))
     rewards = [trl_reward(s, f"reward_{i}") for i, s in enumerate(sources)]
     warn_report(report)
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)

@@ -32,12 +32,14 @@ from align.config import (
 from align.errors import ConfigError
 
 SHARED_BLOCKS = ("model", "lora", "data", "train")
-FILE_OUTPUTS = {"generate": ".jsonl", "eval": ".json"}  # stages whose output is one file
+FILE_OUTPUTS = {"generate": ".jsonl", "eval": ".json", "label": ".jsonl"}  # stages whose output is one file
 RECIPE_KEYS = ("name", "output_dir", "stages", *SHARED_BLOCKS)
-STAGE_KEYS = ("name", "stage", "from", "reward_from")
+STAGE_KEYS = ("name", "stage", "from", "reward_from", "data_from")
+# What `data_from: STAGE` reads from a stage that writes a directory of data files.
+DATA_FILES = {"sft": "sft.jsonl", "rm": "pairs.jsonl", "dpo": "pairs.jsonl"}
 PATH_FIELDS = (
     ("data", "path"), ("data", "eval_path"), ("prompts", "path"), ("eval_prompts", "path"), ("pairs", "path"),
-    ("model", "path"), ("model", "chat_template"), ("reward_model", "path"),
+    ("model", "path"), ("model", "chat_template"), ("reward_model", "path"), ("judge", "model"), ("reward_judge", "model"),
 )
 
 
@@ -112,8 +114,14 @@ def _resolve_stage(
             merged["reward_models"] = [*merged.get("reward_models", []), reward]
         else:
             merged = deep_merge(merged, {"reward_model": {"path": reward}})
+    if "data_from" in entry:
+        merged = deep_merge(merged, {"data": {"path": _data_from(entry["data_from"], kind, where, outputs)}})
     for block, key in PATH_FIELDS:
         _resolve_relative(merged, block, key, base_dir)
+    if isinstance(merged.get("constitution"), str):
+        candidate = base_dir / merged["constitution"]
+        if candidate.is_file():
+            merged["constitution"] = str(candidate)
     _resolve_reward_fn(merged, base_dir)
     return build_config(cls, merged, where)
 
@@ -132,6 +140,19 @@ def _resolve_from(source: Any, where: str, outputs: dict[str, str]) -> str:
     )
 
 
+def _data_from(source: Any, kind: str, where: str, outputs: dict[str, str]) -> str:
+    """The data file an earlier stage wrote: a label/generate stage's file, or critique's sft/pairs file."""
+    if not isinstance(source, str) or source not in outputs:
+        earlier = ", ".join(outputs) or "none"
+        raise ConfigError(f"{where}: 'data_from: {source}' must name an earlier stage (earlier stages: {earlier})")
+    output = Path(outputs[source])
+    if output.suffix:  # a stage whose output is one file
+        return str(output)
+    if kind not in DATA_FILES:
+        raise ConfigError(f"{where}: 'data_from' gives training data to {', '.join(DATA_FILES)} stages, not to {kind!r}")
+    return str(output / DATA_FILES[kind])
+
+
 def _resolve_relative(config: dict, block: str, key: str, base_dir: Path) -> None:
     """Paths written in a recipe are relative to the recipe file when the file exists there."""
     value = config.get(block)
@@ -145,12 +166,19 @@ def _resolve_relative(config: dict, block: str, key: str, base_dir: Path) -> Non
 
 
 def _resolve_reward_fn(config: dict, base_dir: Path) -> None:
-    """`reward_fn: rewards.py:score` in a recipe means the file beside the recipe."""
-    value = config.get("reward_fn")
-    if isinstance(value, str) and ".py:" in value:
-        file, _, function = value.rpartition(":")
-        if not Path(file).is_absolute() and (base_dir / file).is_file():
-            config["reward_fn"] = f"{base_dir / file}:{function}"
+    """`reward_fn: rewards.py:score` (or a `reward_fns` list) in a recipe means the file beside the recipe."""
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and ".py:" in value:
+            file, _, function = value.rpartition(":")
+            if not Path(file).is_absolute() and (base_dir / file).is_file():
+                return f"{base_dir / file}:{function}"
+        return value
+
+    if "reward_fn" in config:
+        config["reward_fn"] = resolve(config["reward_fn"])
+    if isinstance(config.get("reward_fns"), list):
+        config["reward_fns"] = [resolve(v) for v in config["reward_fns"]]
 
 
 def stage_from_file(path: Path, kind: str, stage_name: str | None) -> dict[str, Any]:

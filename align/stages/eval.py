@@ -26,6 +26,7 @@ from align.config import EvalConfig, ModelSpec
 from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, as_messages, is_messages, last_text, load_split, use_chat_template
 from align.errors import ConfigError
 from align.generation import completion_logprobs, prompt_ids, sample
+from align.judge import JudgeReward
 from align.losses import kl_penalty
 from align.models import load_model, load_tokenizer, resolve_model
 from align.rewards import RewardFunction, RewardModel
@@ -39,6 +40,8 @@ def run(config: EvalConfig) -> Path:
     is_reward_model = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(source).architectures or [])
     reference = None if (config.no_reference or is_reward_model) else _reference(config)
     rewards = [RewardModel(spec) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
+    if config.reward_judge:
+        rewards.append(JudgeReward(config.reward_judge, config))
     prepare_output_file(out, overwrite=config.overwrite)
     results: dict = {"model": config.model.path, "reference": reference}
     if is_reward_model:
@@ -97,7 +100,11 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
         table_ref = [c.text for c in ref_flat]
         for reward in rewards:
             ref_scores = reward([p for p, _ in flat], table_ref)
-            wins = (scores[reward.name] > ref_scores).float() + 0.5 * (scores[reward.name] == ref_scores).float()
+            if isinstance(reward, JudgeReward):  # a judge compares the two directly, in both orders
+                preferred = reward.prefer([p for p, _ in flat], [c.text for _, c in flat], table_ref)
+                wins = (preferred > 0.5).float() + 0.5 * (preferred == 0.5).float()
+            else:
+                wins = (scores[reward.name] > ref_scores).float() + 0.5 * (scores[reward.name] == ref_scores).float()
             results[f"win_rate/{reward.name}"] = wins.mean().item()
             results[f"reward/{reward.name}/reference_mean"] = ref_scores.mean().item()
     results["table"] = [

@@ -34,6 +34,7 @@ from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_
 from align.errors import DataError, TrainingError
 from align.generation import Rollout, prompt_ids, response_logits, response_values, sample_rollout, sequences
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
+from align.judge import JudgeReward
 from align.rewards import RewardFunction, RewardModel
 from align.roles import Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
 from align.training import autocast, check_tracker
@@ -203,6 +204,8 @@ def _tokenize_prompts(rows, source: str, tokenizer, config: PPOConfig, window: i
 def _load_reward(config: PPOConfig, tokenizer, conversational: bool):
     if config.reward_fn:
         return RewardFunction(config.reward_fn)
+    if config.reward_judge:
+        return JudgeReward(config.reward_judge, config)
     reward = RewardModel(config.reward_model, batch_size=config.ppo.score_batch_size, in_4bit=config.ppo.reward_in_4bit)
     if conversational and not reward.chat:
         raise DataError(
