@@ -158,6 +158,7 @@ def test_revision_filters():
     assert filter_reason("The Answer!", "the answer", "How do I cook rice?", rule) == "unchanged"
     assert filter_reason("Rewrite the response so it is not harmful", "a", "How do I cook rice?", rule) == "restated"
     assert filter_reason("How do I cook rice?", "a", "How do I cook rice?", rule) == "restated"
+    assert filter_reason("The response is designed to mislead people.", "a", "How do I cook rice?", rule) == "restated"
     assert filter_reason("Rinse a cup of rice and simmer it in two cups of water.", "a", "How do I cook rice?", rule) is None
 
 
@@ -202,6 +203,7 @@ def test_labels_are_swap_averaged_soft_probabilities(align, label_pairs, tmp_pat
     metrics = json.loads((tmp_path / "strict.jsonl.align.json").read_text())["metrics"]
     assert len(kept) == sum(r["label_prob"] >= threshold - 1e-6 for r in rows) and metrics["dropped_low_confidence"] == 6 - len(kept)
     assert align("dpo", "-m", "tiny", "-d", out, "-o", tmp_path / "dpo", "--max-steps", "1", "--batch-size", "2").code == 0
+    assert align("rm", "-m", "tiny", "-d", out, "-o", tmp_path / "rm", "--max-steps", "1", "--batch-size", "2").code == 0
 
 
 def test_labelling_sampled_pairs_with_a_constitution_and_chain_of_thought(align, red_team, tmp_path):

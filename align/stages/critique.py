@@ -39,6 +39,7 @@ REVISION_LABEL = re.compile(
     re.IGNORECASE,
 )
 RESTATED = 0.8  # similarity to the request above which a revision counts as restating it
+META = re.compile(r"^(?:the|this|my|your) (?:revised |rewritten |original )?(?:response|answer)\b")
 
 
 def run(config: CritiqueConfig) -> Path:
@@ -167,12 +168,15 @@ class Reviser:
 
 
 def filter_reason(revision: str, answer: str, request: str, principle: Principle) -> str | None:
-    """Why a revision is not used, or None: 'empty', 'unchanged' or 'restated' (it repeats the request)."""
+    """Why a revision is not used, or None: 'empty', 'unchanged' or 'restated' (it repeats the request,
+    or describes the response instead of being one)."""
     text = _normal(revision)
     if not text:
         return "empty"
     if text == _normal(answer):
         return "unchanged"
+    if META.match(text):  # talks about the answer instead of being one
+        return "restated"
     for asked in (request, principle.revision, principle.critique):
         asked = _normal(asked)
         if asked and (difflib.SequenceMatcher(None, text, asked).ratio() >= RESTATED
