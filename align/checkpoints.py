@@ -283,11 +283,6 @@ class PartialRows:
         sizes = {key: path.stat().st_size for key, path in self.partials.items()}
         atomic_write_text(self.progress, json.dumps({"done": done, "sizes": sizes, "counts": self.counts}))
 
-    def rows(self, key: str) -> list[dict]:
-        """The rows written so far to one output (for summaries)."""
-        text = self.partials[key].read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line]
-
     def finish(self) -> None:
         for key, path in self.partials.items():
             os.replace(path, self.finals[key])

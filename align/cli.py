@@ -134,10 +134,14 @@ def build_stage_config(kind: str, config_file: Path | None, stage_name: str | No
     return build_config(STAGE_CONFIGS[kind], raw, f"align {kind}")
 
 
-def _run(config) -> Path:
+def _run_command(kind: str, arguments: dict[str, Any], resume: bool | None = None) -> Path:
+    """What every stage command does with its arguments: config file, flags, --set; then run it."""
     from align.pipeline import run_stage
 
-    out = run_stage(config)
+    flags = {k: v for k, v in arguments.items() if k in FLAG_KEYS | STAGE_FLAG_KEYS.get(kind, {})}
+    run_control = {"overwrite": arguments["overwrite"]} | ({} if resume is None else {"resume": resume})
+    config = build_stage_config(kind, arguments["config"], arguments["stage"], arguments["set_"], **flags)
+    out = run_stage(config.model_copy(update=run_control))
     typer.echo(f"done: {out}")
     return out
 
@@ -156,8 +160,7 @@ def sft(
     packing: Annotated[Optional[bool], typer.Option("--packing", help="Pack several rows into each max_length sequence.")] = None,
 ) -> None:
     """Supervised fine-tuning (TRL SFTTrainer): messages, prompt/completion or text data."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS}
-    _run(build_stage_config("sft", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+    _run_command("sft", locals(), resume=resume)
 
 
 @app.command()
@@ -169,8 +172,7 @@ def rm(
     resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
 ) -> None:
     """Reward-model training (TRL RewardTrainer, Bradley-Terry; optional per-row 'margin')."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS}
-    _run(build_stage_config("rm", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+    _run_command("rm", locals(), resume=resume)
 
 
 @app.command()
@@ -186,8 +188,7 @@ def dpo(
     precompute_ref: Annotated[Optional[bool], typer.Option("--precompute-ref", help="Compute reference log-probs once before training.")] = None,
 ) -> None:
     """Direct preference optimisation (TRL DPOTrainer) on prompt/chosen/rejected pairs."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS}
-    _run(build_stage_config("dpo", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+    _run_command("dpo", locals(), resume=resume)
 
 
 @app.command()
@@ -204,8 +205,7 @@ def generate(
     config: ConfigFile = None, stage: StageName = None, set_: Sets = None, overwrite: Overwrite = False,
 ) -> None:
     """Sample completions from any model or stage output into a JSONL file."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["generate"]}
-    _run(build_stage_config("generate", config, stage, set_, **flags).model_copy(update=dict(overwrite=overwrite)))
+    _run_command("generate", locals())
 
 
 @app.command()
@@ -233,8 +233,7 @@ def ppo(
     overwrite: Overwrite = False, report_to: ReportTo = None,
 ) -> None:
     """PPO (InstructGPT's RL step, our own trainer) against a reward model, a python reward or an AI judge."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["ppo"]}
-    _run(build_stage_config("ppo", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+    _run_command("ppo", locals(), resume=resume)
 
 
 RewardModels = Annotated[Optional[list[str]], typer.Option("--reward-model", help="A reward model (repeatable; any tokenizer).")]
@@ -244,11 +243,6 @@ NumGenerations = Annotated[Optional[int], typer.Option("--num-generations", help
 NewTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest completion.")]
 Temperature = Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature.")]
 KLBeta = Annotated[Optional[float], typer.Option("--beta", help="KL penalty coefficient (0: no reference model).")]
-
-
-def _online(kind: str, flags: dict, config, stage, set_, resume, overwrite) -> None:
-    flags = {k: v for k, v in flags.items() if k in FLAG_KEYS | STAGE_FLAG_KEYS[kind]}
-    _run(build_stage_config(kind, config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
 
 
 def _online_command(kind: str, doc: str):
@@ -263,7 +257,7 @@ def _online_command(kind: str, doc: str):
         qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
         resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
     ) -> None:
-        _online(kind, locals(), config, stage, set_, resume, overwrite)
+        _run_command(kind, locals(), resume=resume)
 
     command.__doc__ = doc
     return command
@@ -292,8 +286,7 @@ def evaluate(
     seed: Seed = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None, overwrite: Overwrite = False,
 ) -> None:
     """Evaluate a model: rewards, KL and win rate against its reference, accuracy on pairs."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["eval"]}
-    _run(build_stage_config("eval", config, stage, set_, **flags).model_copy(update=dict(overwrite=overwrite)))
+    _run_command("eval", locals())
 
 
 @app.command()
@@ -312,8 +305,7 @@ def critique(
     resume: Resume = False, overwrite: Overwrite = False,
 ) -> None:
     """Constitutional AI data: answer, critique under a principle, revise; writes SFT rows and preference pairs."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["critique"]}
-    _run(build_stage_config("critique", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+    _run_command("critique", locals(), resume=resume)
 
 
 @app.command()
@@ -336,8 +328,7 @@ def label(
     resume: Resume = False, overwrite: Overwrite = False,
 ) -> None:
     """RLAIF preference labels: a judge picks the better response, in both orders; soft labels from its log-probs."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["label"]}
-    _run(build_stage_config("label", config, stage, set_, **flags).model_copy(update=dict(resume=resume, overwrite=overwrite)))
+    _run_command("label", locals(), resume=resume)
 
 
 @app.command()
@@ -366,8 +357,7 @@ def merge(
     config: ConfigFile = None, stage: StageName = None, set_: Sets = None, overwrite: Overwrite = False,
 ) -> None:
     """Merge a LoRA/QLoRA adapter into a standalone full-precision checkpoint, verified by its logits."""
-    flags = {k: v for k, v in locals().items() if k in FLAG_KEYS | STAGE_FLAG_KEYS["merge"]}
-    _run(build_stage_config("merge", config, stage, set_, **flags).model_copy(update=dict(overwrite=overwrite)))
+    _run_command("merge", locals())
 
 
 @app.command()

@@ -186,28 +186,30 @@ class LocalJudge(Judge):
                 self._strings.setdefault(self.tokenizer.decode([token_id]), []).append(token_id)
         return self._strings.get(piece, [])
 
-    @torch.no_grad()
-    def next_probs(self, texts: list[str], candidates: list[str]) -> torch.Tensor:
+    def _batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded (input_ids, attention_mask) on the judge's device."""
         from align.generation import left_pad
 
         rows = [self.tokenizer(t, add_special_tokens=not self.chat)["input_ids"] for t in texts]
-        input_ids, attention_mask = left_pad(rows, self.tokenizer.pad_token_id)
         device = next(self.model.parameters()).device
+        return tuple(t.to(device) for t in left_pad(rows, self.tokenizer.pad_token_id))
+
+    @torch.no_grad()
+    def next_probs(self, texts: list[str], candidates: list[str]) -> torch.Tensor:
+        input_ids, attention_mask = self._batch(texts)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            logits_to_keep=1).logits[:, -1]
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         return torch.stack([probs[:, self._ids_of(c)].sum(1) for c in candidates], dim=1)
 
     @torch.no_grad()
     def complete(self, texts: list[str], max_new_tokens: int) -> list[str]:
-        from align.generation import eos_token_ids, left_pad
+        from align.generation import eos_token_ids
 
-        rows = [self.tokenizer(t, add_special_tokens=not self.chat)["input_ids"] for t in texts]
-        input_ids, attention_mask = left_pad(rows, self.tokenizer.pad_token_id)
-        device = next(self.model.parameters()).device
+        input_ids, attention_mask = self._batch(texts)
         output = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=sorted(eos_token_ids(self.model, self.tokenizer)),
         )

@@ -18,6 +18,7 @@ import logging
 import re
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -94,13 +95,13 @@ class Reviser:
         self.tokenizer, self.constitution, self.config, self.window = tokenizer, constitution, config, window
         self.fallback = next(((p, e) for p in constitution.principles for e in p.examples), None)
 
-    def revise(self, prompts: list, indices: range) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    def revise(self, prompts: list, indices: range) -> tuple[dict[str, list[dict]], Counter]:
         seed, samples = self.config.sampling.seed, self.config.samples_per_prompt
         items = [(i, k) for i in indices for k in range(samples)]
         base = [as_messages(prompts[i], "user") for i, _ in items]
         answers = self._generate(base, indices.start, "answer")
         current, steps = list(answers), [[] for _ in items]
-        counts = {"revisions": 0}
+        counts: Counter = Counter()
         for round_ in range(self.config.rounds):
             principles = [self.constitution.draw(seed, i, k, round_) for i, k in items]
             asked = [self._shots(p) + conv + [_assistant(c), _user(p.critique)] for p, conv, c in zip(principles, base, current)]
@@ -112,7 +113,7 @@ class Reviser:
                 problem = filter_reason(revision, current[n], last_text(prompts[items[n][0]]), principle)
                 counts["revisions"] += 1
                 if problem:
-                    counts[f"filtered_{problem}"] = counts.get(f"filtered_{problem}", 0) + 1
+                    counts[f"filtered_{problem}"] += 1
                 else:
                     current[n] = revision
                 steps[n].append({"round": round_, "principle": principle.name, "critique": critique,
@@ -123,12 +124,12 @@ class Reviser:
             rows["trace"].append({"prompt": prompts[i], "row": i, "sample": k, "answer": answers[n], "steps": steps[n],
                                   "final": current[n], "kept": kept})
             if kept:
-                counts["kept"] = counts.get("kept", 0) + 1
+                counts["kept"] += 1
                 rows["sft"].append({"messages": as_messages(prompts[i], "user") + [_assistant(current[n])]})
                 if answers[n]:  # an empty first answer makes a pair that rm/dpo refuse
                     rows["pairs"].append({"prompt": prompts[i], "chosen": current[n], "rejected": answers[n]})
                 else:
-                    counts["empty_answers"] = counts.get("empty_answers", 0) + 1
+                    counts["empty_answers"] += 1
         return rows, counts
 
     def _shots(self, principle: Principle) -> list[dict]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -104,7 +105,7 @@ def _pairs(config: LabelConfig, sidecar: Path) -> tuple[list[dict], int]:
     return pairs, skipped
 
 
-def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, constitution) -> tuple[list[dict], dict]:
+def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, constitution) -> tuple[list[dict], Counter]:
     if constitution:
         principles = [constitution.draw(config.sampling.seed, "label", i) for i in indices]
         questions, names = [p.comparison for p in principles], [p.name for p in principles]
@@ -112,13 +113,12 @@ def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, consti
         questions, names = [config.question] * len(pairs), [None] * len(pairs)
     prompts, a, b = [p["prompt"] for p in pairs], [p["a"] for p in pairs], [p["b"] for p in pairs]
     a_first = judge.prefer_first(prompts, a, b, questions)  # P(A) with A shown first
-    counts = {"first_preferred": int((a_first > 0.5).sum()), "orders": len(pairs)}
+    counts = Counter(first_preferred=int((a_first > 0.5).sum()), orders=len(pairs))
     if config.swap:
         b_first = judge.prefer_first(prompts, b, a, questions)  # P(B) with B shown first
         prob_a = (a_first + (1 - b_first)) / 2
         consistent = (a_first > 0.5) == (b_first < 0.5)
-        counts.update(consistent=int(consistent.sum()), orders=2 * len(pairs),
-                      first_preferred=counts["first_preferred"] + int((b_first > 0.5).sum()))
+        counts.update(consistent=int(consistent.sum()), orders=len(pairs), first_preferred=int((b_first > 0.5).sum()))
     else:
         prob_a, consistent = a_first, None
     rows = []
@@ -126,10 +126,10 @@ def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, consti
         p = float(prob_a[n])
         confidence = max(p, 1 - p)
         if abs(p - 0.5) < 1e-6:
-            counts["ties"] = counts.get("ties", 0) + 1
+            counts["ties"] += 1
             continue
         if confidence < config.min_confidence:
-            counts["low_confidence"] = counts.get("low_confidence", 0) + 1
+            counts["low_confidence"] += 1
             continue
         chosen, rejected = (pair["a"], pair["b"]) if p > 0.5 else (pair["b"], pair["a"])
         row = {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "label_prob": round(confidence, 6),
@@ -137,6 +137,6 @@ def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, consti
         if consistent is not None:
             row["position_consistent"] = bool(consistent[n])
         rows.append(row)
-        counts["kept"] = counts.get("kept", 0) + 1
-        counts["label_prob_sum"] = counts.get("label_prob_sum", 0.0) + confidence
+        counts["kept"] += 1
+        counts["label_prob_sum"] += confidence
     return rows, counts
