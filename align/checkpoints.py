@@ -93,8 +93,28 @@ def prepare_output_file(path: Path, *, overwrite: bool) -> None:
         raise OutputError(f"{path}: is a directory; --output for this command is a file path")
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+    if has_rows_to_lose(path) and not overwrite:
+        raise OutputError(
+            f"{path}: an unfinished run left {partial_path(path).name}; pass --resume to continue it or --overwrite to start again"
+        )
     manifest_path(path).unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a file output grows until it is finished (see PartialRows)."""
+    return path.with_name(path.name + ".partial")
+
+
+def has_rows_to_lose(path: Path) -> bool:
+    """A file output's unfinished rows from a run that died (an empty one loses nothing)."""
+    partial = partial_path(path)
+    return partial.is_file() and partial.stat().st_size > 0
+
+
+def has_started(out: Path) -> bool:
+    """Something a --resume could continue: the output, or a file output's unfinished rows."""
+    return out.exists() or has_rows_to_lose(out)
 
 
 def _refuse_dangerous_delete(out: Path) -> None:
@@ -259,7 +279,7 @@ class PartialRows:
 
     def __init__(self, finals: dict[str, Path], progress: Path, *, resume: bool):
         self.finals = finals
-        self.partials = {key: path.with_name(path.name + ".partial") for key, path in finals.items()}
+        self.partials = {key: partial_path(path) for key, path in finals.items()}
         self.progress = progress
         state = {"done": 0, "sizes": {}, "counts": {}}
         if resume and progress.is_file():

@@ -388,9 +388,10 @@ def run(
             _show_eval(Path(result.output), result.name)
         if result.stage == "generate":
             _show_samples(Path(result.output), result.name)
-    from align.report import write_report
+    from align.report import stage_dirs, write_report
 
-    typer.echo(f"\nreport: {write_report(loaded.output_dir)}")
+    if stage_dirs(loaded.output_dir):  # a recipe of data stages only (label, generate, eval) has no curves
+        typer.echo(f"\nreport: {write_report(loaded.output_dir)}")
 
 
 def _show_eval(path: Path, name: str) -> None:

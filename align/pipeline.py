@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.checkpoints import is_complete, is_up_to_date, read_manifest
+from align.checkpoints import has_started, is_complete, is_up_to_date, read_manifest
 from align.config import StageConfig
 from align.errors import OutputError
 from align.recipe import Recipe
@@ -51,7 +51,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False)
             continue
         _check_can_write(config, resume=resume, overwrite=overwrite)
         log.info("%s: running %s -> %s", config.name, config.stage, out)
-        run_stage(config.model_copy(update={"resume": resume and out.exists(), "overwrite": overwrite}))
+        run_stage(config.model_copy(update={"resume": resume and has_started(out), "overwrite": overwrite}))
         results.append(_result(config, "ran", time.time() - started))
     return results
 
@@ -59,14 +59,14 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False)
 def _check_can_write(config: StageConfig, *, resume: bool, overwrite: bool) -> None:
     out = Path(config.output)
     manifest = read_manifest(out)
-    if overwrite or not out.exists():
+    if overwrite or not has_started(out):
         return
     if manifest and manifest.get("completed"):
         raise OutputError(
             f"{out}: holds a finished '{config.name}' run made from a different config, data or upstream stage; "
             "pass --overwrite to redo it"
         )
-    if not resume and (out.is_file() or any(out.iterdir())):
+    if not resume and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"{out}: holds an unfinished '{config.name}' run; pass --resume to continue it or --overwrite to restart it")
 
 

@@ -242,6 +242,9 @@ def test_a_judge_server_that_goes_away_keeps_the_labelled_rows_and_resumes(align
         assert_clean_failure(result, 4, server.url, "unreachable after 2 tries", "HTTP 503", "--resume")
         assert not out.exists() and len(read_rows(tmp_path / "prefs.jsonl.partial")) == 2
         server.fail_after = None
+        # Rerunning without --resume must not throw the labelled rows away.
+        assert_clean_failure(align(*[server.url if a is None else a for a in args]), 5, "prefs.jsonl.partial", "--resume")
+        assert len(read_rows(tmp_path / "prefs.jsonl.partial")) == 2
         assert align(*[server.url if a is None else a for a in args], "--resume").code == 0
     rows = read_rows(out)
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in read_rows(label_pairs)]
@@ -303,3 +306,27 @@ def test_grpo_takes_a_judge_as_the_reward(align, red_team, tmp_path):
                    "--max-steps", "1", "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4")
     assert result.code == 0, result.err
     assert json.loads((out / "align.json").read_text())["rewards"] == ["judge:tiny"]
+
+
+def test_a_recipe_whose_label_stage_died_resumes_it(align, label_pairs, tmp_path, monkeypatch):
+    from align.stages import label
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"output_dir: {tmp_path / 'run'}\nmodel: tiny\nstages:\n  - name: label\n    pairs: {label_pairs}\n"
+        "    question: Which is kinder?\n    judge: {model: tiny, batch_size: 2}\n"
+    )
+    original, calls = label._label, []
+
+    def dies_on_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(label, "_label", dies_on_second_batch)
+    assert align("run", recipe).code == 130
+    monkeypatch.setattr(label, "_label", original)
+    assert_clean_failure(align("run", recipe), 5, "unfinished", "--resume")
+    assert align("run", recipe, "--resume").code == 0
+    assert len(read_rows(tmp_path / "run" / "label.jsonl")) == 6
