@@ -85,6 +85,22 @@ def prompts_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(5)])
 
 
+def interrupt_on_call(monkeypatch, owner, name: str, call: int):
+    """Make `owner.name` raise KeyboardInterrupt (as Ctrl-C would) on its `call`-th call.
+
+    Returns a function that puts the original back."""
+    original, calls = getattr(owner, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dying)
+    return lambda: monkeypatch.setattr(owner, name, original)
+
+
 def assert_clean_failure(result: Result, code: int, *needles: str) -> None:
     """A user mistake: the given exit code, one line naming the culprit, and no traceback."""
     assert result.code == code, (result.code, result.err)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_clean_failure, write_jsonl
+from conftest import assert_clean_failure, interrupt_on_call, write_jsonl
 from judge_server import JudgeServer
 
 CRITIQUE = ["--no-few-shot", "--max-new-tokens", "6", "--batch-size", "2"]
@@ -128,19 +128,11 @@ def test_critique_resumes_from_the_last_finished_prompt_without_duplicates(align
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     args = ["critique", "-m", "tiny", "-p", red_team, *CRITIQUE]
     assert align(*args, "-o", straight).code == 0
-    original, calls = critique.Reviser.revise, []
-
-    def dies_on_second_chunk(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(critique.Reviser, "revise", dies_on_second_chunk)
+    restore = interrupt_on_call(monkeypatch, critique.Reviser, "revise", 2)  # dies in the second chunk
     assert align(*args, "-o", interrupted).code == 130
     assert not (interrupted / "align.json").exists() and not (interrupted / "sft.jsonl").exists()
     assert len(read_rows(interrupted / "trace.jsonl.partial")) == 2  # the first chunk of prompts survived
-    monkeypatch.setattr(critique.Reviser, "revise", original)
+    restore()
     assert align(*args, "-o", interrupted).code == 5  # a half-done run is not silently redone
     assert align(*args, "-o", interrupted, "--resume").code == 0
     for name in ("sft.jsonl", "pairs.jsonl", "trace.jsonl"):
@@ -316,17 +308,9 @@ def test_a_recipe_whose_label_stage_died_resumes_it(align, label_pairs, tmp_path
         f"output_dir: {tmp_path / 'run'}\nmodel: tiny\nstages:\n  - name: label\n    pairs: {label_pairs}\n"
         "    question: Which is kinder?\n    judge: {model: tiny, batch_size: 2}\n"
     )
-    original, calls = label._label, []
-
-    def dies_on_second_batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    monkeypatch.setattr(label, "_label", dies_on_second_batch)
+    restore = interrupt_on_call(monkeypatch, label, "_label", 2)  # dies in the second batch
     assert align("run", recipe).code == 130
-    monkeypatch.setattr(label, "_label", original)
+    restore()
     assert_clean_failure(align("run", recipe), 5, "unfinished", "--resume")
     assert align("run", recipe, "--resume").code == 0
     assert len(read_rows(tmp_path / "run" / "label.jsonl")) == 6

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_clean_failure, write_jsonl
+from conftest import assert_clean_failure, interrupt_on_call, write_jsonl
 
 @pytest.fixture
 def ppo_prompts(tmp_path):
@@ -116,19 +116,11 @@ def test_resume_after_an_interruption_ends_with_identical_weights(align, ppo_pro
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert align(*[str(straight) if a is None else a for a in common]).code == 0
 
-    original, calls = ppo._update, []
-
-    def dies_on_third_update(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "_update", dies_on_third_update)
+    restore = interrupt_on_call(monkeypatch, ppo, "_update", 3)  # dies in the third update
     args = [str(interrupted) if a is None else a for a in common]
     assert align(*args).code == 130
     assert (interrupted / "checkpoints" / "checkpoint-2").is_dir() and not (interrupted / "align.json").exists()
-    monkeypatch.setattr(ppo, "_update", original)
+    restore()
     assert align(*args, "--resume").code == 0
     a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
