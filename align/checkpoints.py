@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from align import __version__
+from align import __version__, distributed
 from align.errors import OutputError
 
 MANIFEST = "align.json"
@@ -71,13 +71,21 @@ def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; choose another --output")
     busy = out.is_dir() and any(out.iterdir())
-    if busy and overwrite:
-        _refuse_dangerous_delete(out)
-        shutil.rmtree(out)
-    elif busy and not resume:
+    if busy and not (resume or overwrite):
         raise OutputError(
             f"{out}: output directory is not empty; pass --overwrite to replace it or --resume to continue it"
         )
+    # Every process has checked; only the main one touches the disk, and the others wait for it.
+    distributed.barrier()
+    if distributed.is_main():
+        _make_output_dir(out, clear=busy and overwrite)
+    distributed.barrier()
+
+
+def _make_output_dir(out: Path, clear: bool) -> None:
+    if clear:
+        _refuse_dangerous_delete(out)
+        shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".align-write-test"
@@ -179,7 +187,8 @@ def is_up_to_date(config: Any) -> bool:
 def write_manifest(
     output: Path, *, config: Any, metrics: dict[str, Any], started: float, **extra: Any
 ) -> dict:
-    """Write the manifest last and atomically: only now does the output count as finished."""
+    """Write the manifest last and atomically: only now does the output count as finished.
+    In a multi-process run only the main process writes."""
     manifest = {
         "align_version": __version__,
         "stage": config.stage,
@@ -196,14 +205,15 @@ def write_manifest(
         **extra,
         "completed": True,
     }
-    atomic_write_text(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
+    if distributed.is_main():
+        atomic_write_text(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def trim_metrics(out: Path, last_step: int) -> None:
     """Forget logged steps after `last_step`, so a resumed run does not log them twice."""
     path = out / METRICS
-    if not path.is_file():
+    if not path.is_file() or not distributed.is_main():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
@@ -217,13 +227,18 @@ def _step(line: str) -> int:
 
 
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
+    if not distributed.is_main():
+        return
     with (out / METRICS).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
-def save_loop_state(out: Path, step: int, params: dict, optimizer, scheduler, generator, extra: dict, keep: int) -> Path:
+def save_loop_state(out: Path, step: int, params: dict, optimizer, scheduler, extra: dict, keep: int) -> Path:
     """Everything an exact resume of our own training loops needs, written to a temp dir and
-    renamed into place (a killed save leaves the previous checkpoint as the newest)."""
+    renamed into place (a killed save leaves the previous checkpoint as the newest). Every
+    process holds the same weights and optimizer state, so the main process writes them."""
+    if not distributed.is_main():
+        return out / CHECKPOINTS / f"checkpoint-{step}"
     import torch
     from safetensors.torch import save_file
 
@@ -234,17 +249,23 @@ def save_loop_state(out: Path, step: int, params: dict, optimizer, scheduler, ge
     save_file({name: p.detach().cpu().contiguous() for name, p in params.items()}, staging / "trainable.safetensors")
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
+         "torch_rng": torch.get_rng_state()},
         staging / "optimizer.pt",
     )
     (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, **extra}))
     os.replace(staging, final)
-    for old in sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-        shutil.rmtree(old)
+    prune_checkpoints(root, keep)
     return final
 
 
-def load_loop_state(out: Path, params: dict, optimizer, scheduler, generator) -> tuple[int, dict]:
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoint-N directories under `root`."""
+    numbered = [p for p in root.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    for old in sorted(numbered, key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_loop_state(out: Path, params: dict, optimizer, scheduler) -> tuple[int, dict]:
     """Load the newest checkpoint into the live objects: (step to continue from, extra state)."""
     import torch
     from safetensors.torch import load_file
@@ -263,7 +284,6 @@ def load_loop_state(out: Path, params: dict, optimizer, scheduler, generator) ->
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["generator"])
     extra = json.loads((checkpoint / "trainer_state.json").read_text())
     return int(extra.pop("global_step")), extra
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from align import __version__
+from align import __version__, distributed
 from align.errors import AlignError, ConfigError
 
 app = typer.Typer(
@@ -45,6 +45,8 @@ Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override any c
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")]
 ReportTo = Annotated[Optional[str], typer.Option("--report-to", help="none | tensorboard | trackio | wandb | mlflow")]
+NumProcesses = Annotated[Optional[int], typer.Option("--num-processes", help="Run on N processes (GPUs, or CPU with gloo) through accelerate launch; batch sizes stay per device.")]
+AccelerateConfig = Annotated[Optional[Path], typer.Option("--accelerate-config", help="An accelerate config (DDP, FSDP, DeepSpeed, multi-node; see recipes/accelerate/).")]
 
 # AI judges (RLAIF) -----------------------------------------------------------------------------
 RewardJudge = Annotated[Optional[str], typer.Option("--reward-judge", help="An AI judge as the reward: a local model, or the URL of an OpenAI-compatible server. It rates each response 1-10.")]
@@ -138,12 +140,23 @@ def _run_command(kind: str, arguments: dict[str, Any], resume: bool | None = Non
     """What every stage command does with its arguments: config file, flags, --set; then run it."""
     from align.pipeline import run_stage
 
+    _launch_if_asked(arguments)
     flags = {k: v for k, v in arguments.items() if k in FLAG_KEYS | STAGE_FLAG_KEYS.get(kind, {})}
     run_control = {"overwrite": arguments["overwrite"]} | ({} if resume is None else {"resume": resume})
     config = build_stage_config(kind, arguments["config"], arguments["stage"], arguments["set_"], **flags)
     out = run_stage(config.model_copy(update=run_control))
-    typer.echo(f"done: {out}")
+    if distributed.is_main():
+        typer.echo(f"done: {out}")
     return out
+
+
+def _launch_if_asked(arguments: dict[str, Any]) -> None:
+    """--num-processes / --accelerate-config: rerun this command under accelerate launch, and exit with its code."""
+    num_processes, config_file = arguments.get("num_processes"), arguments.get("accelerate_config")
+    if (num_processes is None and config_file is None) or distributed.launched() or os.environ.get("ALIGN_LAUNCHED"):
+        return
+    code = distributed.relaunch(num_processes, config_file)
+    raise typer.Exit(code)
 
 
 # Commands ------------------------------------------------------------------------------------
@@ -156,6 +169,7 @@ def sft(
     batch_size: BatchSize = None, learning_rate: LearningRate = None, max_length: MaxLength = None, seed: Seed = None,
     lora: Lora = None, qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
     resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+    num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
     completion_only_loss: Annotated[Optional[bool], typer.Option("--completion-only-loss/--full-loss", help="Loss on responses only (default) or on every token.")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing", help="Pack several rows into each max_length sequence.")] = None,
 ) -> None:
@@ -170,6 +184,7 @@ def rm(
     batch_size: BatchSize = None, learning_rate: LearningRate = None, max_length: MaxLength = None, seed: Seed = None,
     lora: Lora = None, qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
     resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+    num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Reward-model training (TRL RewardTrainer, Bradley-Terry; optional per-row 'margin')."""
     _run_command("rm", locals(), resume=resume)
@@ -182,6 +197,7 @@ def dpo(
     batch_size: BatchSize = None, learning_rate: LearningRate = None, max_length: MaxLength = None, seed: Seed = None,
     lora: Lora = None, qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
     resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+    num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help="Strength of the pull towards the reference model.")] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help="sigmoid (DPO) | ipo | hinge | robust (cDPO, with --label-smoothing) | length-normalized (SimPO-style) | ...")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="Share of labels assumed flipped (robust/cDPO).")] = None,
@@ -231,6 +247,7 @@ def ppo(
     learning_rate: LearningRate = None, max_steps: MaxSteps = None, seed: Seed = None, lora: Lora = None, qlora: QLora = None,
     config: ConfigFile = None, stage: StageName = None, set_: Sets = None, resume: Resume = False,
     overwrite: Overwrite = False, report_to: ReportTo = None,
+    num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
 ) -> None:
     """PPO (InstructGPT's RL step, our own trainer) against a reward model, a python reward or an AI judge."""
     _run_command("ppo", locals(), resume=resume)
@@ -256,6 +273,7 @@ def _online_command(kind: str, doc: str):
         batch_size: BatchSize = None, learning_rate: LearningRate = None, seed: Seed = None, lora: Lora = None,
         qlora: QLora = None, config: ConfigFile = None, stage: StageName = None, set_: Sets = None,
         resume: Resume = False, overwrite: Overwrite = False, report_to: ReportTo = None,
+        num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
     ) -> None:
         _run_command(kind, locals(), resume=resume)
 
@@ -366,6 +384,7 @@ def run(
     set_: Sets = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose config, data or input changed.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and list its stages; run nothing.")] = False,
+    num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Run a recipe's stages in order; finished, unchanged stages are skipped."""
     from align.checkpoints import is_up_to_date
@@ -373,12 +392,16 @@ def run(
     from align.recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
+    if not dry_run:
+        _launch_if_asked(locals())
     if dry_run:
         for config in loaded.stages:
             state = "up to date" if is_up_to_date(config) else "to run"
             typer.echo(f"{config.name:<12} {config.stage:<9} {config.model.path} -> {config.output}  ({state})")
         return
     results = run_recipe(loaded, resume=resume, overwrite=overwrite)
+    if not distributed.is_main():
+        return
     typer.echo(f"\nrecipe {loaded.name}: {len(results)} stage(s)")
     for result in results:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k in SUMMARY_METRICS)
@@ -476,12 +499,16 @@ def main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors (no progress bars).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs too.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickled .bin/.pt model weights (they can run code); safetensors only otherwise.")] = False,
 ) -> None:
     """align: SFT -> reward model -> PPO/DPO for language models, one GPU or many."""
     _setup_logging(quiet, verbose)
+    if allow_pickle:
+        os.environ["ALIGN_ALLOW_PICKLE"] = "1"  # for every model this command loads, and its launched processes
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
+    quiet = quiet or not distributed.is_main()  # one process speaks for a multi-process run
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("align: %(message)s"))
     log.handlers[:] = [handler]

@@ -32,6 +32,7 @@ class ModelSpec(Closed):
     path: str = Field(min_length=1, description="local dir, hub id, or built-in name (align models)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="load pickled .bin/.pt weights (they can run code); safetensors only otherwise")
     chat_template: str | None = Field(None, description="a Jinja file to use instead of the tokenizer's")
     revision: str | None = None
 
@@ -563,12 +564,28 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 # Files, overrides and recipes
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader (no python objects), refusing a key given twice in one mapping: plain YAML
+    keeps the last one silently, so `train:` written twice would drop the first block."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with the safe loader; one-line errors for every way it can fail."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
     except yaml.YAMLError as exc:

@@ -111,33 +111,33 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_rollout(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> Rollout:
+def sample_rollout(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, seeds: list[int]) -> Rollout:
     """Sample one response per prompt from softmax(logits / temperature), no top-k/top-p, so the
-    log-probs of the sampled tokens (read from the same pass) are exactly PPO's behaviour log-probs."""
-    from transformers import GenerationConfig
+    log-probs of the sampled tokens (read from the same pass) are exactly PPO's behaviour log-probs.
+
+    Row i's randomness comes from seeds[i] alone (see RowSeededSampler): a response does not depend
+    on which other prompts share its batch, so a rollout is the same on one process or many.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
     query, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    sampler = RowSeededSampler(seeds, temperature)
     config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id,
     )
     try:
-        output = model.generate(input_ids=query.to(device), attention_mask=query_mask.to(device), generation_config=config)
+        output = model.generate(
+            input_ids=query.to(device), attention_mask=query_mask.to(device), generation_config=config,
+            logits_processor=LogitsProcessorList([sampler]),
+        )
     finally:
         model.train(was_training)
-    response = output.sequences[:, query.shape[1]:].cpu()  # (B, T)
-    # output.scores: one (B, V) tensor per step, logits / temperature. Reduce step by step rather
-    # than stacking a (B, T, V) tensor.
-    logprobs = torch.stack(
-        [torch.log_softmax(step.float(), dim=-1).gather(-1, response[:, t:t + 1].to(step.device)).squeeze(-1).cpu()
-         for t, step in enumerate(output.scores)],
-        dim=1,
-    )
-    del output
+    response = output.cpu()[:, query.shape[1]:]  # (B, T)
+    logprobs = torch.stack(sampler.logprobs, dim=1)[:, :response.shape[1]]
     is_eos = torch.isin(response, torch.tensor(sorted(eos_ids)))
     finished = is_eos.any(dim=1)
     # Tokens after the first EOS are padding: cumsum counts EOS seen strictly before each position.
@@ -146,6 +146,34 @@ def sample_rollout(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     length = int(response_mask.sum(dim=1).max())
     response = response[:, :length].masked_fill(response_mask[:, :length] == 0, tokenizer.pad_token_id)
     return Rollout(query, query_mask, response, response_mask[:, :length], logprobs[:, :length] * response_mask[:, :length], finished)
+
+
+class RowSeededSampler:
+    """A logits processor that samples each row from softmax(logits / temperature) by the Gumbel-max
+    trick, argmax(logits / T + G), with the Gumbel noise G drawn from the row's own generator; greedy
+    decoding then picks exactly that sample. It records the sampled token's log-prob per step."""
+
+    def __init__(self, seeds: list[int], temperature: float):
+        self.seeds, self.temperature = seeds, temperature
+        self.generators: list[torch.Generator] = []
+        self.logprobs: list[torch.Tensor] = []  # one (B,) tensor per step, on the CPU
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.generators:
+            self.generators = [torch.Generator(scores.device).manual_seed(seed) for seed in self.seeds]
+        if torch.isnan(scores).any():
+            raise RuntimeError("probability tensor contains nan (the policy diverged)")
+        tempered = scores.float() / self.temperature
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        noisy = tempered - torch.log(-torch.log(uniform))
+        chosen = noisy.argmax(dim=-1, keepdim=True)
+        self.logprobs.append(torch.log_softmax(tempered, dim=-1).gather(-1, chosen).squeeze(-1).cpu())
+        return noisy
+
+
+def row_seed(seed: int, step: int, row: int) -> int:
+    """The sampling seed of global row `row` of update `step` (independent of how rows are split)."""
+    return (seed * 1_000_003 + step) * 1_000_033 + row
 
 
 def sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,11 +11,16 @@ No function here touches a model; every one is tested against numbers worked by 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
 KLEstimator = Literal["k1", "k2", "k3", "abs"]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -25,22 +30,25 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of the masked entries of `x` (Bessel-corrected unless `unbiased=False`)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    count = mask.sum()
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, total: Callable = _local) -> torch.Tensor:
+    """Variance of the masked entries of `x` (Bessel-corrected unless `unbiased=False`).
+
+    `total` sums a tensor over every process holding a shard of the batch (the identity on one)."""
+    count = total(mask.sum())
+    mean = total((x * mask).sum()) / count.clamp(min=1)
+    var = total((((x - mean) ** 2) * mask).sum()) / count.clamp(min=1)
     if unbiased and count > 1:
         var = var * count / (count - 1)
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; masked-out entries come back as 0.
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total: Callable = _local) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (of every shard, see masked_var); masked-out entries come back as 0.
 
     With shift_mean=False only the scale changes (used for rewards, whose sign carries meaning).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean = total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
+    var = masked_var(x, mask, total=total)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -204,7 +204,12 @@ def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, ki
     lora = lora or LoraSpec(enabled=False)
     check_lora_possible(lora)
     _check_architecture(source, spec, kind)
-    kwargs = dict(dtype=compute_dtype(spec), trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    allow_pickle = pickle_allowed(spec)
+    _check_weights_format(source, allow_pickle)
+    kwargs = dict(dtype=compute_dtype(spec), trust_remote_code=spec.trust_remote_code, revision=spec.revision,
+                  use_safetensors=None if allow_pickle else True)
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # this process's GPU
     if lora.qlora:
         kwargs["quantization_config"] = _bnb_config(kwargs["dtype"])
     if kind == "reward":
@@ -213,6 +218,27 @@ def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, ki
     else:
         auto = AutoModelForCausalLM
     return _hub_guard(source, lambda local_only: auto.from_pretrained(source, local_files_only=local_only, **kwargs))
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def pickle_allowed(spec: ModelSpec) -> bool:
+    """--allow-pickle (align --allow-pickle ...) or model.allow_pickle in a config."""
+    return spec.allow_pickle or os.environ.get("ALIGN_ALLOW_PICKLE") == "1"
+
+
+def _check_weights_format(source: str, allow_pickle: bool) -> None:
+    """Safetensors only, unless asked: unpickling a .bin/.pt file can run any code it carries."""
+    path = Path(source)
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+    if pickled:
+        raise ModelError(
+            f"{path}: holds only pickled weights ({pickled[0]}), and loading a pickle can run code hidden in it; "
+            "convert it to safetensors, or pass align --allow-pickle ... if you trust where it came from"
+        )
 
 
 def _check_architecture(source: str, spec: ModelSpec, kind: str) -> None:
@@ -258,8 +284,12 @@ def save_stage_model(trained, tokenizer, out: Path, spec: ModelSpec, source: str
     """Write a directly loadable full model to `out` (adapter kept in out/adapter when LoRA was used).
 
     LoRA adapters are merged into a freshly loaded full-precision base, so QLoRA outputs are
-    not merged into (and degraded by) 4-bit weights.
+    not merged into (and degraded by) 4-bit weights. In a multi-process run the main process writes.
     """
+    from align import distributed
+
+    if not distributed.is_main():
+        return
     tokenizer.save_pretrained(out)
     if not lora.enabled:
         trained.save_pretrained(out)

@@ -13,12 +13,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from align import distributed
 from align.checkpoints import has_started, is_complete, is_up_to_date, read_manifest
 from align.config import StageConfig
 from align.errors import OutputError
 from align.recipe import Recipe
 
 log = logging.getLogger("align")
+
+# Stages that do not train: in a multi-process run the main process does their work alone.
+MAIN_PROCESS_STAGES = frozenset({"generate", "eval", "critique", "label", "merge"})
 
 
 @dataclass
@@ -37,7 +41,24 @@ def run_stage(config: StageConfig) -> Path:
         log.info("%s is already complete; nothing to resume", config.output)
         return Path(config.output)
     module = importlib.import_module(f"align.stages.{config.stage}")
-    return module.run(config)
+    train = getattr(config, "train", None)
+    if train is not None:
+        # New heads (a reward model's score layer) and LoRA matrices are drawn before the trainer
+        # seeds anything: seed here, so the same seed gives the same run in any process.
+        from transformers import set_seed
+
+        set_seed(train.seed)
+    if distributed.launched() and config.stage in MAIN_PROCESS_STAGES:
+        # Sampling and scoring stages run on the main process; the others wait for its output.
+        if distributed.is_main():
+            with distributed.alone():
+                out = module.run(config)
+        else:
+            out = Path(config.output)
+    else:
+        out = module.run(config)
+    distributed.barrier()
+    return out
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> list[StageResult]:

@@ -230,6 +230,10 @@ def save_value(roles: Roles, out: Path) -> None:
     """Keep the value function (adapter + head, or full model) for resuming or further training."""
     from safetensors.torch import save_file
 
+    from align import distributed
+
+    if not distributed.is_main():
+        return
     out.mkdir(parents=True, exist_ok=True)
     if roles.shared_base:
         roles.policy.save_pretrained(out, selected_adapters=[VALUE])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, trim_metrics
+from align import distributed
+from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, prune_checkpoints, trim_metrics
 from align.config import TrainStageConfig
 from align.errors import ConfigError, TrainingError
 
@@ -29,6 +32,9 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
     if config.train.report_to != "none":
         check_tracker(config.train.report_to)
     eval_steps = train.eval_steps or train.save_steps
+    processes = distributed.world_size()
+    log.info("batch: %d per device x %d accumulation x %d process(es) = %d rows per optimizer step",
+             train.batch_size, train.grad_accum, processes, train.batch_size * train.grad_accum * processes)
     return args_cls(
         output_dir=str(out / CHECKPOINTS),
         max_steps=train.max_steps or -1,
@@ -52,6 +58,7 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
         gradient_checkpointing=train.gradient_checkpointing,
+        ddp_find_unused_parameters=False,  # every trainable tensor (adapters, heads) takes part in each step
         report_to=[] if train.report_to == "none" else [train.report_to],
         use_cpu=not on_gpu,
         bf16=precision == torch.bfloat16,
@@ -123,8 +130,36 @@ def keep_adapters_in_compute_dtype(trainer, config: TrainStageConfig) -> None:
             param.data = param.data.to(dtype)
 
 
+def stage_checkpoints(trainer) -> None:
+    """Make the Trainer's checkpoints appear whole or not at all.
+
+    transformers writes checkpoint-N in place, file by file; a run killed mid-save would leave a
+    half checkpoint that looks like the newest. Each one is written under checkpoints/.staging
+    and renamed into place once every process has written its part (RNG states are per process).
+    """
+    save, root = trainer._save_checkpoint, Path(trainer.args.output_dir)
+    staging = root / ".staging"
+
+    def staged_save(model, trial):
+        trainer.args.output_dir = str(staging)
+        try:
+            save(model, trial)
+        finally:
+            trainer.args.output_dir = str(root)
+        distributed.barrier()
+        if trainer.args.should_save:
+            name = f"checkpoint-{trainer.state.global_step}"
+            shutil.rmtree(root / name, ignore_errors=True)
+            os.replace(staging / name, root / name)
+            prune_checkpoints(root, trainer.args.save_total_limit or 1 << 30)
+        distributed.barrier()
+
+    trainer._save_checkpoint = staged_save
+
+
 def run_training(trainer, out: Path, resume: bool) -> dict[str, float]:
     """Train (from the newest checkpoint when resuming); return the final metrics."""
+    stage_checkpoints(trainer)
     if not log.isEnabledFor(logging.INFO):
         trainer.remove_callback(PrinterCallback)
     checkpoint = latest_checkpoint(out) if resume else None

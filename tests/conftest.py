@@ -85,6 +85,11 @@ def prompts_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(5)])
 
 
+@pytest.fixture
+def ppo_prompts(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "ppo_prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(32)])
+
+
 def interrupt_on_call(monkeypatch, owner, name: str, call: int):
     """Make `owner.name` raise KeyboardInterrupt (as Ctrl-C would) on its `call`-th call.
 

@@ -140,7 +140,8 @@ def test_recipe_file_errors(tmp_path):
         load_recipe(write(tmp_path, "stagez: []\n"))
 
 
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+RECIPES = sorted(set((ROOT / "recipes").rglob("*.yaml")) - set(ACCELERATE_CONFIGS))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
@@ -153,6 +154,21 @@ def test_every_shipped_recipe_validates_and_its_data_exists(path):
             produced = any(Path(data_file) == out or out in Path(data_file).parents for out in made)
             assert produced or Path(data_file).is_file(), f"{path}: {config.name} reads missing {data_file}"
         made.append(Path(config.output))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
+def test_shipped_accelerate_configs_are_what_accelerate_reads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    expected = {"ddp.yaml": "MULTI_GPU", "multi-node.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP",
+                "zero2.yaml": "DEEPSPEED", "zero3.yaml": "DEEPSPEED"}[path.name]
+    assert str(config.distributed_type).endswith(expected)
+    assert config.num_processes >= 2
+    if path.name.startswith("zero"):
+        assert config.deepspeed_config["zero_stage"] == int(path.name[4])
+    if path.name == "multi-node.yaml":
+        assert config.num_machines == 2 and config.main_process_ip
 
 
 def test_there_are_recipes_to_check():

@@ -9,11 +9,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_clean_failure, interrupt_on_call, write_jsonl
 
-@pytest.fixture
-def ppo_prompts(tmp_path):
-    return write_jsonl(tmp_path / "ppo_prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(32)])
-
-
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -64,10 +59,43 @@ def test_behaviour_logprobs_from_sampling_equal_a_fresh_forward(tiny_model):
         # Prompts of different lengths: left padding and position ids must be handled alike.
         prompts = [prompt_ids(tokenizer, "Tell me" + " more" * i, True) for i in range(5)]
         with roles.acting() as policy:
-            rollout = sample_rollout(policy, tokenizer, prompts, 8, 0.7)
+            rollout = sample_rollout(policy, tokenizer, prompts, 8, 0.7, seeds=list(range(5)))
             inputs = (*sequences(rollout), rollout.query.shape[1], rollout.response.shape[1])
             again = token_logprobs(response_logits(policy, *inputs), rollout.response, 0.7)
         assert torch.allclose(again * rollout.response_mask, rollout.logprobs, atol=1e-5)
+
+
+def test_a_rows_sample_depends_on_its_seed_not_on_its_batch(tiny_model):
+    from align.config import ModelSpec
+    from align.generation import prompt_ids, sample_rollout
+    from align.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSpec(path="tiny"), str(tiny_model), padding_side="left")
+    model = load_model(ModelSpec(path="tiny"), str(tiny_model))
+    prompts = [prompt_ids(tokenizer, "Tell me" + " more" * i, True) for i in range(4)]
+    whole = sample_rollout(model, tokenizer, prompts, 8, 1.0, seeds=[10, 11, 12, 13])
+    halves = [sample_rollout(model, tokenizer, prompts[i:i + 2], 8, 1.0, seeds=[10 + i, 11 + i]) for i in (0, 2)]
+    for i in range(4):
+        half = halves[i // 2]
+        n = int(half.response_mask[i % 2].sum())
+        assert n == int(whole.response_mask[i].sum())
+        assert torch.equal(half.response[i % 2, :n], whole.response[i, :n])
+        assert torch.allclose(half.logprobs[i % 2, :n], whole.logprobs[i, :n], atol=1e-5)
+    other = sample_rollout(model, tokenizer, prompts, 8, 1.0, seeds=[20, 21, 22, 23])
+    assert not torch.equal(other.response[:, :4], whole.response[:, :4])
+
+
+def test_row_seeded_sampling_draws_from_the_tempered_softmax():
+    from align.generation import RowSeededSampler
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    rows = 4000
+    sampler = RowSeededSampler(list(range(rows)), temperature=0.5)
+    noisy = sampler(None, logits.expand(rows, 4).clone())
+    counts = torch.bincount(noisy.argmax(-1), minlength=4).float() / rows
+    expected = torch.softmax(logits / 0.5, -1)
+    assert torch.allclose(counts, expected, atol=0.02)  # 4000 draws: standard error <= 0.008
+    assert torch.allclose(sampler.logprobs[0], torch.log(expected)[noisy.argmax(-1)], atol=1e-6)
 
 
 def test_lora_ppo_keeps_one_base_for_policy_value_and_reference(tiny_model):
@@ -247,7 +275,8 @@ def test_score_penalties_normalisation_and_clipping():
     moments = RunningMoments()
     settings = SimpleNamespace(reward_norm=True, reward_clip=0.5)
     # mean 2, std 1: (1-2)/1 = -1 -> clipped to -0.5; (3-2)/1 = 1 -> 0.5
-    assert _normalise(torch.tensor([1.0, 3.0]), moments, settings).tolist() == pytest.approx([-0.5, 0.5])
+    scores = torch.tensor([1.0, 3.0])
+    assert _normalise(scores, scores, moments, settings).tolist() == pytest.approx([-0.5, 0.5])
 
 
 def test_ppo_with_a_reward_model_of_another_tokenizer_adaptive_kl_and_early_stop(align, ppo_prompts, tmp_path, tiny_model):

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align import losses
+from align import distributed, generation, losses
 from align.checkpoints import (
     append_metrics, latest_checkpoint, load_loop_state, prepare_output, save_loop_state, trim_metrics, write_manifest,
 )
 from align.config import ModelSpec, PPOConfig
 from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
-from align.errors import DataError, TrainingError
+from align.errors import ConfigError, DataError, TrainingError
 from align.generation import Rollout, prompt_ids, response_logits, response_values, sample_rollout, sequences
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.judge import JudgeReward
@@ -72,6 +72,11 @@ class Batch:
 
 def run(config: PPOConfig) -> Path:
     out, started, settings = Path(config.output), time.time(), config.ppo
+    if distributed.sharded_engine():
+        raise ConfigError(
+            f"align ppo runs data-parallel (every process holds the models), not under {distributed.sharded_engine()}; "
+            "launch it with --num-processes N or recipes/accelerate/ddp.yaml"
+        )
     check_lora_possible(config.lora)
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
@@ -97,45 +102,50 @@ def run(config: PPOConfig) -> Path:
     roles.train(False)  # no dropout anywhere: PPO's ratio must be 1 before the first step
     params = roles.trainable()
     optimizer = _optimizer(params, config)
-    updates = min(settings.episodes // config.train.batch_size, config.train.max_steps or 1 << 30)
+    # The rollout batch is per process; each update samples the global batch, a shard per process.
+    global_batch = config.train.batch_size * distributed.world_size()
+    updates = min(settings.episodes // global_batch, config.train.max_steps or 1 << 30)
     scheduler = _scheduler(config, optimizer, updates)
     kl = losses.AdaptiveKLController(settings.kl_coef, settings.target_kl or 1.0, settings.kl_horizon)
     moments = losses.RunningMoments()
-    generator = torch.Generator().manual_seed(config.train.seed)
-    first, extra = load_loop_state(out, params, optimizer, scheduler, generator) if config.resume else (0, {})
+    first, extra = load_loop_state(out, params, optimizer, scheduler) if config.resume else (0, {})
     if first:
         log.info("resuming %s after update %d", out, first)
         kl.value = extra["kl_coef"]
         moments.mean, moments.var, moments.count = extra["moments"]
     trim_metrics(out, first)
-    log.info("ppo: %d updates of %d rollouts, %s trainable parameters, value from %s",
-             updates, config.train.batch_size, f"{sum(p.numel() for p in params.values()):,}", value_source or "scratch")
+    log.info("ppo: %d updates of %d rollouts (%d per process x %d), %s trainable parameters, value from %s",
+             updates, global_batch, config.train.batch_size, distributed.world_size(),
+             f"{sum(p.numel() for p in params.values()):,}", value_source or "scratch")
 
     tracker = _tracker(config, out)
     baseline = _baseline(out, first, roles, tokenizer, held_out, reward, config)
     metrics: dict[str, float] = {}
     for step in tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO)):
         timer = time.perf_counter()
-        picked = _batch_indices(len(prompts.ids), config.train.batch_size, step, config.train.seed)
+        rows = _shard(_batch_indices(len(prompts.ids), global_batch, step, config.train.seed), config.train.batch_size)
+        picked = [index for _, index in rows]
+        seeds = [generation.row_seed(config.train.seed, step, row) for row, _ in rows]
         with _compute(config, roles):
-            rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], settings, out)
+            rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], settings, out, seeds)
         generated = time.perf_counter()
         completions = _decode(tokenizer, rollout)
         raw_scores = _score(reward, [prompts.raw[i] for i in picked], completions, rollout.finished, settings.missing_eos_penalty)
-        scores = _normalise(raw_scores, moments, settings)
+        all_scores = distributed.gather(raw_scores)
+        scores = _normalise(raw_scores, all_scores, moments, settings)
         with _compute(config, roles):
             batch = _score_batch(roles, rollout, scores, settings, kl.value)
         scored = time.perf_counter()
         _release_memory()
-        train_stats = _update(roles, optimizer, batch, config, params, generator, out)
+        train_stats = _update(roles, optimizer, batch, config, params, step, out)
         scheduler.step()
         _release_memory()
         # Reported KL (and the adaptive controller's input) uses k3: unbiased and never negative,
         # whatever estimator shapes the rewards.
-        sequence_kl = (losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1).mean().item()
+        sequence_kl = distributed.all_mean({"kl": (losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1).mean().item()})["kl"]
         if settings.target_kl:
-            kl.update(sequence_kl, config.train.batch_size)
-        metrics = _update_metrics(step, config, raw_scores, sequence_kl, batch, rollout, scheduler, kl, train_stats)
+            kl.update(sequence_kl, global_batch)
+        metrics = _update_metrics(step, global_batch, all_scores, sequence_kl, batch, rollout, scheduler, kl, train_stats)
         metrics.update(time_generate=generated - timer, time_score=scored - generated, time_train=time.perf_counter() - scored)
         if settings.eval_every and held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == updates):
             metrics.update(_evaluate(roles, tokenizer, held_out, reward, config))
@@ -146,7 +156,7 @@ def run(config: PPOConfig) -> Path:
             _log_samples(out, step + 1, [prompts.raw[i] for i in picked], completions, raw_scores)
         if (step + 1) % config.train.save_steps == 0 and step + 1 < updates:
             extra = {"kl_coef": kl.value, "moments": [moments.mean, moments.var, moments.count]}
-            save_loop_state(out, step + 1, params, optimizer, scheduler, generator, extra, config.train.save_total_limit)
+            save_loop_state(out, step + 1, params, optimizer, scheduler, extra, config.train.save_total_limit)
 
     if tracker:
         tracker.end_training()
@@ -262,6 +272,12 @@ def _scheduler(config: PPOConfig, optimizer, updates: int):
     return get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(updates, 1))
 
 
+def _shard(indices: list[int], per_process: int) -> list[tuple[int, int]]:
+    """This process's (global row, prompt index) pairs of an update's global batch."""
+    start = distributed.rank() * per_process
+    return list(enumerate(indices))[start:start + per_process]
+
+
 def _batch_indices(count: int, batch: int, step: int, seed: int) -> list[int]:
     """Prompts for update `step`: passes over a seeded shuffle, so a resumed run sees the same ones."""
     start = step * batch
@@ -284,10 +300,10 @@ def _compute(config: PPOConfig, roles: Roles):
     return autocast(config.train.precision, next(roles.policy.parameters()).device)
 
 
-def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], settings, out: Path) -> Rollout:
+def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], settings, out: Path, seeds: list[int]) -> Rollout:
     try:
         with roles.acting() as policy:
-            return sample_rollout(policy, tokenizer, prompts, settings.max_new_tokens, settings.temperature)
+            return sample_rollout(policy, tokenizer, prompts, settings.max_new_tokens, settings.temperature, seeds)
     except RuntimeError as exc:
         if "inf" in str(exc) or "nan" in str(exc):  # torch.multinomial on a diverged policy
             _diverged(out, "the policy's probabilities became NaN/inf while sampling")
@@ -310,9 +326,10 @@ def _score(reward, prompts: list, completions: list[str], finished: torch.Tensor
     return scores
 
 
-def _normalise(scores: torch.Tensor, moments: losses.RunningMoments, settings) -> torch.Tensor:
+def _normalise(scores: torch.Tensor, all_scores: torch.Tensor, moments: losses.RunningMoments, settings) -> torch.Tensor:
+    """This process's scores, normalised by running moments of every process's scores."""
     if settings.reward_norm:
-        moments.update(scores)
+        moments.update(all_scores)
         scores = (scores - moments.mean) / moments.std
     if settings.reward_clip:
         scores = scores.clamp(-settings.reward_clip, settings.reward_clip)
@@ -332,7 +349,7 @@ def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings,
     rewards, non_score = losses.shaped_rewards(scores, kl, mask, kl_coef)
     advantages, returns = losses.gae(rewards, values, mask, settings.gamma, settings.lam)
     if settings.whiten_advantages:
-        advantages = losses.masked_whiten(advantages, mask)
+        advantages = losses.masked_whiten(advantages, mask, total=distributed.all_sum)  # over the global batch
     return Batch(
         input_ids, attention_mask, position_ids, rollout.query.shape[1], rollout.response, mask,
         rollout.logprobs, ref_logprobs, values, advantages, returns, kl, non_score,
@@ -343,32 +360,39 @@ def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings,
 # Updates
 
 
-def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: dict, generator, out: Path) -> dict[str, float]:
+def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: dict, step: int, out: Path) -> dict[str, float]:
     """ppo_epochs passes of shuffled mini-batches; the policy and value losses are back-propagated
-    separately because, on a shared base, each needs its own adapter switched on."""
+    separately because, on a shared base, each needs its own adapter switched on.
+
+    With several processes each shuffles its own shard, and a global mini-batch is the union of
+    theirs. Each process's losses are weighted by its share of the mini-batch's tokens and the
+    gradients averaged, so the step is the one a single process would take on the union."""
     settings, size = config.ppo, batch.response.shape[0]
     step_size = size // settings.mini_batches
     stats: dict[str, list[float]] = defaultdict(list)
-    for _ in range(settings.ppo_epochs):
+    for epoch in range(settings.ppo_epochs):
+        generator = torch.Generator().manual_seed(generation.row_seed(config.train.seed, step, epoch) + distributed.rank())
         order, epoch_kl = torch.randperm(size, generator=generator), []
         for start in range(0, size, step_size):
             idx = order[start:start + step_size]
             mask = batch.mask[idx]
+            share = _token_share(mask)
             with roles.acting() as policy, _compute(config, roles):
                 logits = response_logits(policy, *batch.inputs(idx)).cpu()
                 logprobs = losses.token_logprobs(logits, batch.response[idx], settings.temperature)
                 pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, settings.clip_range)
                 if settings.entropy_coef:
                     entropy = losses.masked_mean(losses.entropy_from_logits(logits / settings.temperature), mask)
-                    (pg_loss - settings.entropy_coef * entropy).backward()
+                    (share * (pg_loss - settings.entropy_coef * entropy)).backward()
                 else:  # only logged: keep its (B, T, vocab) graph out of the backward pass
-                    pg_loss.backward()
+                    (share * pg_loss).backward()
                     with torch.no_grad():
                         entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / settings.temperature), mask)
             with roles.valuing() as value_body, _compute(config, roles):
                 values = response_values(value_body, roles.value_head, *batch.inputs(idx)).cpu()
                 vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
-                (settings.vf_coef * vf_loss).backward()
+                (share * settings.vf_coef * vf_loss).backward()
+            distributed.average_gradients(params.values())
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.train.max_grad_norm)
             if not all(math.isfinite(float(x)) for x in (pg_loss, vf_loss, grad_norm)):
                 _diverged(out, "a PPO loss or gradient became NaN/inf")
@@ -380,10 +404,19 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
                                **pg_stats, **vf_stats}.items():
                 stats[key].append(float(value.detach() if torch.is_tensor(value) else value))
             epoch_kl.append(float(pg_stats["approx_kl"]))
-        if settings.early_stop_kl and sum(epoch_kl) / len(epoch_kl) > settings.early_stop_kl:
+        # Every process takes the same decision (they would wait for each other forever otherwise).
+        if settings.early_stop_kl and distributed.all_mean({"kl": sum(epoch_kl) / len(epoch_kl)})["kl"] > settings.early_stop_kl:
             stats["early_stopped"].append(1.0)
             break
-    return {key: sum(values) / len(values) for key, values in stats.items()}
+    return distributed.all_mean({key: sum(values) / len(values) for key, values in stats.items()})
+
+
+def _token_share(mask: torch.Tensor) -> float:
+    """This process's response tokens in the mini-batch, relative to an equal share (1.0 on one process)."""
+    if not distributed.launched():
+        return 1.0
+    local = mask.sum()
+    return float(local * distributed.world_size() / distributed.all_sum(local).clamp(min=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,16 +424,18 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
 
 
 @torch.no_grad()
-def _update_metrics(step: int, config: PPOConfig, raw_scores, sequence_kl: float, batch: Batch, rollout: Rollout,
+def _update_metrics(step: int, global_batch: int, all_scores, sequence_kl: float, batch: Batch, rollout: Rollout,
                     scheduler, kl, train_stats: dict) -> dict[str, float]:
-    """What one update logs (README, PPO section)."""
-    return {
-        "step": step + 1, "episodes": (step + 1) * config.train.batch_size,
-        "score": raw_scores.mean().item(), "score_std": raw_scores.std().item(), "kl": sequence_kl,
+    """What one update logs (README, PPO section), over the global batch."""
+    shard_means = distributed.all_mean({
         "non_score_reward": batch.non_score.sum(1).mean().item(), "kl_penalty": batch.kl.sum(1).mean().item(),
         "explained_variance": losses.explained_variance(batch.values, batch.returns, batch.mask).item(),
         "response_length": rollout.response_mask.sum(1).float().mean().item(),
         "eos_rate": rollout.finished.float().mean().item(),
+    })
+    return {
+        "step": step + 1, "episodes": (step + 1) * global_batch,
+        "score": all_scores.mean().item(), "score_std": all_scores.std().item(), "kl": sequence_kl, **shard_means,
         "learning_rate": scheduler.get_last_lr()[0], "kl_coef": kl.value, **train_stats,
     }
 
@@ -413,19 +448,23 @@ def _diverged(out: Path, what: str) -> None:
 
 @torch.no_grad()
 def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConfig) -> dict[str, float]:
-    """Mean reward, length and EOS rate of sampled responses on held-out prompts."""
-    scores, lengths, finished = [], [], []
-    for start in range(0, len(prompts.ids), config.train.batch_size):
-        chunk = slice(start, start + config.train.batch_size)
+    """Mean reward, length and EOS rate of sampled responses on held-out prompts (each process
+    samples every world_size-th prompt; the same seeds each time, so evals compare like with like)."""
+    mine = list(range(distributed.rank(), len(prompts.ids), distributed.world_size()))
+    totals = torch.zeros(4, dtype=torch.float64)  # score, length, finished, count
+    for start in range(0, len(mine), config.train.batch_size):
+        chunk = mine[start:start + config.train.batch_size]
+        seeds = [generation.row_seed(config.train.seed, -1, i) for i in chunk]
         with roles.acting() as policy, _compute(config, roles):
-            rollout = sample_rollout(policy, tokenizer, prompts.ids[chunk], config.ppo.max_new_tokens, config.ppo.temperature)
-        scores.append(reward(prompts.raw[chunk], _decode(tokenizer, rollout)).float())
-        lengths.append(rollout.response_mask.sum(1).float())
-        finished.append(rollout.finished.float())
+            rollout = sample_rollout(policy, tokenizer, [prompts.ids[i] for i in chunk], config.ppo.max_new_tokens,
+                                     config.ppo.temperature, seeds)
+        scores = reward([prompts.raw[i] for i in chunk], _decode(tokenizer, rollout)).float()
+        totals += torch.tensor([scores.sum(), rollout.response_mask.sum(), rollout.finished.sum(), len(chunk)], dtype=torch.float64)
+    totals = distributed.all_sum(totals)
     return {
-        "eval_score": torch.cat(scores).mean().item(),
-        "eval_response_length": torch.cat(lengths).mean().item(),
-        "eval_eos_rate": torch.cat(finished).mean().item(),
+        "eval_score": (totals[0] / totals[3]).item(),
+        "eval_response_length": (totals[1] / totals[3]).item(),
+        "eval_eos_rate": (totals[2] / totals[3]).item(),
     }
 
 
@@ -468,6 +507,8 @@ def _baseline(out: Path, first: int, roles: Roles, tokenizer, held_out: Prompts 
 
 
 def _log_samples(out: Path, step: int, prompts: list, completions: list[str], scores: torch.Tensor, count: int = 3) -> None:
+    if not distributed.is_main():
+        return
     with (out / "samples.jsonl").open("a", encoding="utf-8") as handle:
         for prompt, completion, score in list(zip(prompts, completions, scores.tolist()))[:count]:
             handle.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "score": score}) + "\n")

@@ -1,0 +1,198 @@
+"""Running one align command on many processes: launching through accelerate, and what a stage
+needs to know once it runs there (its rank, the world size, the main process, reductions).
+
+`align <stage> --num-processes N` (or `--accelerate-config FILE`) re-runs the same command line
+under `accelerate launch -m align ...`; a command started by `accelerate launch` (or torchrun)
+directly runs the same way. The process group is accelerate's: NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from datetime import timedelta
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger("align")
+
+LAUNCH_FLAGS = ("--num-processes", "--accelerate-config")
+
+
+_solo = False
+
+
+def launched() -> bool:
+    """Whether this process works with others started by a launcher (accelerate, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _solo
+
+
+@contextmanager
+def alone():
+    """Work that the main process does by itself while the others wait (no collectives inside)."""
+    global _solo
+    _solo = True
+    try:
+        yield
+    finally:
+        _solo = False
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+@cache
+def state():
+    """accelerate's process state (initialises the process group once, when launched)."""
+    import torch
+    from accelerate import PartialState
+
+    # Long single-process stages (labelling, evals) keep the others waiting: a generous timeout.
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
+
+
+def barrier() -> None:
+    if launched():
+        state().wait_for_everyone()
+
+
+@contextmanager
+def main_first():
+    """The main process does the body first (creating a directory, downloading); the others follow."""
+    if launched():
+        with state().main_process_first():
+            yield
+    else:
+        yield
+
+
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the processes (metrics of equal-sized shards)."""
+    if not launched() or not values:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, (tensor / world_size()).tolist()))
+
+
+def all_sum(tensor):
+    """A tensor summed over the processes (in place on a float64 copy; returns it)."""
+    if not launched():
+        return tensor
+    import torch.distributed as dist
+
+    total = tensor.detach().double().clone()
+    dist.all_reduce(total)
+    return total.to(tensor.dtype)
+
+
+def gather(tensor):
+    """Every process's (equal-shaped) tensor, concatenated in rank order along dim 0."""
+    if not launched():
+        return tensor
+    import torch
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(params) -> None:
+    """DDP's gradient all-reduce, for our own loops: every process ends with the mean gradient."""
+    if not launched():
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def sharded_engine() -> str | None:
+    """FSDP or DeepSpeed when accelerate launched this process with one of them, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "DeepSpeed"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+
+
+def launch_command(argv: list[str], num_processes: int | None, config_file: Path | None) -> list[str]:
+    """The `accelerate launch` command line that runs `align ARGV` (ARGV without our launch flags)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file is not None:
+        command += ["--config_file", str(config_file)]
+    if num_processes is not None:
+        command += ["--num_processes", str(num_processes)]
+    if config_file is None:
+        # Without a config: one machine, plain data parallel over N processes (GPUs, or CPU with gloo).
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(_free_port())]
+        if (num_processes or 1) > 1:
+            command += ["--multi_gpu"]
+    return command + ["-m", "align", *strip_launch_flags(argv)]
+
+
+def strip_launch_flags(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in LAUNCH_FLAGS:
+            skip = True
+            continue
+        if arg.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
+            continue
+        kept.append(arg)
+    return kept
+
+
+def relaunch(num_processes: int | None, config_file: Path | None) -> int:
+    """Run this very command again under accelerate's launcher; return its exit code."""
+    from align.errors import ConfigError
+
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"--accelerate-config {config_file}: no such file (see recipes/accelerate/ for examples)")
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num-processes {num_processes}: must be at least 1")
+    command = launch_command(sys.argv[1:], num_processes, config_file)
+    log.info("launching %s process(es): %s", num_processes or "the configured", " ".join(command[3:]))
+    env = {**os.environ, "ALIGN_LAUNCHED": "1"}
+    return subprocess.call(command, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
