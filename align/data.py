@@ -97,20 +97,37 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not line:
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {number}: malformed JSON ({exc.msg}); fix or remove that line") from None
+            except _DuplicateKey as exc:
+                raise DataError(f"{path}: line {number}: has the key '{exc}' twice; keep one") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys silently; a data row like that is a mistake."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return row
+
+
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        loaded = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
+    except _DuplicateKey as exc:
+        raise DataError(f"{path}: an object has the key '{exc}' twice; keep one") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from None
     if isinstance(loaded, dict) and len(loaded) == 1 and isinstance(next(iter(loaded.values())), list):
@@ -172,6 +189,10 @@ def validate_rows(rows: list[dict], columns: tuple[str, ...], source: str) -> No
             if column not in row or row[column] is None:
                 raise DataError(f"{source}: row {index}: missing '{column}'")
             value = row[column]
+            if column == "messages" and not is_messages(value):
+                raise DataError(
+                    f"{source}: row {index}: 'messages' must be a list of {{'role', 'content'}} messages, got {type(value).__name__}"
+                )
             if isinstance(value, str):
                 if column == "prompt" or value.strip():
                     continue
