@@ -106,6 +106,10 @@ def _resolve_stage(
     merged = deep_merge({k: v for k, v in shared.items() if k in cls.model_fields}, body)
     merged["name"] = name
     merged.setdefault("output", str(output_dir / (name + FILE_OUTPUTS.get(kind, ""))))
+    # Paths written in the recipe are resolved against it; earlier stages' outputs (from:,
+    # reward_from:, data_from:) are not: they must read the same on every run of the recipe.
+    for block, key in PATH_FIELDS:
+        _resolve_relative(merged, block, key, base_dir)
     if "from" in entry:
         merged = deep_merge(merged, {"model": {"path": _resolve_from(entry["from"], where, outputs)}})
     if "reward_from" in entry:
@@ -116,8 +120,6 @@ def _resolve_stage(
             merged = deep_merge(merged, {"reward_model": {"path": reward}})
     if "data_from" in entry:
         merged = deep_merge(merged, {"data": {"path": _data_from(entry["data_from"], kind, where, outputs)}})
-    for block, key in PATH_FIELDS:
-        _resolve_relative(merged, block, key, base_dir)
     if isinstance(merged.get("constitution"), str):
         candidate = base_dir / merged["constitution"]
         if candidate.is_file():

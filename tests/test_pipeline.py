@@ -75,3 +75,20 @@ def test_version_and_help(align):
     for command in ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "generate", "eval", "report", "merge", "run", "models"):
         result = align(command, "--help")
         assert result.code == 0 and "Usage:" in result.out
+
+
+def test_a_recipe_beside_its_relative_outputs_skips_them_on_rerun(align, tmp_path, sft_file, prompts_file, monkeypatch):
+    """Stage outputs handed on by from: stay as written; resolving them against the recipe once
+    they exist made every rerun look like a changed config."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: here\noutput_dir: runs\nmodel: tiny\nstages:\n"
+        f"  - {{name: sft, data: {sft_file}, train: {{max_steps: 1}}}}\n"
+        f"  - {{name: eval, stage: eval, from: sft, prompts: {prompts_file}, sampling: {{max_new_tokens: 2}}}}\n"
+    )
+    assert align("run", recipe).code == 0
+    again = align("run", recipe)
+    assert again.code == 0, again.err
+    assert again.out.count("skipped") == 2
+    assert json.loads((tmp_path / "runs" / "eval.json.align.json").read_text())["config"]["model"]["path"] == "runs/sft"
