@@ -226,6 +226,19 @@ def _step(line: str) -> int:
         return 1 << 62  # a torn last line from a killed run: drop it
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a log that a killed run may have left with a torn last line (skipped)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
     if not distributed.is_main():
         return

@@ -5,6 +5,7 @@ The only module that knows about exit codes and terminal output.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -527,6 +528,14 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         os.environ["TQDM_DISABLE"] = "1"
 
 
+# Disk trouble mid-run (the output location was checked writable at the start).
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
+}
+DISK_ADVICE = "checkpoints written before it are kept; fix it and rerun the same command with --resume"
+
+
 def entrypoint() -> None:
     """The console script: project errors become one line and an exit code, never a traceback."""
     try:
@@ -538,6 +547,7 @@ def entrypoint() -> None:
             sys.exit(code)
     except AlignError as exc:
         typer.echo(f"align: error: {exc}", err=True)
+        distributed.record_exit(exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("align: interrupted; rerun the same command with --resume to continue", err=True)
@@ -546,6 +556,13 @@ def entrypoint() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        typer.echo(f"align: error: {DISK_ERRORS[exc.errno]}{where}; {DISK_ADVICE}", err=True)
+        distributed.record_exit(5)
+        sys.exit(5)
     except Exception as exc:
         # Usage errors (unknown command or flag) come from the click that typer vendors; they
         # know how to print themselves.

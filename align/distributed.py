@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import cache
@@ -87,20 +89,21 @@ def all_mean(values: dict[str, float]) -> dict[str, float]:
     import torch.distributed as dist
 
     keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=state().device)
     dist.all_reduce(tensor)
     return dict(zip(keys, (tensor / world_size()).tolist()))
 
 
 def all_sum(tensor):
-    """A tensor summed over the processes (in place on a float64 copy; returns it)."""
+    """A tensor summed over the processes (a float64 copy, returned in the tensor's dtype and device)."""
     if not launched():
         return tensor
+    import torch
     import torch.distributed as dist
 
-    total = tensor.detach().double().clone()
+    total = tensor.detach().to(state().device, torch.float64, copy=True)  # NCCL reduces GPU tensors only
     dist.all_reduce(total)
-    return total.to(tensor.dtype)
+    return total.to(tensor.device, tensor.dtype)
 
 
 def gather(tensor):
@@ -110,9 +113,10 @@ def gather(tensor):
     import torch
     import torch.distributed as dist
 
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    local = tensor.detach().to(state().device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
 
 
 def average_gradients(params) -> None:
@@ -179,7 +183,12 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
 
 
 def relaunch(num_processes: int | None, config_file: Path | None) -> int:
-    """Run this very command again under accelerate's launcher; return its exit code."""
+    """Run this very command again under accelerate's launcher; return its exit code.
+
+    A user mistake found by the launched processes is still one line and its exit code: they
+    record the code in ALIGN_EXIT_FILE (torchrun itself only knows "a worker failed"), each
+    process's identical error line is shown once, and the launcher's own traceback about the
+    failed worker is shown only when a worker crashed."""
     from align.errors import ConfigError
 
     if config_file is not None and not config_file.is_file():
@@ -188,8 +197,57 @@ def relaunch(num_processes: int | None, config_file: Path | None) -> int:
         raise ConfigError(f"--num-processes {num_processes}: must be at least 1")
     command = launch_command(sys.argv[1:], num_processes, config_file)
     log.info("launching %s process(es): %s", num_processes or "the configured", " ".join(command[3:]))
-    env = {**os.environ, "ALIGN_LAUNCHED": "1"}
-    return subprocess.call(command, env=env)
+    with tempfile.TemporaryDirectory(prefix="align-launch-") as scratch:
+        exit_file = Path(scratch) / "exit-code"
+        env = {**os.environ, "ALIGN_LAUNCHED": "1", EXIT_FILE: str(exit_file)}
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        held = _relay(process.stderr)
+        code = process.wait()
+        if exit_file.is_file():
+            return int(exit_file.read_text() or 1)
+    sys.stderr.write("".join(held))
+    return code
+
+
+EXIT_FILE = "ALIGN_EXIT_FILE"
+_LAUNCHER_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d")  # torchrun's own glog-style lines
+
+
+def record_exit(code: int) -> None:
+    """Called by a launched process that stops on a user mistake (see relaunch)."""
+    path = os.environ.get(EXIT_FILE)
+    if path:
+        Path(path).write_text(str(code))
+
+
+def _relay(stream) -> list[str]:
+    """Copy the launched processes' stderr to ours as it comes (progress bars included), each
+    distinct `align: error:` line once; hold back the launcher's own reports. Returns those."""
+    held: list[str] = []
+    seen: set[str] = set()
+    pending, launcher_traceback = "", False
+    while chunk := os.read(stream.fileno(), 65536):
+        pending += chunk.decode("utf-8", errors="replace")
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            line += "\n"
+            if line.startswith("align: error:"):
+                if line not in seen:
+                    seen.add(line)
+                    sys.stderr.write(line)
+            elif launcher_traceback or _LAUNCHER_LOG.match(line) or line.startswith("Traceback"):
+                launcher_traceback = launcher_traceback or line.startswith("Traceback")
+                held.append(line)
+            else:
+                sys.stderr.write(line)
+        if "\r" in pending and not launcher_traceback:  # a progress bar redrawing itself
+            cut = pending.rindex("\r") + 1
+            sys.stderr.write(pending[:cut])
+            pending = pending[cut:]
+        sys.stderr.flush()
+    if pending:
+        sys.stderr.write(pending)
+    return held
 
 
 def _free_port() -> int:

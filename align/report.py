@@ -13,7 +13,7 @@ import html
 import json
 from pathlib import Path
 
-from align.checkpoints import METRICS, atomic_write_text, read_manifest
+from align.checkpoints import METRICS, atomic_write_text, read_manifest, read_records
 from align.data import last_text
 from align.errors import OutputError
 
@@ -43,7 +43,7 @@ def write_report(run_dir: Path) -> Path:
     for stage_dir in stages:
         manifest = read_manifest(stage_dir) or {}
         kind = manifest.get("stage") or _guess_kind(stage_dir)
-        records = [json.loads(line) for line in (stage_dir / METRICS).read_text().splitlines() if line.strip()]
+        records = read_records(stage_dir / METRICS)
         images = [_plot_curves(records, keys, out / f"{stage_dir.name}-{i}.png", stage_dir.name) for i, keys in enumerate(CURVES.get(kind, []))]
         if kind == "ppo":
             images.append(_plot_reward_vs_kl(records, out / f"{stage_dir.name}-reward-vs-kl.png"))
@@ -104,7 +104,7 @@ def _ppo_samples(stage_dir: Path) -> list[dict]:
     path = stage_dir / "samples.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_records(path)
     if not rows:
         return []
     first, last = rows[0]["step"], rows[-1]["step"]

@@ -104,7 +104,7 @@ def build_roles(spec: ModelSpec, source: str, lora: LoraSpec, value_source: str 
         policy = get_peft_model(policy, peft_config(lora), adapter_name=POLICY)
         policy.add_adapter(VALUE, peft_config(lora))
         policy.set_adapter(POLICY)
-        head = nn.Linear(width, 1).to(policy.dtype if not lora.qlora else torch.float32)
+        head = nn.Linear(width, 1).to(next(policy.parameters()).device, policy.dtype if not lora.qlora else torch.float32)
         _init_head(head, value_source, spec, pad_token_id, width)
         return Roles(policy=policy, value_head=head, value_model=None, reference=None)
     reference = load_model(spec, source).eval().requires_grad_(False)

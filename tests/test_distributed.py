@@ -44,8 +44,13 @@ def run_both(align, tmp_path, args: list[str], batch: int, per_device: int):
 
 
 def test_sft_on_two_processes_matches_one(align, sft_file, tmp_path):
-    one, two = run_both(align, tmp_path, ["sft", "-m", "tiny", "-d", sft_file, "--max-steps", "3", *NO_DROPOUT], 8, 4)
+    args = ["sft", "-m", "tiny", "-d", sft_file, "--max-steps", "3", "--set", "train.save_steps=1", *NO_DROPOUT]
+    one, two = run_both(align, tmp_path, args, 8, 4)
     assert_same_curve(one, two, "loss")
+    # Checkpoints were staged and renamed once both processes had written their RNG states.
+    newest = two / "checkpoints" / "checkpoint-3"
+    assert (newest / "rng_state_0.pth").is_file() and (newest / "rng_state_1.pth").is_file()
+    assert not list((two / "checkpoints" / ".staging").glob("checkpoint-*"))
 
 
 def test_dpo_on_two_processes_matches_one(align, pairs_file, tmp_path):
@@ -80,3 +85,39 @@ def test_a_bad_launch_is_one_line(align, sft_file, tmp_path):
     assert_clean_failure(align("sft", "-m", "tiny", "-d", sft_file, "-o", tmp_path / "o", "--accelerate-config", tmp_path / "nope.yaml"),
                          2, "nope.yaml: no such file", "recipes/accelerate")
     assert not (tmp_path / "o").exists()
+    # A mistake found by the launched processes: their one line (once, not once per process), its
+    # exit code, and none of the launcher's report about a failed worker.
+    result = align("sft", "-m", "tiny", "-d", tmp_path / "missing.jsonl", "-o", tmp_path / "o", "--num-processes", "2")
+    assert_clean_failure(result, 3, "missing.jsonl: data file not found")
+    assert "ChildFailedError" not in result.err
+
+
+def test_grpo_on_two_processes(align, ppo_prompts, reward_file, tmp_path):
+    out = tmp_path / "grpo"
+    result = align("grpo", "-m", "tiny", "-p", ppo_prompts, "--reward-fn", f"{reward_file}:share_of_e", "-o", out,
+                   "--max-steps", "2", "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4", "--num-processes", "2")
+    assert result.code == 0, result.err
+    assert len(curve(out, "loss")) == 2  # two steps, logged once
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_recipe_on_two_processes(align, sft_file, prompts_file, tmp_path):
+    """Training stages run on both processes; generate and eval on the main one while the other waits."""
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "two", "output_dir": str(tmp_path / "runs"), "model": "tiny",
+        "stages": [
+            {"name": "sft", "data": str(sft_file), "train": {"max_steps": 2, "batch_size": 2}},
+            {"name": "samples", "stage": "generate", "from": "sft", "prompts": str(prompts_file),
+             "sampling": {"max_new_tokens": 4, "num_samples": 2}},
+            {"name": "eval", "stage": "eval", "from": "sft", "prompts": str(prompts_file), "sampling": {"max_new_tokens": 4}},
+        ],
+    }))
+    result = align("run", recipe, "--num-processes", "2")
+    assert result.code == 0, result.err
+    runs = tmp_path / "runs"
+    assert len((runs / "samples.jsonl").read_text().splitlines()) == 5 * 2  # written once, by one process
+    assert json.loads((runs / "eval.json").read_text())["samples"] == 5
+    assert (runs / "report" / "report.html").is_file()

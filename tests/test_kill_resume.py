@@ -101,3 +101,56 @@ def test_online_stages_resume_bitwise_after_sigkill(align, ppo_prompts, reward_f
     straight, killed, step = straight_and_resumed(align, tmp_path, stage, args)
     a, b = weights(straight), weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a), f"differs after a kill at step {step} (ALIGN_KILL_SEED={SEED})"
+
+
+# -- stages that write rows: killed anywhere (mid-chunk, mid-write), resumed, nothing lost or doubled
+
+
+def kill_after_chunks(args: list[str], progress, chunks: int, timeout: float = 240) -> None:
+    """Start `align ARGS` and SIGKILL it once its progress record counts `chunks` finished units."""
+    process = subprocess.Popen([sys.executable, "-m", "align", "-q", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        try:
+            done = json.loads(progress.read_text())["done"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= chunks:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before {chunks} chunks: {process.stderr.read().decode()[-800:]}"
+
+
+def test_label_killed_mid_run_resumes_to_the_same_file(align, tmp_path):
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"How was movie {i}?", "chosen": f"It was wonderful, thanks ({i})!", "rejected": f"Awful {i}."} for i in range(40)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    args = ["label", "--judge", "tiny", "--pairs", pairs, "--question", "Which is kinder?", "--batch-size", "1"]
+    straight, killed = tmp_path / "straight.jsonl", tmp_path / "killed.jsonl"
+    assert align(*args, "-o", straight).code == 0
+    units = random.Random(f"{SEED}-label").randint(1, 30)
+    kill_after_chunks([*args, "-o", killed], tmp_path / "killed.jsonl.progress.json", units)
+    assert not killed.exists()  # only the .partial file: nothing looks finished
+    result = align(*args, "-o", killed, "--resume")
+    assert result.code == 0, (units, SEED, result.err)
+    assert killed.read_bytes() == straight.read_bytes()
+
+
+def test_critique_killed_mid_run_resumes_to_the_same_files(align, tmp_path):
+    from conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(16)])
+    args = ["critique", "-m", "tiny", "-p", prompts, "--no-few-shot", "--max-new-tokens", "6", "--batch-size", "1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert align(*args, "-o", straight).code == 0
+    units = random.Random(f"{SEED}-critique").randint(1, 12)
+    kill_after_chunks([*args, "-o", killed], killed / "progress.json", units)
+    assert not (killed / "align.json").exists()
+    result = align(*args, "-o", killed, "--resume")
+    assert result.code == 0, (units, SEED, result.err)
+    for name in ("sft.jsonl", "pairs.jsonl", "trace.jsonl"):
+        assert (killed / name).read_bytes() == (straight / name).read_bytes()
