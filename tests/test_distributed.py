@@ -3,7 +3,9 @@ the loss curve matches a one-process run with the same global batch.
 
 Tolerance: the two runs add the same numbers in a different order (per-process partial sums,
 then an all-reduce), so they agree to float32 rounding, compounded over a few optimizer steps:
-we allow 1e-4 relative (seen: about 1e-6).
+we allow 1e-4 relative or 1e-6 absolute. Seen: sft and dpo losses and PPO's value loss within
+2e-7 relative; PPO's scores identical (the same samples); its policy loss, which sits near 0,
+within 1e-8 absolute.
 """
 
 from __future__ import annotations
