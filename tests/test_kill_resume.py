@@ -154,3 +154,46 @@ def test_critique_killed_mid_run_resumes_to_the_same_files(align, tmp_path):
     assert result.code == 0, (units, SEED, result.err)
     for name in ("sft.jsonl", "pairs.jsonl", "trace.jsonl"):
         assert (killed / name).read_bytes() == (straight / name).read_bytes()
+
+
+# -- stages that write one file at the end (generate, eval): killed mid-sampling, they leave no
+# file that looks finished, and the rerun writes what an uninterrupted run writes
+
+
+def kill_when_progress(args: list[str], bar: str, timeout: float = 240) -> None:
+    """Start `align ARGS` (progress bars on) and SIGKILL it once the `bar` progress bar has moved."""
+    import re
+    import threading
+
+    process = subprocess.Popen([sys.executable, "-m", "align", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(256).decode(errors="replace"), "")))
+    reader.start()
+    pattern = re.compile(re.escape(bar) + r":\s+([1-9]\d?)%")  # 1% to 99%: mid-run
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if pattern.search("".join(seen)):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    process.wait()
+    reader.join()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before {bar} was half done: {''.join(seen)[-800:]}"
+
+
+@pytest.mark.parametrize("stage", ["generate", "eval"])
+def test_file_stages_killed_mid_sampling_leave_nothing_finished(align, tmp_path, stage):
+    from conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(96)])
+    args = [stage, "-m", "tiny", "-p", prompts, "--max-new-tokens", "24", "--batch-size", "2", "--num-samples", "2"]
+    args += ["--no-reference"] if stage == "eval" else []
+    straight, killed = tmp_path / "straight.json", tmp_path / "killed.json"
+    assert align(*args, "-o", straight).code == 0
+    kill_when_progress([*args, "-o", killed], "generate" if stage == "generate" else "eval: model")
+    assert not killed.exists() and not (tmp_path / "killed.json.align.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("killed")]  # no half file under another name
+    result = align(*args, "-o", killed)  # nothing to resume: the rerun starts over
+    assert result.code == 0, result.err
+    assert killed.read_bytes() == straight.read_bytes()

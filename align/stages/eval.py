@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from align.checkpoints import atomic_write_text, prepare_output_file, read_manifest, write_manifest
@@ -77,7 +78,7 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
     _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
     prompts = [row["prompt"] for row in rows]
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
-    samples = sample(model, tokenizer, prompts, config.sampling, chat)
+    samples = _sample_with_progress(model, tokenizer, prompts, config, chat, "eval: model")
     flat = [(p, c) for p, cs in zip(prompts, samples) for c in cs]
     results = {
         "samples": len(flat),
@@ -95,7 +96,7 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
         policy_lp, mask = completion_logprobs(model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
         ref_lp, _ = completion_logprobs(ref_model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
         results["kl"] = (kl_penalty(policy_lp, ref_lp, "k3") * mask).sum(1).mean().item()
-        ref_samples = sample(ref_model, tokenizer, prompts, config.sampling, chat)
+        ref_samples = _sample_with_progress(ref_model, tokenizer, prompts, config, chat, "eval: reference")
         ref_flat = [c for cs in ref_samples for c in cs]
         table_ref = [c.text for c in ref_flat]
         for reward in rewards:
@@ -113,6 +114,12 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
         for i, ((p, c), ref) in enumerate(zip(flat, table_ref)) if i < config.sample_table
     ]
     return results
+
+
+def _sample_with_progress(model, tokenizer, prompts: list, config: EvalConfig, chat: bool, what: str):
+    total = len(prompts) * config.sampling.num_samples
+    with tqdm(total=total, desc=what, unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
+        return sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update)
 
 
 def _pairs(config: EvalConfig) -> list[dict]:
