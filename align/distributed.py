@@ -71,16 +71,6 @@ def barrier() -> None:
         state().wait_for_everyone()
 
 
-@contextmanager
-def main_first():
-    """The main process does the body first (creating a directory, downloading); the others follow."""
-    if launched():
-        with state().main_process_first():
-            yield
-    else:
-        yield
-
-
 def all_mean(values: dict[str, float]) -> dict[str, float]:
     """Each value averaged over the processes (metrics of equal-sized shards)."""
     if not launched() or not values:

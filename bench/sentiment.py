@@ -44,6 +44,9 @@ sys.path.insert(0, str(HERE))
 from data.openings import FRAMES, SUBJECTS  # noqa: E402
 from data.vader_reward import score  # noqa: E402
 
+from align.checkpoints import read_manifest  # noqa: E402
+from align.recipe import FILE_OUTPUTS  # noqa: E402
+
 GOLD = f"{HERE / 'data' / 'vader_reward.py'}:positive"
 INSTRUCTION = "Continue this movie review: {opening}"
 QUESTION = "Which continuation of the movie review is more positive?"
@@ -184,14 +187,10 @@ def arms_recipe(work: Path, train_pairs: int) -> dict:
     return {"name": "sentiment", "output_dir": "runs", **COMMON, "stages": stages}
 
 
-FILE_OUTPUTS = {"eval": ".json", "label": ".jsonl", "generate": ".jsonl"}
-
-
 def manifest(runs: Path, stage: dict) -> dict:
-    """A stage's manifest: OUT/align.json, or FILE.align.json beside a file output."""
-    suffix = FILE_OUTPUTS.get(stage.get("stage", stage["name"]))
-    side = runs / f"{stage['name']}{suffix}.align.json" if suffix else runs / stage["name"] / "align.json"
-    return json.loads(side.read_text(encoding="utf-8"))
+    """A finished stage's manifest (align.json in its directory, or beside its one output file)."""
+    kind = stage.get("stage", stage["name"])
+    return read_manifest(runs / f"{stage['name']}{FILE_OUTPUTS.get(kind, '')}")
 
 
 def collect(work: Path, recipe: dict) -> dict:

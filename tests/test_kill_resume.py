@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -43,18 +44,29 @@ def logged_steps(out) -> list[int]:
     return steps
 
 
-def kill_at(args: list[str], out, step: int, timeout: float = 240) -> None:
-    """Start `align ARGS` in its own process and SIGKILL it once it has logged `step`."""
-    process = subprocess.Popen([sys.executable, "-m", "align", "-q", *map(str, args)],
+def kill_when(args: list[str], ready, what: str, quiet: bool = True, timeout: float = 240) -> None:
+    """Start `align ARGS` in its own process and SIGKILL it as soon as `ready(stderr so far)` holds."""
+    import threading
+
+    process = subprocess.Popen([sys.executable, "-m", "align", *(["-q"] if quiet else []), *map(str, args)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(256).decode(errors="replace"), "")))
+    reader.start()
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
-        if max(logged_steps(out), default=0) >= step:
+        if ready("".join(seen)):
             process.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.02)
+        time.sleep(0.005)
     process.wait()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before step {step}: {process.stderr.read().decode()[-800:]}"
+    reader.join()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before {what}: {''.join(seen)[-800:]}"
+
+
+def kill_at(args: list[str], out, step: int) -> None:
+    """SIGKILL a training run once it has logged `step`."""
+    kill_when(args, lambda _: max(logged_steps(out), default=0) >= step, f"step {step}")
     assert not (out / "align.json").exists()  # nothing looks finished
 
 
@@ -106,22 +118,11 @@ def test_online_stages_resume_bitwise_after_sigkill(align, ppo_prompts, reward_f
 # -- stages that write rows: killed anywhere (mid-chunk, mid-write), resumed, nothing lost or doubled
 
 
-def kill_after_chunks(args: list[str], progress, chunks: int, timeout: float = 240) -> None:
-    """Start `align ARGS` and SIGKILL it once its progress record counts `chunks` finished units."""
-    process = subprocess.Popen([sys.executable, "-m", "align", "-q", *map(str, args)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        try:
-            done = json.loads(progress.read_text())["done"]
-        except (OSError, ValueError, KeyError):
-            done = 0
-        if done >= chunks:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before {chunks} chunks: {process.stderr.read().decode()[-800:]}"
+def done_units(progress) -> int:
+    try:
+        return json.loads(progress.read_text())["done"]
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def test_label_killed_mid_run_resumes_to_the_same_file(align, tmp_path):
@@ -133,7 +134,8 @@ def test_label_killed_mid_run_resumes_to_the_same_file(align, tmp_path):
     straight, killed = tmp_path / "straight.jsonl", tmp_path / "killed.jsonl"
     assert align(*args, "-o", straight).code == 0
     units = random.Random(f"{SEED}-label").randint(1, 30)
-    kill_after_chunks([*args, "-o", killed], tmp_path / "killed.jsonl.progress.json", units)
+    progress = tmp_path / "killed.jsonl.progress.json"
+    kill_when([*args, "-o", killed], lambda _: done_units(progress) >= units, f"{units} chunks")
     assert not killed.exists()  # only the .partial file: nothing looks finished
     result = align(*args, "-o", killed, "--resume")
     assert result.code == 0, (units, SEED, result.err)
@@ -148,7 +150,7 @@ def test_critique_killed_mid_run_resumes_to_the_same_files(align, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert align(*args, "-o", straight).code == 0
     units = random.Random(f"{SEED}-critique").randint(1, 12)
-    kill_after_chunks([*args, "-o", killed], killed / "progress.json", units)
+    kill_when([*args, "-o", killed], lambda _: done_units(killed / "progress.json") >= units, f"{units} chunks")
     assert not (killed / "align.json").exists()
     result = align(*args, "-o", killed, "--resume")
     assert result.code == 0, (units, SEED, result.err)
@@ -160,28 +162,6 @@ def test_critique_killed_mid_run_resumes_to_the_same_files(align, tmp_path):
 # file that looks finished, and the rerun writes what an uninterrupted run writes
 
 
-def kill_when_progress(args: list[str], bar: str, timeout: float = 240) -> None:
-    """Start `align ARGS` (progress bars on) and SIGKILL it once the `bar` progress bar has moved."""
-    import re
-    import threading
-
-    process = subprocess.Popen([sys.executable, "-m", "align", *map(str, args)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    seen: list[str] = []
-    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(256).decode(errors="replace"), "")))
-    reader.start()
-    pattern = re.compile(re.escape(bar) + r":\s+([1-9]\d?)%")  # 1% to 99%: mid-run
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if pattern.search("".join(seen)):
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    process.wait()
-    reader.join()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before {bar} was half done: {''.join(seen)[-800:]}"
-
-
 @pytest.mark.parametrize("stage", ["generate", "eval"])
 def test_file_stages_killed_mid_sampling_leave_nothing_finished(align, tmp_path, stage):
     from conftest import write_jsonl
@@ -191,7 +171,9 @@ def test_file_stages_killed_mid_sampling_leave_nothing_finished(align, tmp_path,
     args += ["--no-reference"] if stage == "eval" else []
     straight, killed = tmp_path / "straight.json", tmp_path / "killed.json"
     assert align(*args, "-o", straight).code == 0
-    kill_when_progress([*args, "-o", killed], "generate" if stage == "generate" else "eval: model")
+    bar = "generate" if stage == "generate" else "eval: model"
+    moved = re.compile(re.escape(bar) + r":\s+([1-9]\d?)%")  # 1% to 99%: mid-run
+    kill_when([*args, "-o", killed], lambda stderr: bool(moved.search(stderr)), f"{bar} was half done", quiet=False)
     assert not killed.exists() and not (tmp_path / "killed.json.align.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("killed")]  # no half file under another name
     result = align(*args, "-o", killed)  # nothing to resume: the rerun starts over
