@@ -137,7 +137,9 @@ def sample_rollout(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     finally:
         model.train(was_training)
     response = output.cpu()[:, query.shape[1]:]  # (B, T)
-    logprobs = torch.stack(sampler.logprobs, dim=1)[:, :response.shape[1]]
+    logprobs = torch.stack(sampler.logprobs, dim=1)[:, :response.shape[1]].cpu()
+    if torch.isnan(logprobs).any():  # NaN logits: their noisy argmax is meaningless
+        raise RuntimeError("probability tensor contains nan (the policy diverged)")
     is_eos = torch.isin(response, torch.tensor(sorted(eos_ids)))
     finished = is_eos.any(dim=1)
     # Tokens after the first EOS are padding: cumsum counts EOS seen strictly before each position.
@@ -156,18 +158,16 @@ class RowSeededSampler:
     def __init__(self, seeds: list[int], temperature: float):
         self.seeds, self.temperature = seeds, temperature
         self.generators: list[torch.Generator] = []
-        self.logprobs: list[torch.Tensor] = []  # one (B,) tensor per step, on the CPU
+        self.logprobs: list[torch.Tensor] = []  # one (B,) tensor per step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if not self.generators:
             self.generators = [torch.Generator(scores.device).manual_seed(seed) for seed in self.seeds]
-        if torch.isnan(scores).any():
-            raise RuntimeError("probability tensor contains nan (the policy diverged)")
         tempered = scores.float() / self.temperature
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
         noisy = tempered - torch.log(-torch.log(uniform))
         chosen = noisy.argmax(dim=-1, keepdim=True)
-        self.logprobs.append(torch.log_softmax(tempered, dim=-1).gather(-1, chosen).squeeze(-1).cpu())
+        self.logprobs.append(torch.log_softmax(tempered, dim=-1).gather(-1, chosen).squeeze(-1))  # stays on the device: no sync per token
         return noisy
 
 

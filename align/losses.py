@@ -34,12 +34,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, total
     """Variance of the masked entries of `x` (Bessel-corrected unless `unbiased=False`).
 
     `total` sums a tensor over every process holding a shard of the batch (the identity on one)."""
-    count = total(mask.sum())
-    mean = total((x * mask).sum()) / count.clamp(min=1)
-    var = total((((x - mean) ** 2) * mask).sum()) / count.clamp(min=1)
-    if unbiased and count > 1:
-        var = var * count / (count - 1)
-    return var
+    return _masked_moments(x, mask, unbiased, total)[1]
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total: Callable = _local) -> torch.Tensor:
@@ -47,12 +42,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
     With shift_mean=False only the scale changes (used for rewards, whose sign carries meaning).
     """
-    mean = total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
-    var = masked_var(x, mask, total=total)
+    mean, var = _masked_moments(x, mask, True, total)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
+
+
+def _masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool, total: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    count = total(mask.sum())
+    mean = total((x * mask).sum()) / count.clamp(min=1)
+    var = total((((x - mean) ** 2) * mask).sum()) / count.clamp(min=1)
+    if unbiased and count > 1:
+        var = var * count / (count - 1)
+    return mean, var
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:

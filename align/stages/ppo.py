@@ -305,7 +305,7 @@ def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], settings, out: P
         with roles.acting() as policy:
             return sample_rollout(policy, tokenizer, prompts, settings.max_new_tokens, settings.temperature, seeds)
     except RuntimeError as exc:
-        if "inf" in str(exc) or "nan" in str(exc):  # torch.multinomial on a diverged policy
+        if "inf" in str(exc) or "nan" in str(exc):  # the sampler met a diverged policy's logits
             _diverged(out, "the policy's probabilities became NaN/inf while sampling")
         raise
 
