@@ -181,8 +181,8 @@ def relaunch(num_processes: int | None, config_file: Path | None) -> int:
     failed worker is shown only when a worker crashed."""
     from align.errors import ConfigError
 
-    if config_file is not None and not config_file.is_file():
-        raise ConfigError(f"--accelerate-config {config_file}: no such file (see recipes/accelerate/ for examples)")
+    if config_file is not None:
+        _check_accelerate_config(config_file)
     if num_processes is not None and num_processes < 1:
         raise ConfigError(f"--num-processes {num_processes}: must be at least 1")
     command = launch_command(sys.argv[1:], num_processes, config_file)
@@ -197,6 +197,21 @@ def relaunch(num_processes: int | None, config_file: Path | None) -> int:
             return int(exit_file.read_text() or 1)
     sys.stderr.write("".join(held))
     return code
+
+
+def _check_accelerate_config(path: Path) -> None:
+    """Read the file as accelerate will, so a wrong file is one line here, not the launcher's traceback."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from align.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"--accelerate-config {path}: no such file (see recipes/accelerate/ for examples)")
+    try:
+        load_config_from_file(str(path))
+    except Exception as exc:  # accelerate raises ValueError, TypeError, YAML and JSON errors alike
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"--accelerate-config {path}: not an accelerate config ({reason}); see recipes/accelerate/") from None
 
 
 EXIT_FILE = "ALIGN_EXIT_FILE"

@@ -87,6 +87,10 @@ def test_a_bad_launch_is_one_line(align, sft_file, tmp_path):
     assert_clean_failure(align("sft", "-m", "tiny", "-d", sft_file, "-o", tmp_path / "o", "--accelerate-config", tmp_path / "nope.yaml"),
                          2, "nope.yaml: no such file", "recipes/accelerate")
     assert not (tmp_path / "o").exists()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: x\nstages: []\n")
+    assert_clean_failure(align("sft", "-m", "tiny", "-d", sft_file, "-o", tmp_path / "o", "--accelerate-config", recipe),
+                         2, "recipe.yaml: not an accelerate config", "distributed_type")
     # A mistake found by the launched processes: their one line (once, not once per process), its
     # exit code, and none of the launcher's report about a failed worker.
     result = align("sft", "-m", "tiny", "-d", tmp_path / "missing.jsonl", "-o", tmp_path / "o", "--num-processes", "2")
