@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from align.errors import ConfigError, DataError, TrainingError
 from align.generation import Rollout, prompt_ids, response_logits, response_values, sample_rollout, sequences
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.judge import JudgeReward
+from align.memory import peak_memory_mb
 from align.rewards import RewardFunction, RewardModel
 from align.roles import Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
 from align.training import autocast, check_tracker
@@ -136,10 +136,8 @@ def run(config: PPOConfig) -> Path:
         with _compute(config, roles):
             batch = _score_batch(roles, rollout, scores, settings, kl.value)
         scored = time.perf_counter()
-        _release_memory()
         train_stats = _update(roles, optimizer, batch, config, params, step, out)
         scheduler.step()
-        _release_memory()
         # Reported KL (and the adaptive controller's input) uses k3: unbiased and never negative,
         # whatever estimator shapes the rewards.
         sequence_kl = distributed.all_mean({"kl": (losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1).mean().item()})["kl"]
@@ -163,7 +161,7 @@ def run(config: PPOConfig) -> Path:
     save_stage_model(roles.policy, tokenizer, out, config.model, source, config.lora)
     save_value(roles, out / "value")
     write_manifest(
-        out, config=config, metrics={**metrics, **baseline, "peak_memory_mb": _peak_memory_mb()}, started=started,
+        out, config=config, metrics={**metrics, **baseline, "peak_memory_mb": peak_memory_mb()}, started=started,
         data=asdict(report), lora=config.lora.enabled,
         reward=getattr(reward, "name", ""), reward_on_shared_base=shared_reward is not None, value_init=value_source or "scratch",
     )
@@ -466,31 +464,6 @@ def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConf
         "eval_response_length": (totals[1] / totals[3]).item(),
         "eval_eos_rate": (totals[2] / totals[3]).item(),
     }
-
-
-def _release_memory() -> None:
-    """Hand freed heap memory back to the OS between phases (Linux, CPU).
-
-    glibc keeps large freed blocks, so each phase's temporary tensors would otherwise add up
-    in the process's resident memory.
-    """
-    if torch.cuda.is_available() or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _peak_memory_mb() -> float:
-    """Peak accelerator memory allocated by torch, or the process's peak resident memory on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _baseline(out: Path, first: int, roles: Roles, tokenizer, held_out: Prompts | None, reward, config: PPOConfig) -> dict:
