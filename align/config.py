@@ -342,6 +342,10 @@ class PPOSpec(Closed):
 
     episodes: PositiveInt = Field(512, description="total sampled responses")
     mini_batches: PositiveInt = 1
+    micro_batch_size: PositiveInt = Field(
+        4, description="rows per forward/backward pass in an update; the gradients add up to the mini-batch's, "
+        "so this trades speed for memory without changing the result"
+    )
     ppo_epochs: PositiveInt = 4
     max_new_tokens: PositiveInt = 64
     temperature: PositiveFloat = 0.7
@@ -398,6 +402,11 @@ class PPOConfig(JudgeQuestion, StageConfig):
             )
         if self.ppo.episodes < batch:
             raise ValueError(f"--episodes ({self.ppo.episodes}) is smaller than one rollout batch ({batch})")
+        if self.train.grad_accum != 1:
+            raise ValueError(
+                "train.grad_accum does not apply to ppo: each mini-batch is one optimizer step; to hold fewer "
+                "activations at once, lower ppo.micro_batch_size (--micro-batch-size) instead"
+            )
         return self
 
 

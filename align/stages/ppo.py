@@ -359,12 +359,14 @@ def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings,
 
 
 def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: dict, step: int, out: Path) -> dict[str, float]:
-    """ppo_epochs passes of shuffled mini-batches; the policy and value losses are back-propagated
-    separately because, on a shared base, each needs its own adapter switched on.
+    """ppo_epochs passes of shuffled mini-batches, one optimizer step per mini-batch.
 
-    With several processes each shuffles its own shard, and a global mini-batch is the union of
-    theirs. Each process's losses are weighted by its share of the mini-batch's tokens and the
-    gradients averaged, so the step is the one a single process would take on the union."""
+    A mini-batch runs forward and backward in micro-batches of ppo.micro_batch_size rows, each
+    loss weighted by its share of the mini-batch's response tokens: the gradients add up to the
+    mini-batch's, while only one micro-batch's activations are held at a time. With several
+    processes each shuffles its own shard, a global mini-batch is the union of theirs, and the
+    weights are shares of the global mini-batch's tokens, so the step is the one a single
+    process would take on the union."""
     settings, size = config.ppo, batch.response.shape[0]
     step_size = size // settings.mini_batches
     stats: dict[str, list[float]] = defaultdict(list)
@@ -372,49 +374,64 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
         generator = torch.Generator().manual_seed(generation.row_seed(config.train.seed, step, epoch) + distributed.rank())
         order, epoch_kl = torch.randperm(size, generator=generator), []
         for start in range(0, size, step_size):
-            idx = order[start:start + step_size]
-            mask = batch.mask[idx]
-            share = _token_share(mask)
-            with roles.acting() as policy, _compute(config, roles):
-                logits = response_logits(policy, *batch.inputs(idx)).cpu()
-                logprobs = losses.token_logprobs(logits, batch.response[idx], settings.temperature)
-                pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, settings.clip_range)
-                if settings.entropy_coef:
-                    entropy = losses.masked_mean(losses.entropy_from_logits(logits / settings.temperature), mask)
-                    (share * (pg_loss - settings.entropy_coef * entropy)).backward()
-                else:  # only logged: keep its (B, T, vocab) graph out of the backward pass
-                    (share * pg_loss).backward()
-                    with torch.no_grad():
-                        entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / settings.temperature), mask)
-            with roles.valuing() as value_body, _compute(config, roles):
-                values = response_values(value_body, roles.value_head, *batch.inputs(idx)).cpu()
-                vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
-                (share * settings.vf_coef * vf_loss).backward()
+            totals: dict[str, float] = defaultdict(float)
+            for idx, weight in _micro_batches(order[start:start + step_size], batch.mask, settings.micro_batch_size):
+                for key, value in _accumulate_gradients(roles, batch, idx, weight, config).items():
+                    totals[key] += weight * value
             distributed.average_gradients(params.values())
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.train.max_grad_norm)
-            if not all(math.isfinite(float(x)) for x in (pg_loss, vf_loss, grad_norm)):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.train.max_grad_norm))
+            totals = distributed.all_mean(dict(totals))  # weighted sums per shard -> means over the global mini-batch
+            if not all(math.isfinite(x) for x in (totals["policy_loss"], totals["value_loss"], grad_norm)):
                 _diverged(out, "a PPO loss or gradient became NaN/inf")
             optimizer.step()
             if not all(torch.isfinite(p).all() for p in params.values()):
                 _diverged(out, "the weights became NaN/inf after an optimizer step (learning rate too high?)")
             optimizer.zero_grad(set_to_none=True)
-            for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, "grad_norm": grad_norm,
-                               **pg_stats, **vf_stats}.items():
-                stats[key].append(float(value.detach() if torch.is_tensor(value) else value))
-            epoch_kl.append(float(pg_stats["approx_kl"]))
-        # Every process takes the same decision (they would wait for each other forever otherwise).
-        if settings.early_stop_kl and distributed.all_mean({"kl": sum(epoch_kl) / len(epoch_kl)})["kl"] > settings.early_stop_kl:
+            for key, value in {**totals, "grad_norm": grad_norm}.items():
+                stats[key].append(value)
+            epoch_kl.append(totals["approx_kl"])
+        # The same decision on every process (they would wait for each other forever otherwise).
+        if settings.early_stop_kl and sum(epoch_kl) / len(epoch_kl) > settings.early_stop_kl:
             stats["early_stopped"].append(1.0)
             break
-    return distributed.all_mean({key: sum(values) / len(values) for key, values in stats.items()})
+    return {key: sum(values) / len(values) for key, values in stats.items()}
 
 
-def _token_share(mask: torch.Tensor) -> float:
-    """This process's response tokens in the mini-batch, relative to an equal share (1.0 on one process)."""
-    if not distributed.launched():
-        return 1.0
-    local = mask.sum()
-    return float(local * distributed.world_size() / distributed.all_sum(local).clamp(min=1))
+def _micro_batches(rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, float]]:
+    """A mini-batch's rows in chunks of `size`, each with its loss weight: its response tokens x
+    world size / the global mini-batch's tokens (one process's weights sum to 1 when it runs alone)."""
+    chunks = rows.split(size)
+    tokens = [mask[chunk].sum() for chunk in chunks]
+    total = sum(tokens)
+    if distributed.launched():
+        total = distributed.all_sum(total)
+    scale = distributed.world_size() / float(total.clamp(min=1))
+    return [(chunk, float(count) * scale) for chunk, count in zip(chunks, tokens)]
+
+
+def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight: float, config: PPOConfig) -> dict[str, float]:
+    """Forward and backward one micro-batch with its losses scaled by `weight`; returns its own
+    (unweighted) losses and stats. The policy and value losses are back-propagated separately
+    because, on a shared base, each needs its own adapter switched on."""
+    settings, mask = config.ppo, batch.mask[idx]
+    with roles.acting() as policy, _compute(config, roles):
+        logits = response_logits(policy, *batch.inputs(idx)).cpu()
+        logprobs = losses.token_logprobs(logits, batch.response[idx], settings.temperature)
+        pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, settings.clip_range)
+        if settings.entropy_coef:
+            entropy = losses.masked_mean(losses.entropy_from_logits(logits / settings.temperature), mask)
+            (weight * (pg_loss - settings.entropy_coef * entropy)).backward()
+        else:  # only logged: keep its (B, T, vocab) graph out of the backward pass
+            (weight * pg_loss).backward()
+            with torch.no_grad():
+                entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / settings.temperature), mask)
+    del logits, logprobs  # free before the value pass, which can then reuse the memory
+    with roles.valuing() as value_body, _compute(config, roles):
+        values = response_values(value_body, roles.value_head, *batch.inputs(idx)).cpu()
+        vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
+        (weight * settings.vf_coef * vf_loss).backward()
+    named = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}
+    return {key: float(value.detach()) for key, value in named.items()}
 
 
 # ---------------------------------------------------------------------------------------------
