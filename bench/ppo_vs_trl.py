@@ -5,8 +5,8 @@
 
 Matched settings for both: the same policy, reward model (also the value model's start),
 prompts, rollout batch, response length and temperature; one PPO epoch, one mini-batch, full
-fine-tuning, float32. align additionally runs in its default LoRA mode (one shared base) for
-memory, and with bf16 compute (train.precision=bf16: its fastest setting on a CPU with
+fine-tuning, float32, one forward/backward pass over the whole batch. align additionally runs in
+its default LoRA mode (one shared base, micro-batches of 4 rows) for memory, and with bf16 compute (train.precision=bf16: its fastest setting on a CPU with
 AVX512-BF16 or a GPU; not a matched comparison, reported separately).
 TRL is installed into its own throw-away venv (bench/.venv-trl-1.5.0) with this environment's
 torch and transformers versions, so only the trainer differs. Each run is a separate process;
@@ -67,8 +67,9 @@ def run_trl(python: Path, policy: Path, reward: Path, args, work: Path) -> dict:
     return json.loads(line[len("BENCH "):])
 
 
-def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precision: str = "fp32") -> dict:
-    out = work / f"align-{'lora' if lora else 'full'}-{precision}"
+def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precision: str = "fp32", micro_batch: int | None = None) -> dict:
+    """One `align ppo` run; micro_batch None keeps align's default (ppo.micro_batch_size)."""
+    out = work / f"align-{'lora' if lora else 'full'}-{precision}-{micro_batch or 'default'}"
     command = [sys.executable, "-m", "align", "-q", "ppo", "-m", str(policy), "--reward-model", str(reward),
                "-p", str(PROMPTS), "-o", str(out), "--overwrite", "--episodes", str(args.episodes),
                "--batch-size", str(args.batch_size), "--mini-batches", "1", "--ppo-epochs", "1",
@@ -77,6 +78,8 @@ def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precisio
                "--set", f"train.precision={precision}"]
     if not lora:
         command.append("--no-lora")
+    if micro_batch:
+        command += ["--micro-batch-size", str(micro_batch)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"align run failed:\n{result.stderr[-3000:]}")
@@ -103,10 +106,11 @@ def main() -> None:
     for model in args.models:
         policy, reward = prepare(model, args.work)
         trl = run_trl(python, policy, reward, args, args.work / model)
-        full = run_align(policy, reward, args, args.work / model, lora=False)
-        lora = run_align(policy, reward, args, args.work / model, lora=True)
+        # Matched: like TRL here (gradient_accumulation_steps=1), one forward/backward over the whole batch.
+        full = run_align(policy, reward, args, args.work / model, lora=False, micro_batch=args.batch_size)
+        lora = run_align(policy, reward, args, args.work / model, lora=True)  # align's defaults
         # Not matched (TRL runs float32 on CPU): align's fastest correct setting on this device.
-        fast = run_align(policy, reward, args, args.work / model, lora=False, precision="bf16")
+        fast = run_align(policy, reward, args, args.work / model, lora=False, precision="bf16", micro_batch=args.batch_size)
         runs = (("trl", trl), ("full", full), ("lora", lora), ("full_bf16", fast))
         eps = {name: r["episodes"] / r["train_seconds"] for name, r in runs}
         results["models"][model] = {
