@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from align import __version__, distributed, memory
+from align import __version__, distributed
 from align.errors import AlignError, ConfigError
 
 app = typer.Typer(
@@ -506,7 +506,6 @@ def main(
 ) -> None:
     """align: SFT -> reward model -> PPO/DPO for language models, one GPU or many."""
     _setup_logging(quiet, verbose)
-    memory.keep_freed_memory()  # CPU training reuses freed tensors instead of faulting them in again
     if allow_pickle:
         os.environ["ALIGN_ALLOW_PICKLE"] = "1"  # for every model this command loads, and its launched processes
 

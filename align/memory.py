@@ -9,7 +9,7 @@ reuses them; the peak stays the same (the heap never holds more than was live at
 fragmentation). PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or
 tcmalloc; this needs nothing installed.
 
-ALIGN_KEEP_FREED_MEMORY=0 leaves malloc as it is.
+Set once per process, when a stage starts. ALIGN_KEEP_FREED_MEMORY=0 leaves malloc as it is.
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ _NEVER_TRIM = 2**31 - 1  # an int: glibc's mallopt takes one
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse (no mmap'd blocks, no trimming).
 
-    Returns whether it took effect: only on Linux with glibc, and not when
+    Returns whether it took effect: only on Linux with glibc, only when no GPU is visible (GPU
+    tensors live in torch's caching allocator; the host heap is then left alone), and not when
     ALIGN_KEEP_FREED_MEMORY=0.
     """
+    import torch
+
     if os.environ.get("ALIGN_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if torch.cuda.is_available():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align import distributed
+from align import distributed, memory
 from align.checkpoints import has_started, is_complete, is_up_to_date, read_manifest
 from align.config import StageConfig
 from align.errors import OutputError
@@ -41,6 +41,7 @@ def run_stage(config: StageConfig) -> Path:
         log.info("%s is already complete; nothing to resume", config.output)
         return Path(config.output)
     module = importlib.import_module(f"align.stages.{config.stage}")
+    memory.keep_freed_memory()  # on the CPU, reuse freed tensors instead of faulting them in again
     train = getattr(config, "train", None)
     if train is not None:
         # New heads (a reward model's score layer) and LoRA matrices are drawn before the trainer
