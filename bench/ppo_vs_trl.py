@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from align.checkpoints import METRICS, read_manifest, read_records
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PROMPTS = ROOT / "recipes" / "data" / "ppo_prompts.jsonl"
@@ -83,9 +85,9 @@ def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precisio
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"align run failed:\n{result.stderr[-3000:]}")
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"time_train"' in l]
+    rows = [r for r in read_records(out / METRICS) if "time_train" in r]
     seconds = sum(r["time_generate"] + r["time_score"] + r["time_train"] for r in rows)
-    manifest = json.loads((out / "align.json").read_text())
+    manifest = read_manifest(out)
     return {"train_seconds": seconds, "episodes": args.episodes, "peak_memory_mb": manifest["metrics"]["peak_memory_mb"],
             "mean_response_length": sum(r["response_length"] for r in rows) / len(rows)}
 

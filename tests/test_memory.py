@@ -1,5 +1,6 @@
 """Host memory: freed tensor memory stays in the process for the next step to reuse."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -28,9 +29,7 @@ def freed_mib(env: dict) -> tuple[str, float]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_tensor_memory_is_kept_unless_switched_off(monkeypatch):
-    import os
-
+def test_freed_tensor_memory_is_kept_unless_switched_off():
     tuned, freed = freed_mib(dict(os.environ, ALIGN_KEEP_FREED_MEMORY="1"))
     assert tuned == "True" and freed < 8, freed  # kept in the heap for the next tensor
     tuned, freed = freed_mib(dict(os.environ, ALIGN_KEEP_FREED_MEMORY="0"))

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from align import distributed, generation, losses
 from align.checkpoints import (
-    append_metrics, latest_checkpoint, load_loop_state, prepare_output, save_loop_state, trim_metrics, write_manifest,
+    METRICS, append_metrics, latest_checkpoint, load_loop_state, prepare_output, read_records, save_loop_state, trim_metrics,
+    write_manifest,
 )
 from align.config import ModelSpec, PPOConfig
 from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
@@ -402,9 +403,7 @@ def _micro_batches(rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[tu
     world size / the global mini-batch's tokens (one process's weights sum to 1 when it runs alone)."""
     chunks = rows.split(size)
     tokens = [mask[chunk].sum() for chunk in chunks]
-    total = sum(tokens)
-    if distributed.launched():
-        total = distributed.all_sum(total)
+    total = distributed.all_sum(sum(tokens))
     scale = distributed.world_size() / float(total.clamp(min=1))
     return [(chunk, float(count) * scale) for chunk, count in zip(chunks, tokens)]
 
@@ -491,8 +490,7 @@ def _baseline(out: Path, first: int, roles: Roles, tokenizer, held_out: Prompts 
         start = _evaluate(roles, tokenizer, held_out, reward, config)
         append_metrics(out, {"stage": "ppo", "step": 0, **start})
     else:
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        start = next((r for r in records if r.get("step") == 0), {})
+        start = next((r for r in read_records(out / METRICS) if r.get("step") == 0), {})
     return {f"{key}_start": value for key, value in start.items() if key.startswith("eval_")}
 
 
