@@ -6,8 +6,10 @@
 Matched settings for both: the same policy, reward model (also the value model's start),
 prompts, rollout batch, response length and temperature; one PPO epoch, one mini-batch, full
 fine-tuning, float32, one forward/backward pass over the whole batch. align additionally runs in
-its default LoRA mode (one shared base, micro-batches of 4 rows) for memory, and with bf16 compute (train.precision=bf16: its fastest setting on a CPU with
-AVX512-BF16 or a GPU; not a matched comparison, reported separately).
+its default LoRA mode (one shared base, micro-batches of 4 rows) for memory. Both also run with
+bf16 compute (align: train.precision=bf16; TRL: bf16=True, which autocasts its training forward
+pass only): the faster setting on a CPU with AVX512-BF16. On a GPU both always load bf16
+weights and compute in bf16, so the float32 and bf16 rows measure the same thing there.
 TRL is installed into its own throw-away venv (bench/.venv-trl-1.5.0) with this environment's
 torch and transformers versions, so only the trainer differs. Each run is a separate process;
 episodes/s counts training wall time only (model loading excluded), peak memory is the
@@ -59,9 +61,9 @@ def prepare(model: str, work: Path) -> tuple[Path, Path]:
     return policy, reward
 
 
-def run_trl(python: Path, policy: Path, reward: Path, args, work: Path) -> dict:
+def run_trl(python: Path, policy: Path, reward: Path, args, work: Path, bf16: bool = False) -> dict:
     command = [str(python), str(HERE / "trl_ppo_runner.py"), str(policy), str(reward), str(PROMPTS),
-               str(args.episodes), str(args.batch_size), str(args.response_length), str(work / "trl-out")]
+               str(args.episodes), str(args.batch_size), str(args.response_length), str(work / "trl-out"), *(["bf16"] if bf16 else [])]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"TRL run failed:\n{result.stderr[-3000:]}")
@@ -108,30 +110,32 @@ def main() -> None:
     for model in args.models:
         policy, reward = prepare(model, args.work)
         trl = run_trl(python, policy, reward, args, args.work / model)
+        trl_bf16 = trl if torch.cuda.is_available() else run_trl(python, policy, reward, args, args.work / model, bf16=True)
         # Matched: like TRL here (gradient_accumulation_steps=1), one forward/backward over the whole batch.
         full = run_align(policy, reward, args, args.work / model, lora=False, micro_batch=args.batch_size)
         lora = run_align(policy, reward, args, args.work / model, lora=True)  # align's defaults
-        # Not matched (TRL runs float32 on CPU): align's fastest correct setting on this device.
         fast = run_align(policy, reward, args, args.work / model, lora=False, precision="bf16", micro_batch=args.batch_size)
-        runs = (("trl", trl), ("full", full), ("lora", lora), ("full_bf16", fast))
+        runs = (("trl", trl), ("full", full), ("lora", lora), ("trl_bf16", trl_bf16), ("full_bf16", fast))
         eps = {name: r["episodes"] / r["train_seconds"] for name, r in runs}
         results["models"][model] = {
-            "trl_1.5.0": trl, "align_full": full, "align_lora": lora, "align_full_bf16": fast,
+            "trl_1.5.0": trl, "align_full": full, "align_lora": lora, "trl_1.5.0_bf16": trl_bf16, "align_full_bf16": fast,
             "episodes_per_second": eps,
             "speedup_full_vs_trl": eps["full"] / eps["trl"],
             "memory_ratio_full_vs_trl": full["peak_memory_mb"] / trl["peak_memory_mb"],
             "memory_ratio_lora_vs_trl": lora["peak_memory_mb"] / trl["peak_memory_mb"],
-            "speedup_full_bf16_vs_trl": eps["full_bf16"] / eps["trl"],
+            "speedup_full_bf16_vs_trl_bf16": eps["full_bf16"] / eps["trl_bf16"],
+            "memory_ratio_full_bf16_vs_trl_bf16": fast["peak_memory_mb"] / trl_bf16["peak_memory_mb"],
         }
         r = results["models"][model]
         print(f"\n{model} on {device}: {args.episodes} episodes, batch {args.batch_size}, {args.response_length} new tokens")
         print(f"  {'':22} {'episodes/s':>10} {'peak MB':>9}")
         rows = (("TRL 1.5.0 PPOTrainer", "trl_1.5.0"), ("align ppo --no-lora", "align_full"), ("align ppo (LoRA)", "align_lora"),
-                ("align --no-lora, bf16", "align_full_bf16"))
+                ("TRL 1.5.0, bf16", "trl_1.5.0_bf16"), ("align --no-lora, bf16", "align_full_bf16"))
         for name, key in rows:
             print(f"  {name:22} {r[key]['episodes'] / r[key]['train_seconds']:10.2f} {r[key]['peak_memory_mb']:9.0f}")
         print(f"  speed-up (full vs TRL): {r['speedup_full_vs_trl']:.2f}x   memory: full {r['memory_ratio_full_vs_trl']:.2f}x, "
-              f"LoRA {r['memory_ratio_lora_vs_trl']:.2f}x of TRL; bf16 compute: {r['speedup_full_bf16_vs_trl']:.2f}x")
+              f"LoRA {r['memory_ratio_lora_vs_trl']:.2f}x of TRL; bf16 vs bf16: {r['speedup_full_bf16_vs_trl_bf16']:.2f}x, "
+              f"memory {r['memory_ratio_full_bf16_vs_trl_bf16']:.2f}x")
     (HERE / "results").mkdir(exist_ok=True)
     path = HERE / "results" / "ppo_vs_trl.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

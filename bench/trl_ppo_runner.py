@@ -18,6 +18,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 def main() -> None:
     policy_path, reward_path, prompts_path, episodes, batch, length, out = sys.argv[1:8]
     episodes, batch, length = int(episodes), int(batch), int(length)
+    bf16 = torch.cuda.is_available() or sys.argv[8:] == ["bf16"]
     tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in open(prompts_path)]
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)
@@ -32,7 +33,7 @@ def main() -> None:
         output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_mini_batches=1,
         num_ppo_epochs=1, total_episodes=episodes, response_length=length, local_rollout_forward_batch_size=batch,
         temperature=0.7, stop_token="eos", learning_rate=1e-5, report_to=[], save_strategy="no", num_sample_generations=0,
-        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), logging_steps=1, seed=0,
+        use_cpu=not torch.cuda.is_available(), bf16=bf16, logging_steps=1, seed=0,
     )
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference, reward_model=reward,
                          train_dataset=dataset, value_model=value)

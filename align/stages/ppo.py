@@ -1,8 +1,9 @@
 """PPO against a reward model or a reward function: InstructGPT's RL step, in our own loop.
 
 One update:
-  1. rollout   sample a batch of responses (eval mode, temperature, stop at EOS); the behaviour
-               log-probs come from the sampling pass itself, not from a second forward pass
+  1. rollout   sample a batch of responses (eval mode, temperature, stop at EOS); in float32 the
+               behaviour log-probs come from the sampling pass itself, not from a second forward
+               pass (in bf16/fp16 they are recomputed: see _sampling_is_exact)
   2. score     reward on prompt + response text; reference log-probs and values (one forward
                each, on response positions only); per-token KL penalty, score on the last token;
                GAE advantages, whitened
