@@ -134,9 +134,8 @@ def run(config: PPOConfig) -> Path:
         completions = _decode(tokenizer, rollout)
         with _compute(config, roles):  # a reward model scores in the compute precision too
             raw_scores = _score(reward, [prompts.raw[i] for i in picked], completions, rollout.finished, settings.missing_eos_penalty)
-        all_scores = distributed.gather(raw_scores)
-        scores = _normalise(raw_scores, all_scores, moments, settings)
-        with _compute(config, roles):
+            all_scores = distributed.gather(raw_scores)
+            scores = _normalise(raw_scores, all_scores, moments, settings)
             batch = _score_batch(roles, rollout, scores, settings, kl.value, recompute=not _sampling_is_exact(config))
         scored = time.perf_counter()
         train_stats = _update(roles, optimizer, batch, config, params, step, out)
@@ -352,12 +351,13 @@ def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings,
     input_ids, attention_mask, position_ids = sequences(rollout)
     inputs = (input_ids, attention_mask, position_ids, rollout.query.shape[1], rollout.response.shape[1])
     mask = rollout.response_mask.float()
-    old_logprobs = rollout.logprobs
-    if recompute:  # see _sampling_is_exact
-        with roles.acting() as policy:
-            old_logprobs = losses.token_logprobs(response_logits(policy, *inputs).cpu(), rollout.response, settings.temperature) * mask
-    with roles.referencing() as reference:
-        ref_logprobs = losses.token_logprobs(response_logits(reference, *inputs).cpu(), rollout.response, settings.temperature)
+
+    def logprobs(role) -> torch.Tensor:
+        with role as model:
+            return losses.token_logprobs(response_logits(model, *inputs).cpu(), rollout.response, settings.temperature)
+
+    old_logprobs = logprobs(roles.acting()) * mask if recompute else rollout.logprobs  # see _sampling_is_exact
+    ref_logprobs = logprobs(roles.referencing())
     with roles.valuing() as value_body:
         values = response_values(value_body, roles.value_head, *inputs).cpu() * mask
     kl = losses.kl_penalty(old_logprobs, ref_logprobs, settings.kl_estimator) * mask
@@ -418,7 +418,7 @@ def _all_finite(tensors) -> bool:
     """False when any element is NaN or inf: their sums say so in one read, without the bool copy
     of every tensor that isfinite() makes (0.5-1 s per step for two 135M models on a CPU). A sum
     also overflows for weights near float32's limit, which have diverged as surely."""
-    return bool(torch.isfinite(torch.stack([t.detach().float().sum() for t in tensors])).all())
+    return bool(torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors])).all())
 
 
 def _micro_batches(rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, float]]:
