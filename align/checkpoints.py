@@ -30,6 +30,7 @@ from align.errors import OutputError
 MANIFEST = "align.json"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+SAMPLES = "samples.jsonl"  # PPO's logged samples, one JSON object per line with its step
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -37,6 +38,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask),
+        # so colleagues, serving processes and trackers can read it beside the model files.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -45,6 +49,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def manifest_path(output: Path) -> Path:
@@ -210,9 +220,10 @@ def write_manifest(
     return manifest
 
 
-def trim_metrics(out: Path, last_step: int) -> None:
-    """Forget logged steps after `last_step`, so a resumed run does not log them twice."""
-    path = out / METRICS
+def trim_metrics(out: Path, last_step: int, name: str = METRICS) -> None:
+    """Forget the records of a log (OUT/metrics.jsonl, or another OUT/NAME with a "step" in each
+    line) after `last_step`, so a resumed run does not log them twice."""
+    path = out / name
     if not path.is_file() or not distributed.is_main():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= last_step]
@@ -293,10 +304,13 @@ def load_loop_state(out: Path, params: dict, optimizer, scheduler) -> tuple[int,
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
-    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    # Onto the device the weights live on: without map_location every process's optimizer state
+    # would land where it was saved from (cuda:0 for all of them).
+    device = next(iter(params.values())).device
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    torch.set_rng_state(state["torch_rng"].cpu())
     extra = json.loads((checkpoint / "trainer_state.json").read_text())
     return int(extra.pop("global_step")), extra
 

@@ -56,6 +56,28 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def claim_device() -> None:
+    """Put this process on its own GPU (LOCAL_RANK) before any model loads. Until a process sets
+    its device, torch.cuda.current_device() is 0 on every rank, so every rank's reward and judge
+    models would land on cuda:0 beside rank 0's."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from align.errors import ConfigError
+
+    if local_rank() >= torch.cuda.device_count():
+        raise ConfigError(
+            f"process {rank()} has LOCAL_RANK {local_rank()} but this machine shows {torch.cuda.device_count()} GPU(s); "
+            "launch at most one process per GPU (--num-processes)"
+        )
+    torch.cuda.set_device(local_rank())
+
+
 @cache
 def state():
     """accelerate's process state (initialises the process group once, when launched)."""

@@ -1,11 +1,14 @@
 """Batched sampling with left padding, EOS truncation and reproducible seeds; response log-probs.
 
-The only module that knows how text is sampled. Models are put in eval mode for sampling:
-with gradient checkpointing on and the model in train mode, transformers 5.23 generates garbage.
+The only module that knows how text is sampled (sampling_mode: eval mode, and none of the
+checkpoint's own sampling defaults). Tensors stay on the model's device: only per-token
+log-probs of sampled tokens, (B, T), are ever copied to the host, never (B, T, vocab) logits.
 """
 
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +51,30 @@ def truncate_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bo
     return tokens, False
 
 
+@contextmanager
+def sampling_mode(model, **settings):
+    """The model in eval mode, sampling exactly as `settings` say; its mode is restored after.
+
+    transformers fills every generation setting left unset from the checkpoint's
+    generation_config.json and applies its logits processors (repetition_penalty,
+    no_repeat_ngram_size, top_k, min_new_tokens, suppressed tokens, ...), and its global default
+    top_k is 50. align applies none of them: while sampling, the model's generation config is a
+    blank one holding `settings` (and top_k=0, off), so what is sampled is what align's own flags
+    say and a log-prob computed from the logits is the log-prob of what was sampled. Eval mode:
+    with gradient checkpointing on and the model in train mode, transformers generates garbage."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_training, shipped = model.training, inner.generation_config
+    inner.generation_config = GenerationConfig(top_k=0, **settings)
+    model.eval()
+    try:
+        yield model
+    finally:
+        inner.generation_config = shipped
+        model.train(was_training)
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
@@ -61,36 +88,28 @@ def sample(model, tokenizer, prompts: list[Any], sampling: SamplingSpec, chat: b
 
     Each batch is seeded from (seed, batch index), so a run is reproducible for a given batch size.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
     requests = [(i, prompt_ids(tokenizer, p, chat)) for i, p in enumerate(prompts) for _ in range(sampling.num_samples)]
     results: list[list[Completion]] = [[] for _ in prompts]
-    try:
+    settings = dict(
+        do_sample=sampling.temperature > 0, max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
+        top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
+    )
+    with sampling_mode(model, **settings):
         for batch_index, start in enumerate(range(0, len(requests), sampling.batch_size)):
             batch = requests[start:start + sampling.batch_size]
             input_ids, attention_mask = left_pad([ids for _, ids in batch], tokenizer.pad_token_id)
             torch.manual_seed(sampling.seed * 100_003 + batch_index)
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=sampling.max_new_tokens,
-                do_sample=sampling.temperature > 0,
-                temperature=sampling.temperature if sampling.temperature > 0 else None,
-                top_p=sampling.top_p if sampling.temperature > 0 else None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=sorted(eos_ids),
-            )
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
             for (prompt_index, _), row in zip(batch, output[:, input_ids.shape[1]:].tolist()):
                 tokens, finished = truncate_at_eos(row, eos_ids)
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 results[prompt_index].append(Completion(text, tokens, finished))
             if progress:
                 progress(len(batch))
-    finally:
-        model.train(was_training)
     return results
 
 
@@ -118,29 +137,21 @@ def sample_rollout(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     Row i's randomness comes from seeds[i] alone (see RowSeededSampler): a response does not depend
     on which other prompts share its batch, so a rollout is the same on one process or many.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
     query, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    query, query_mask = query.to(device), query_mask.to(device)
     sampler = RowSeededSampler(seeds, temperature)
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id,
-    )
-    try:
-        output = model.generate(
-            input_ids=query.to(device), attention_mask=query_mask.to(device), generation_config=config,
-            logits_processor=LogitsProcessorList([sampler]),
-        )
-    finally:
-        model.train(was_training)
-    response = output.cpu()[:, query.shape[1]:]  # (B, T)
-    logprobs = torch.stack(sampler.logprobs, dim=1)[:, :response.shape[1]].cpu()
-    if torch.isnan(logprobs).any():  # NaN logits: their noisy argmax is meaningless
+    with sampling_mode(model, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),
+                       pad_token_id=tokenizer.pad_token_id):
+        output = model.generate(input_ids=query, attention_mask=query_mask, logits_processor=LogitsProcessorList([sampler]))
+    response = output[:, query.shape[1]:]  # (B, T)
+    logprobs = torch.stack(sampler.logprobs, dim=1)[:, :response.shape[1]]
+    if torch.isnan(logprobs).any():  # NaN logits: their noisy argmax is meaningless (one sync per rollout)
         raise RuntimeError("probability tensor contains nan (the policy diverged)")
-    is_eos = torch.isin(response, torch.tensor(sorted(eos_ids)))
+    is_eos = torch.isin(response, torch.tensor(sorted(eos_ids), device=device))
     finished = is_eos.any(dim=1)
     # Tokens after the first EOS are padding: cumsum counts EOS seen strictly before each position.
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
@@ -188,7 +199,8 @@ def response_hidden(model, input_ids, attention_mask, position_ids, prompt_width
     """Hidden states that predict each response token: positions P-1 .. P+T-2. (B, T, H)."""
     device = next(model.parameters()).device
     hidden = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
+        use_cache=False,
     ).last_hidden_state
     return hidden[:, prompt_width - 1: prompt_width - 1 + length]
 
@@ -199,39 +211,63 @@ def body(model):
     return inner.base_model
 
 
-def response_logits(causal_lm, *inputs) -> torch.Tensor:
-    """Logits for the response tokens only: the output head never runs on prompt positions. (B, T, V)."""
-    return causal_lm.get_output_embeddings()(response_hidden(body(causal_lm), *inputs)).float()
+def response_logits(causal_lm, input_ids, attention_mask, position_ids, prompt_width: int, length: int) -> torch.Tensor:
+    """Logits for the response tokens only, through the model's own output path (so final-logit
+    soft-capping or scaling, as in Gemma 2, Cohere or Granite, applies exactly as in its forward
+    and in generation); the output layer runs on the last T + 1 positions only, never on the
+    prompt. Float32. (B, T, V)."""
+    device = next(causal_lm.parameters()).device
+    inner = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    keep = {"logits_to_keep": length + 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    logits = causal_lm(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
+        use_cache=False, **keep,
+    ).logits
+    # Sequences are prompt (P) then response (T): positions P-1 .. P+T-2 predict the response; the
+    # last position predicts past it.
+    return logits[:, -(length + 1):-1].float()
 
 
 def response_values(value_body, head, *inputs) -> torch.Tensor:
-    return head(response_hidden(value_body, *inputs).float()).squeeze(-1)  # (B, T)
+    return head(response_hidden(value_body, *inputs)).squeeze(-1)  # (B, T), float32 (the head is)
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with the tokens outside the top-p nucleus at -inf: the filter sampling applied
+    (transformers' own TopPLogitsWarper, so the two cannot drift apart). (..., V)."""
+    if top_p >= 1.0:
+        return logits
+    from transformers import TopPLogitsWarper
+
+    shape = logits.shape
+    return TopPLogitsWarper(top_p)(None, logits.reshape(-1, shape[-1])).reshape(shape)
 
 
 @torch.no_grad()
 def completion_logprobs(
-    model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float = 1.0, batch_size: int = 8
+    model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float = 1.0,
+    batch_size: int = 8, top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of each completion given its prompt, under softmax(logits / temperature).
+    """Per-token log-probs of each completion given its prompt, under the distribution sampling
+    draws from: softmax of logits / temperature, restricted to the top-p nucleus and renormalised.
 
-    Returns (logprobs, mask), both (N, T), zero past each completion's end.
+    Returns (logprobs, mask), both (N, T) on the host, zero past each completion's end.
     """
-    was_training = model.training
-    model.eval()
+    device = next(model.parameters()).device
     width = max(1, max(len(c) for c in completions))
     logprobs = torch.zeros(len(prompts), width)
     mask = torch.zeros(len(prompts), width)
-    for start in range(0, len(prompts), batch_size):
-        query, query_mask = left_pad(prompts[start:start + batch_size], pad_id)
-        chunk = completions[start:start + batch_size]
-        response = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        for row, tokens in enumerate(chunk):
-            response[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[start + row, :len(tokens)] = 1
-        response_mask = mask[start:start + len(chunk)].long()
-        rollout = Rollout(query, query_mask, response, response_mask, torch.zeros(response.shape), torch.zeros(len(chunk)))
-        logits = response_logits(model, *sequences(rollout), query.shape[1], width).cpu() / temperature
-        picked = torch.gather(torch.log_softmax(logits, -1), -1, response.unsqueeze(-1)).squeeze(-1)
-        logprobs[start:start + len(chunk)] = picked * response_mask
-    model.train(was_training)
+    with sampling_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            query, query_mask = left_pad(prompts[start:start + batch_size], pad_id)
+            chunk = completions[start:start + batch_size]
+            response = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            for row, tokens in enumerate(chunk):
+                response[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                mask[start + row, :len(tokens)] = 1
+            response_mask = mask[start:start + len(chunk)].long()
+            rollout = Rollout(query, query_mask, response, response_mask, torch.zeros(response.shape), torch.zeros(len(chunk)))
+            logits = nucleus(response_logits(model, *sequences(rollout), query.shape[1], width) / temperature, top_p)
+            picked = torch.gather(torch.log_softmax(logits, -1), -1, response.to(device).unsqueeze(-1)).squeeze(-1)
+            logprobs[start:start + len(chunk)] = (picked * response_mask.to(device)).cpu()  # (B, T): small
     return logprobs, mask

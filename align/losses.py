@@ -90,7 +90,7 @@ def shaped_rewards(
     non_score = -kl_coef * kl * mask
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # (B,)
     rewards = non_score.clone()
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores.to(rewards.device)
     return rewards, non_score
 
 

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from align import hub
 from align.config import LoraSpec, ModelSpec
 from align.errors import ModelError
+from align.precision import weights_dtype
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -174,15 +175,6 @@ def load_tokenizer(spec: ModelSpec, source: str, padding_side: str = "right"):
     return tokenizer
 
 
-def compute_dtype(spec: ModelSpec) -> torch.dtype:
-    """float32 on CPU; bfloat16 on GPUs that support it, else float16; or what the user asked."""
-    if spec.dtype != "auto":
-        return getattr(torch, spec.dtype)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def context_length(spec: ModelSpec, source: str) -> int:
     """How many tokens the model can attend to (prompt + response)."""
     config = _hub_guard(source, lambda local_only: AutoConfig.from_pretrained(
@@ -199,17 +191,26 @@ def check_lora_possible(lora: LoraSpec) -> None:
         raise ModelError("--qlora needs the bitsandbytes package: pip install 'align[qlora]' (or pip install bitsandbytes)")
 
 
-def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, kind: str = "causal", pad_token_id=None):
-    """Load a causal LM (kind='causal') or a 1-output sequence classifier (kind='reward')."""
+def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, kind: str = "causal", pad_token_id=None,
+               dtype: torch.dtype | None = None, device: str | None = None):
+    """Load a causal LM (kind='causal') or a 1-output sequence classifier (kind='reward').
+
+    `lora` is given for a model that trains: LoRA on a frozen base, or (enabled=False) full
+    fine-tuning, whose weights load in a dtype that can hold their updates (weights_dtype).
+    A reward model's score layer is float32 (see float32_head). On a GPU the model goes to this
+    process's device unless `device` says otherwise."""
+    trains_base = lora is not None and not lora.enabled
     lora = lora or LoraSpec(enabled=False)
     check_lora_possible(lora)
     _check_architecture(source, spec, kind)
     allow_pickle = pickle_allowed(spec)
     _check_weights_format(source, allow_pickle)
-    kwargs = dict(dtype=compute_dtype(spec), trust_remote_code=spec.trust_remote_code, revision=spec.revision,
-                  use_safetensors=None if allow_pickle else True)
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}  # this process's GPU
+    kwargs = dict(dtype=dtype or weights_dtype(spec, trained=trains_base), trust_remote_code=spec.trust_remote_code,
+                  revision=spec.revision, use_safetensors=None if allow_pickle else True)
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"  # this process's GPU (distributed.claim_device set it)
+    if device is not None:
+        kwargs["device_map"] = {"": device}
     if lora.qlora:
         kwargs["quantization_config"] = _bnb_config(kwargs["dtype"])
     if kind == "reward":
@@ -217,7 +218,29 @@ def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, ki
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
-    return _hub_guard(source, lambda local_only: auto.from_pretrained(source, local_files_only=local_only, **kwargs))
+    model = _hub_guard(source, lambda local_only: auto.from_pretrained(source, local_files_only=local_only, **kwargs))
+    if kind == "reward":
+        float32_head(score_layer(model, source))
+    return model
+
+
+def score_layer(classifier, where: str):
+    """A sequence classifier's single linear score layer."""
+    head = getattr(classifier, "score", None) or getattr(classifier, "classifier", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise ModelError(f"{where}: must be a sequence classifier with a single linear score layer (one output)")
+    return head
+
+
+def float32_head(head: torch.nn.Module) -> torch.nn.Module:
+    """Keep a (trained) head in float32 whatever its body's dtype: AdamW's small steps vanish in
+    bfloat16 and float16's Adam state underflows. Its input is cast up to match, so it works on
+    bfloat16/float16 hidden states with or without autocast; its output is float32."""
+    head.float()
+    if not getattr(head, "_align_float32_input", False):
+        head.register_forward_pre_hook(lambda _, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+        head._align_float32_input = True
+    return head
 
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -300,10 +323,12 @@ def save_stage_model(trained, tokenizer, out: Path, spec: ModelSpec, source: str
     # Only the trained model's own adapter: PPO keeps its value adapter on the same base.
     trained.save_pretrained(adapter_dir, selected_adapters=["default"])
     tokenizer.save_pretrained(adapter_dir)
-    full_spec = spec.model_copy(update={"dtype": "float32" if spec.dtype == "auto" and lora.qlora else spec.dtype})
-    base = load_model(full_spec, source, kind=kind, pad_token_id=tokenizer.pad_token_id)
+    # Merge in float32 on the host, beside (not on top of) the trained model on the GPU: merging into
+    # 16-bit weights would drop the adapter's small deltas. Then save in the dtype asked for.
+    base = load_model(spec, source, kind=kind, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32, device="cpu")
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out)
+    saved = torch.float32 if spec.dtype == "auto" and lora.qlora else weights_dtype(spec)
+    merged.to(saved).save_pretrained(out)
 
 
 def count_parameters(model) -> tuple[int, int]:

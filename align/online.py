@@ -19,7 +19,7 @@ from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, las
 from align.judge import JudgeReward
 from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
 from align.rewards import RewardFunction, RewardModel
-from align.training import MetricsLog, keep_adapters_in_compute_dtype, last_logged, run_training, trainer_args
+from align.training import MetricsLog, keep_adapters_float32, last_logged, run_training, trainer_args
 
 log = logging.getLogger("align")
 
@@ -64,7 +64,7 @@ def run_online(config: OnlineRLConfig, trainer_cls, args_cls, **method_args) -> 
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer,
         peft_config=peft_config(config.lora), callbacks=[MetricsLog(out, config.stage)],
     )
-    keep_adapters_in_compute_dtype(trainer, config)
+    keep_adapters_float32(trainer, config)
     trainable, total = count_parameters(trainer.model)
     log.info("%s: %d prompts x %d generations, %s/%s parameters trainable", config.stage, len(prompts),
              settings.num_generations, f"{trainable:,}", f"{total:,}")

@@ -17,6 +17,7 @@ from align import distributed, memory
 from align.checkpoints import has_started, is_complete, is_up_to_date, read_manifest
 from align.config import StageConfig
 from align.errors import OutputError
+from align.precision import check_stage_precision
 from align.recipe import Recipe
 
 log = logging.getLogger("align")
@@ -40,6 +41,8 @@ def run_stage(config: StageConfig) -> Path:
     if config.resume and is_complete(Path(config.output)):
         log.info("%s is already complete; nothing to resume", config.output)
         return Path(config.output)
+    check_stage_precision(config)  # a combination that cannot train is refused before anything loads
+    distributed.claim_device()  # this process's GPU, before any model (reward, judge, policy) loads
     module = importlib.import_module(f"align.stages.{config.stage}")
     memory.keep_freed_memory()  # on the CPU, reuse freed tensors instead of faulting them in again
     train = getattr(config, "train", None)

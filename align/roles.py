@@ -21,7 +21,7 @@ from torch import nn
 from align.config import LoraSpec, ModelSpec
 from align.errors import ModelError
 from align.generation import body
-from align.models import load_model, peft_config
+from align.models import float32_head, load_model, peft_config, score_layer
 
 POLICY, VALUE, REWARD = "default", "value", "reward"
 
@@ -32,6 +32,11 @@ class Roles:
     value_head: nn.Linear
     value_model: nn.Module | None  # None: the value is an adapter on the policy's base
     reference: nn.Module | None  # None: the policy with its adapters disabled
+    checkpointing: bool = False  # train.gradient_checkpointing: recompute each layer in the backward pass
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
 
     @property
     def shared_base(self) -> bool:
@@ -84,6 +89,27 @@ class Roles:
         for module in (self.policy, self.value_model, self.value_head):
             if module is not None:
                 module.train(mode)
+        if self.checkpointing:
+            # transformers recomputes a layer only while that layer is in training mode; PPO keeps
+            # every module in eval mode (no dropout: the ratio must be 1 before the first step), so the
+            # layer blocks alone are flagged as training, and the dropouts inside them stay off.
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            for model in self.trained_models():
+                for layer in model.modules():
+                    if isinstance(layer, GradientCheckpointingLayer):
+                        layer.training = True
+
+    def trained_models(self) -> list[nn.Module]:
+        return [m for m in (self.policy, self.value_model) if m is not None]
+
+    def checkpoint_gradients(self) -> None:
+        """Honour train.gradient_checkpointing: activations of each layer are recomputed in the
+        backward pass instead of kept (the frozen reference never runs a backward pass)."""
+        for model in self.trained_models():
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointing = True
 
 
 def hidden_size(config, where: str) -> int:
@@ -94,32 +120,35 @@ def hidden_size(config, where: str) -> int:
     return size
 
 
-def build_roles(spec: ModelSpec, source: str, lora: LoraSpec, value_source: str | None, pad_token_id: int) -> Roles:
-    """Load the PPO roles; `value_source` is a sequence classifier to initialise the value from, if any."""
+def build_roles(spec: ModelSpec, source: str, lora: LoraSpec, value_source: str | None, pad_token_id: int,
+                gradient_checkpointing: bool = False) -> Roles:
+    """Load the PPO roles; `value_source` is a sequence classifier to initialise the value from, if any.
+
+    The value head is float32 whatever the base's dtype (see models.float32_head)."""
     policy = load_model(spec, source, lora)
     width = hidden_size(policy.config, source)
     if lora.enabled:
-        from peft import get_peft_model
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
+        if lora.qlora:  # what peft asks of a 4-bit base: float32 norms and embeddings, input grads
+            policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
         policy = get_peft_model(policy, peft_config(lora), adapter_name=POLICY)
         policy.add_adapter(VALUE, peft_config(lora))
         policy.set_adapter(POLICY)
-        head = nn.Linear(width, 1).to(next(policy.parameters()).device, policy.dtype if not lora.qlora else torch.float32)
+        head = float32_head(nn.Linear(width, 1).to(next(policy.parameters()).device))
         _init_head(head, value_source, spec, pad_token_id, width)
-        return Roles(policy=policy, value_head=head, value_model=None, reference=None)
-    reference = load_model(spec, source).eval().requires_grad_(False)
-    value_model = load_model(spec, value_source or source, kind="reward", pad_token_id=pad_token_id)
-    if hidden_size(value_model.config, value_source or source) != width:
-        raise ModelError(f"{value_source}: hidden size differs from the policy's ({width})")
-    head = _score_layer(value_model)
-    return Roles(policy=policy, value_head=head, value_model=value_model, reference=reference)
-
-
-def _score_layer(classifier: nn.Module) -> nn.Linear:
-    head = getattr(classifier, "score", None) or getattr(classifier, "classifier", None)
-    if not isinstance(head, nn.Linear) or head.out_features != 1:
-        raise ModelError("the value model must be a sequence classifier with a single linear score layer")
-    return head
+        roles = Roles(policy=policy, value_head=head, value_model=None, reference=None)
+    else:
+        # The reference in the policy's own dtype, so that the two agree exactly before the first step.
+        reference = load_model(spec, source, dtype=policy.dtype).eval().requires_grad_(False)
+        value_model = load_model(spec, value_source or source, LoraSpec(enabled=False), kind="reward", pad_token_id=pad_token_id)
+        if hidden_size(value_model.config, value_source or source) != width:
+            raise ModelError(f"{value_source}: hidden size differs from the policy's ({width})")
+        head = score_layer(value_model, value_source or source)
+        roles = Roles(policy=policy, value_head=head, value_model=value_model, reference=reference)
+    if gradient_checkpointing:
+        roles.checkpoint_gradients()
+    return roles
 
 
 def _init_head(head: nn.Linear, value_source: str | None, spec: ModelSpec, pad_token_id: int, width: int) -> None:
@@ -206,6 +235,7 @@ class SharedBaseReward:
         texts = [render_for_reward(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         chat = bool(self.tokenizer.chat_template)
         device = next(policy.parameters()).device
+        score = self.score.to(device)
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "right"
         scores = []
         try:
@@ -213,13 +243,24 @@ class SharedBaseReward:
             for start in range(0, len(texts), self.batch_size):
                 batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
                                        add_special_tokens=not chat).to(device)
-                hidden = body(policy)(**batch).last_hidden_state  # (B, T, H)
-                last = batch["attention_mask"].sum(1) - 1
-                scores.append(hidden[torch.arange(len(last)), last].float().cpu() @ self.score.T)
+                hidden = body(policy)(**batch, use_cache=False).last_hidden_state  # (B, T, H)
+                last = last_token_index(batch["input_ids"], self.tokenizer.pad_token_id)
+                scores.append(hidden[torch.arange(len(last), device=device), last].float() @ score.T)
         finally:
             policy.set_adapter(POLICY)
             self.tokenizer.padding_side = side
         return torch.cat(scores).squeeze(-1)
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """(B,) the position a sequence classifier scores: the last token that is not padding,
+    transformers' rule for *ForSequenceClassification. Where padding falls back to EOS and the
+    chat template ends in EOS (Llama-3 style), that is the token before the closing EOS, not the
+    last attended position, so every scorer here uses this rule, not the attention mask."""
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    if pad_token_id is None:
+        return torch.full(input_ids.shape[:1], input_ids.shape[-1] - 1, device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
 
 
 def same_vocabulary(a, b) -> bool:

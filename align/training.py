@@ -20,6 +20,7 @@ from align import distributed
 from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, prune_checkpoints, trim_metrics
 from align.config import TrainStageConfig
 from align.errors import ConfigError, TrainingError
+from align.precision import compute_dtype
 
 log = logging.getLogger("align")
 
@@ -28,7 +29,7 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
     """A TRL config object (SFTConfig, DPOConfig, ...) from our typed config."""
     train = config.train
     on_gpu = torch.cuda.is_available()
-    precision = resolve_precision(train.precision)
+    precision = compute_dtype(train.precision)
     if config.train.report_to != "none":
         check_tracker(config.train.report_to)
     eval_steps = train.eval_steps or train.save_steps
@@ -68,21 +69,6 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
     )
 
 
-def resolve_precision(precision: str) -> torch.dtype:
-    """The compute dtype for autocast: what was asked, or the fastest correct one for this device."""
-    if precision == "auto":
-        if not torch.cuda.is_available():
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast(precision: str, device: torch.device):
-    """A context that runs matmuls in the compute dtype (a no-op for fp32)."""
-    dtype = resolve_precision(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def check_tracker(name: str) -> None:
     import importlib.util
 
@@ -116,18 +102,16 @@ def _last_good(checkpoints_dir: str) -> str:
     return f"The last good checkpoint is kept in {last}." if last else "No checkpoint had been saved yet."
 
 
-def keep_adapters_in_compute_dtype(trainer, config: TrainStageConfig) -> None:
-    """TRL casts a QLoRA model's trainable tensors to bfloat16. With float32 compute (CPU) that
-    breaks a reward model's score head, which then meets float32 hidden states; so trainable
-    tensors follow the base's compute dtype unless that is bfloat16 anyway."""
-    from align.models import compute_dtype
-
-    dtype = compute_dtype(config.model)
-    if not config.lora.qlora or dtype == torch.bfloat16:
+def keep_adapters_float32(trainer, config: TrainStageConfig) -> None:
+    """LoRA adapters (and a reward model's score layer) are float32 master weights whatever the
+    base's dtype: peft makes them so, but TRL casts a QLoRA model's to bfloat16, where AdamW's small
+    steps vanish, and fp16's GradScaler refuses float16 gradients. Inputs are cast to match (peft's
+    layers do it, score layers carry models.float32_head's hook)."""
+    if not config.lora.enabled:
         return
     for param in trainer.model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def stage_checkpoints(trainer) -> None:

@@ -17,7 +17,7 @@ from align.checkpoints import prepare_output, write_manifest
 from align.config import DPOConfig
 from align.data import load_preference_data
 from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
-from align.training import MetricsLog, keep_adapters_in_compute_dtype, last_logged, run_training, trainer_args
+from align.training import MetricsLog, keep_adapters_float32, last_logged, run_training, trainer_args
 
 log = logging.getLogger("align")
 
@@ -45,7 +45,7 @@ def run(config: DPOConfig) -> Path:
         model=model, ref_model=ref_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config(config.lora), callbacks=[MetricsLog(out, "dpo")],
     )
-    keep_adapters_in_compute_dtype(trainer, config)
+    keep_adapters_float32(trainer, config)
     trainable, total = count_parameters(trainer.model)
     log.info("dpo (%s, beta=%g): %d pairs, %s/%s parameters trainable", config.dpo.loss, config.dpo.beta,
              report.rows_used, f"{trainable:,}", f"{total:,}")

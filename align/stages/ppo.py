@@ -27,19 +27,20 @@ from tqdm.auto import tqdm
 
 from align import distributed, generation, losses
 from align.checkpoints import (
-    METRICS, append_metrics, latest_checkpoint, load_loop_state, prepare_output, read_records, save_loop_state, trim_metrics,
+    METRICS, SAMPLES, append_metrics, latest_checkpoint, load_loop_state, prepare_output, read_records, save_loop_state, trim_metrics,
     write_manifest,
 )
 from align.config import ModelSpec, PPOConfig
 from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
 from align.errors import ConfigError, DataError, TrainingError
 from align.generation import Rollout, prompt_ids, response_logits, response_values, sample_rollout, sequences
-from align.models import check_lora_possible, compute_dtype, context_length, load_tokenizer, resolve_model, save_stage_model
+from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.judge import JudgeReward
 from align.memory import peak_memory_mb
 from align.rewards import RewardFunction, RewardModel
 from align.roles import Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
-from align.training import autocast, check_tracker, resolve_precision
+from align.precision import autocast, compute_dtype, grad_scaler, weights_dtype
+from align.training import check_tracker
 
 log = logging.getLogger("align")
 
@@ -98,7 +99,8 @@ def run(config: PPOConfig) -> Path:
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
 
     torch.manual_seed(config.train.seed)  # LoRA's initial A matrices come from this generator
-    roles = build_roles(config.model, source, config.lora, value_source, tokenizer.pad_token_id)
+    roles = build_roles(config.model, source, config.lora, value_source, tokenizer.pad_token_id,
+                        gradient_checkpointing=config.train.gradient_checkpointing)
     if shared_reward:
         reward = SharedBaseReward(roles, shared_reward, tokenizer, config.ppo.score_batch_size)
     roles.train(False)  # no dropout anywhere: PPO's ratio must be 1 before the first step
@@ -108,6 +110,7 @@ def run(config: PPOConfig) -> Path:
     global_batch = config.train.batch_size * distributed.world_size()
     updates = min(settings.episodes // global_batch, config.train.max_steps or 1 << 30)
     scheduler = _scheduler(config, optimizer, updates)
+    scaler = grad_scaler(config.train.precision, roles.device)  # fp16 compute: scale the losses
     kl = losses.AdaptiveKLController(settings.kl_coef, settings.target_kl or 1.0, settings.kl_horizon)
     moments = losses.RunningMoments()
     first, extra = load_loop_state(out, params, optimizer, scheduler) if config.resume else (0, {})
@@ -115,7 +118,10 @@ def run(config: PPOConfig) -> Path:
         log.info("resuming %s after update %d", out, first)
         kl.value = extra["kl_coef"]
         moments.mean, moments.var, moments.count = extra["moments"]
+        if extra.get("grad_scaler"):
+            scaler.load_state_dict(extra["grad_scaler"])
     trim_metrics(out, first)
+    trim_metrics(out, first, SAMPLES)
     log.info("ppo: %d updates of %d rollouts (%d per process x %d), %s trainable parameters, value from %s",
              updates, global_batch, config.train.batch_size, distributed.world_size(),
              f"{sum(p.numel() for p in params.values()):,}", value_source or "scratch")
@@ -138,7 +144,7 @@ def run(config: PPOConfig) -> Path:
             scores = _normalise(raw_scores, all_scores, moments, settings)
             batch = _score_batch(roles, rollout, scores, settings, kl.value, recompute=not _sampling_is_exact(config))
         scored = time.perf_counter()
-        train_stats = _update(roles, optimizer, batch, config, params, step, out)
+        train_stats = _update(roles, optimizer, scaler, batch, config, params, step, out)
         scheduler.step()
         # Reported KL (and the adaptive controller's input) uses k3: unbiased and never negative,
         # whatever estimator shapes the rewards.
@@ -155,7 +161,8 @@ def run(config: PPOConfig) -> Path:
         if step % settings.sample_every == 0:
             _log_samples(out, step + 1, [prompts.raw[i] for i in picked], completions, raw_scores)
         if (step + 1) % config.train.save_steps == 0 and step + 1 < updates:
-            extra = {"kl_coef": kl.value, "moments": [moments.mean, moments.var, moments.count]}
+            extra = {"kl_coef": kl.value, "moments": [moments.mean, moments.var, moments.count],
+                     "grad_scaler": scaler.state_dict()}
             save_loop_state(out, step + 1, params, optimizer, scheduler, extra, config.train.save_total_limit)
 
     if tracker:
@@ -297,7 +304,7 @@ def _batch_indices(count: int, batch: int, step: int, seed: int) -> list[int]:
 
 def _compute(config: PPOConfig, roles: Roles):
     """Forward passes in the compute precision (train.precision); losses stay in float32."""
-    return autocast(config.train.precision, next(roles.policy.parameters()).device)
+    return autocast(config.train.precision, roles.device)
 
 
 def _sampling_is_exact(config: PPOConfig) -> bool:
@@ -307,7 +314,7 @@ def _sampling_is_exact(config: PPOConfig) -> bool:
     full forward: the sampler's log-probs are off by about 1e-2 per token, which shows as KL
     against the reference before the first step and as clipped ratios, so the behaviour log-probs
     are recomputed by a forward pass."""
-    return resolve_precision(config.train.precision) == compute_dtype(config.model) == torch.float32
+    return compute_dtype(config.train.precision) == weights_dtype(config.model, not config.lora.enabled) == torch.float32
 
 
 def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], settings, out: Path, seeds: list[int]) -> Rollout:
@@ -321,9 +328,8 @@ def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], settings, out: P
 
 
 def _decode(tokenizer, rollout: Rollout) -> list[str]:
-    return [
-        tokenizer.decode(row[mask.bool()], skip_special_tokens=True) for row, mask in zip(rollout.response, rollout.response_mask)
-    ]
+    rows, lengths = rollout.response.tolist(), rollout.response_mask.sum(1).tolist()  # the mask is a prefix
+    return [tokenizer.decode(row[:length], skip_special_tokens=True) for row, length in zip(rows, lengths)]
 
 
 def _score(reward, prompts: list, completions: list[str], finished: torch.Tensor, eos_penalty: float | None) -> torch.Tensor:
@@ -354,12 +360,12 @@ def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings,
 
     def logprobs(role) -> torch.Tensor:
         with role as model:
-            return losses.token_logprobs(response_logits(model, *inputs).cpu(), rollout.response, settings.temperature)
+            return losses.token_logprobs(response_logits(model, *inputs), rollout.response, settings.temperature)
 
     old_logprobs = logprobs(roles.acting()) * mask if recompute else rollout.logprobs  # see _sampling_is_exact
     ref_logprobs = logprobs(roles.referencing())
     with roles.valuing() as value_body:
-        values = response_values(value_body, roles.value_head, *inputs).cpu() * mask
+        values = response_values(value_body, roles.value_head, *inputs) * mask
     kl = losses.kl_penalty(old_logprobs, ref_logprobs, settings.kl_estimator) * mask
     rewards, non_score = losses.shaped_rewards(scores, kl, mask, kl_coef)
     advantages, returns = losses.gae(rewards, values, mask, settings.gamma, settings.lam)
@@ -375,7 +381,7 @@ def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings,
 # Updates
 
 
-def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: dict, step: int, out: Path) -> dict[str, float]:
+def _update(roles: Roles, optimizer, scaler, batch: Batch, config: PPOConfig, params: dict, step: int, out: Path) -> dict[str, float]:
     """ppo_epochs passes of shuffled mini-batches, one optimizer step per mini-batch.
 
     A mini-batch runs forward and backward in micro-batches of ppo.micro_batch_size rows, each
@@ -383,7 +389,8 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
     mini-batch's, while only one micro-batch's activations are held at a time. With several
     processes each shuffles its own shard, a global mini-batch is the union of theirs, and the
     weights are shares of the global mini-batch's tokens, so the step is the one a single
-    process would take on the union."""
+    process would take on the union. In fp16 the losses are scaled (`scaler`); a step whose
+    scaled gradients overflowed is skipped and the scale lowered, as torch.amp does."""
     settings, size = config.ppo, batch.response.shape[0]
     step_size = size // settings.mini_batches
     stats: dict[str, list[float]] = defaultdict(list)
@@ -393,14 +400,18 @@ def _update(roles: Roles, optimizer, batch: Batch, config: PPOConfig, params: di
         for start in range(0, size, step_size):
             totals: dict[str, float] = defaultdict(float)
             for idx, weight in _micro_batches(order[start:start + step_size], batch.mask, settings.micro_batch_size):
-                for key, value in _accumulate_gradients(roles, batch, idx, weight, config).items():
+                for key, value in _accumulate_gradients(roles, batch, idx, weight, config, scaler).items():
                     totals[key] += weight * value
             distributed.average_gradients(params.values())
+            scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.train.max_grad_norm))
             totals = distributed.all_mean(dict(totals))  # weighted sums per shard -> means over the global mini-batch
-            if not all(math.isfinite(x) for x in (totals["policy_loss"], totals["value_loss"], grad_norm)):
+            overflow_expected = scaler.is_enabled()  # fp16: an inf gradient only means the scale is too high
+            if not all(math.isfinite(x) for x in (totals["policy_loss"], totals["value_loss"])) or (
+                    not math.isfinite(grad_norm) and not overflow_expected):
                 _diverged(out, "a PPO loss or gradient became NaN/inf")
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             if not _all_finite(params.values()):
                 _diverged(out, "the weights became NaN/inf after an optimizer step (learning rate too high?)")
             optimizer.zero_grad(set_to_none=True)
@@ -431,27 +442,28 @@ def _micro_batches(rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[tu
     return [(chunk, float(count) * scale) for chunk, count in zip(chunks, tokens)]
 
 
-def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight: float, config: PPOConfig) -> dict[str, float]:
-    """Forward and backward one micro-batch with its losses scaled by `weight`; returns its own
+def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight: float, config: PPOConfig, scaler) -> dict[str, float]:
+    """Forward and backward one micro-batch with its losses scaled by `weight` (and the fp16 loss
+    scale); returns its own
     (unweighted) losses and stats. The policy and value losses are back-propagated separately
     because, on a shared base, each needs its own adapter switched on."""
     settings, mask = config.ppo, batch.mask[idx]
     with roles.acting() as policy, _compute(config, roles):
-        logits = response_logits(policy, *batch.inputs(idx)).cpu()
+        logits = response_logits(policy, *batch.inputs(idx))
         logprobs = losses.token_logprobs(logits, batch.response[idx], settings.temperature)
         pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, settings.clip_range)
         if settings.entropy_coef:
             entropy = losses.masked_mean(losses.entropy_from_logits(logits / settings.temperature), mask)
-            (weight * (pg_loss - settings.entropy_coef * entropy)).backward()
+            scaler.scale(weight * (pg_loss - settings.entropy_coef * entropy)).backward()
         else:  # only logged: keep its (B, T, vocab) graph out of the backward pass
-            (weight * pg_loss).backward()
+            scaler.scale(weight * pg_loss).backward()
             with torch.no_grad():
                 entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / settings.temperature), mask)
     del logits, logprobs  # free before the value pass, which can then reuse the memory
     with roles.valuing() as value_body, _compute(config, roles):
-        values = response_values(value_body, roles.value_head, *batch.inputs(idx)).cpu()
+        values = response_values(value_body, roles.value_head, *batch.inputs(idx))
         vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
-        (weight * settings.vf_coef * vf_loss).backward()
+        scaler.scale(weight * settings.vf_coef * vf_loss).backward()
     named = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}
     return {key: float(value.detach()) for key, value in named.items()}
 
@@ -497,7 +509,8 @@ def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConf
                                      config.ppo.temperature, seeds)
         with _compute(config, roles):
             scores = reward([prompts.raw[i] for i in chunk], _decode(tokenizer, rollout)).float()
-        totals += torch.tensor([scores.sum(), rollout.response_mask.sum(), rollout.finished.sum(), len(chunk)], dtype=torch.float64)
+        totals += torch.tensor([scores.sum().item(), rollout.response_mask.sum().item(), rollout.finished.sum().item(), len(chunk)],
+                               dtype=torch.float64)
     totals = distributed.all_sum(totals)
     return {
         "eval_score": (totals[0] / totals[3]).item(),
@@ -521,6 +534,6 @@ def _baseline(out: Path, first: int, roles: Roles, tokenizer, held_out: Prompts 
 def _log_samples(out: Path, step: int, prompts: list, completions: list[str], scores: torch.Tensor, count: int = 3) -> None:
     if not distributed.is_main():
         return
-    with (out / "samples.jsonl").open("a", encoding="utf-8") as handle:
+    with (out / SAMPLES).open("a", encoding="utf-8") as handle:
         for prompt, completion, score in list(zip(prompts, completions, scores.tolist()))[:count]:
             handle.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "score": score}) + "\n")

@@ -17,7 +17,7 @@ from align.checkpoints import prepare_output, write_manifest
 from align.config import RMConfig
 from align.data import load_preference_data
 from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
-from align.training import MetricsLog, keep_adapters_in_compute_dtype, last_logged, run_training, trainer_args
+from align.training import MetricsLog, keep_adapters_float32, last_logged, run_training, trainer_args
 
 log = logging.getLogger("align")
 
@@ -43,7 +43,7 @@ def run(config: RMConfig) -> Path:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         peft_config=peft_config(config.lora, kind="reward"), callbacks=[MetricsLog(out, "rm")],
     )
-    keep_adapters_in_compute_dtype(trainer, config)
+    keep_adapters_float32(trainer, config)
     trainable, total = count_parameters(trainer.model)
     log.info("rm: %d pairs, %s/%s parameters trainable", report.rows_used, f"{trainable:,}", f"{total:,}")
     metrics = run_training(trainer, out, config.resume)

@@ -23,7 +23,7 @@ from align.data import (
 )
 from align.errors import DataError
 from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
-from align.training import MetricsLog, keep_adapters_in_compute_dtype, run_training, trainer_args
+from align.training import MetricsLog, keep_adapters_float32, run_training, trainer_args
 
 log = logging.getLogger("align")
 
@@ -48,7 +48,7 @@ def run(config: SFTConfig) -> Path:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         peft_config=peft_config(config.lora), callbacks=[MetricsLog(out, "sft")],
     )
-    keep_adapters_in_compute_dtype(trainer, config)
+    keep_adapters_float32(trainer, config)
     trainable, total = count_parameters(trainer.model)
     log.info("sft: %d rows, %s/%s parameters trainable", report.rows_used, f"{trainable:,}", f"{total:,}")
     metrics = run_training(trainer, out, config.resume)

@@ -1,0 +1,89 @@
+"""Which dtypes weights load in and compute runs in, and the combinations align refuses.
+
+Two settings decide it: `model.dtype` (how weights are stored: float32, bfloat16, float16, auto)
+and `train.precision` (autocast for compute: fp32, bf16, fp16, auto). On top of them:
+- Trained heads (PPO's value head, a reward model's score layer) and LoRA adapters are float32
+  master weights whatever the base's dtype: AdamW's lr-1e-5 steps are below bfloat16's resolution
+  and float16's Adam state underflows.
+- fp16 compute scales the loss (a GradScaler) so small gradients do not flush to zero.
+- With 16-bit weights, `fp32` means no autocast: frozen weights compute in their own dtype,
+  trained adapters and heads in float32.
+
+Refused before anything loads, in one line (check_precision):
+- float16 weights that train themselves (full fine-tuning): their Adam updates underflow and the
+  GradScaler cannot unscale float16 gradients; use float32 weights with fp16 compute, or LoRA;
+- two different 16-bit formats (bfloat16 weights with fp16 compute, or the reverse);
+- bfloat16 on a GPU without it (T4, V100).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.config import ModelSpec
+from align.errors import ConfigError
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gpu_has_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def weights_dtype(spec: ModelSpec, trained: bool = False) -> torch.dtype:
+    """The dtype a model's weights load in: model.dtype, or for `auto` float32 on a CPU and
+    bfloat16 on GPUs that have it; on other GPUs float16 for frozen weights and float32 for
+    weights that train (float16 cannot hold their updates: fp16 compute runs on top of them)."""
+    if spec.dtype != "auto":
+        return getattr(torch, spec.dtype)
+    if not torch.cuda.is_available():
+        return torch.float32
+    if gpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32 if trained else torch.float16
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The compute dtype for autocast: what was asked, or the fastest correct one for this device."""
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if gpu_has_bf16() else torch.float16
+    return PRECISIONS[precision]
+
+
+def autocast(precision: str, device: torch.device):
+    """A context that runs matmuls in the compute dtype (a no-op for fp32)."""
+    dtype = compute_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 compute (disabled, a pass-through, otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=compute_dtype(precision) == torch.float16)
+
+
+def check_precision(spec: ModelSpec, precision: str, *, trains_base: bool) -> None:
+    """Refuse a dtype/precision combination that cannot train correctly, saying what to pass instead."""
+    weights, compute = weights_dtype(spec, trained=trains_base), compute_dtype(precision)
+    asked = f"model.dtype={spec.dtype} with train.precision={precision}"
+    if torch.cuda.is_available() and not gpu_has_bf16() and torch.bfloat16 in (weights, compute):
+        raise ConfigError(f"{asked}: this GPU has no bfloat16; use train.precision=fp16 and model.dtype=auto")
+    if weights == torch.float16 and trains_base:
+        raise ConfigError(
+            f"{asked}: full fine-tuning cannot train float16 weights (their Adam updates underflow); use "
+            "model.dtype=float32 with train.precision=fp16 (mixed precision), model.dtype=bfloat16, or LoRA"
+        )
+    if len({weights, compute} - {torch.float32}) > 1:  # QLoRA too: its 4-bit layers compute in model.dtype
+        raise ConfigError(
+            f"{asked}: mixes bfloat16 and float16; pick one 16-bit format (train.precision="
+            f"{'bf16' if weights == torch.bfloat16 else 'fp16'}) or model.dtype=float32"
+        )
+
+
+def check_stage_precision(config) -> None:
+    """check_precision for a training stage's config (a no-op for stages that do not train)."""
+    train, lora = getattr(config, "train", None), getattr(config, "lora", None)
+    if train is None or lora is None:
+        return
+    check_precision(config.model, train.precision, trains_base=not lora.enabled)
