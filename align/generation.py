@@ -65,14 +65,17 @@ def sampling_mode(model, **settings):
     from transformers import GenerationConfig
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    was_training, shipped = model.training, inner.generation_config
-    inner.generation_config = GenerationConfig(top_k=0, **settings)
+    # Every module's own flag, not just the top one's: PPO keeps its layer blocks flagged as
+    # training for gradient checkpointing (Roles.train) inside a model in eval mode.
+    modes, shipped = {module: module.training for module in model.modules()}, inner.generation_config
+    inner.generation_config = GenerationConfig(**({"top_k": 0} if settings.get("do_sample") else {}), **settings)
     model.eval()
     try:
         yield model
     finally:
         inner.generation_config = shipped
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -205,14 +205,13 @@ class LocalJudge(Judge):
 
     @torch.no_grad()
     def complete(self, texts: list[str], max_new_tokens: int) -> list[str]:
-        from align.generation import eos_token_ids
+        from align.generation import eos_token_ids, sampling_mode
 
         input_ids, attention_mask = self._batch(texts)
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=sorted(eos_token_ids(self.model, self.tokenizer)),
-        )
+        # Greedy, with none of the judge checkpoint's own repetition penalties or n-gram bans.
+        with sampling_mode(self.model, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                           eos_token_id=sorted(eos_token_ids(self.model, self.tokenizer))):
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask)
         return self.tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
 
 

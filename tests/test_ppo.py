@@ -140,11 +140,12 @@ def test_resume_after_an_interruption_ends_with_identical_weights(align, ppo_pro
 
     from align.stages import ppo
 
-    common = ppo_args(ppo_prompts, None, "--reward-fn", f"{reward_file}:share_of_e", "--episodes", "32", "--set", "train.save_steps=2")
+    common = ppo_args(ppo_prompts, None, "--reward-fn", f"{reward_file}:share_of_e", "--episodes", "32", "--set", "train.save_steps=2",
+                      "--set", "ppo.sample_every=1")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert align(*[str(straight) if a is None else a for a in common]).code == 0
 
-    restore = interrupt_on_call(monkeypatch, ppo, "_update", 3)  # dies in the third update
+    restore = interrupt_on_call(monkeypatch, ppo, "_update", 4)  # dies in the fourth update: update 3 is redone
     args = [str(interrupted) if a is None else a for a in common]
     assert align(*args).code == 130
     assert (interrupted / "checkpoints" / "checkpoint-2").is_dir() and not (interrupted / "align.json").exists()
@@ -154,6 +155,8 @@ def test_resume_after_an_interruption_ends_with_identical_weights(align, ppo_pro
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in metrics(interrupted)] == [1, 2, 3, 4]  # no duplicates after resuming
     assert [r["policy_loss"] for r in metrics(interrupted)] == [r["policy_loss"] for r in metrics(straight)]
+    samples = [json.loads(line) for line in (interrupted / "samples.jsonl").read_text().splitlines()]
+    assert samples == [json.loads(line) for line in (straight / "samples.jsonl").read_text().splitlines()]  # none twice
 
 
 def test_micro_batches_weight_each_chunk_by_its_share_of_response_tokens():
