@@ -222,7 +222,10 @@ def generate(
     seed: Seed = None,
     config: ConfigFile = None, stage: StageName = None, set_: Sets = None, overwrite: Overwrite = False,
 ) -> None:
-    """Sample completions from any model or stage output into a JSONL file."""
+    """Sample completions from any model or stage output into a JSONL file.
+
+    Sampling follows --temperature and --top-p only: the checkpoint's own generation_config
+    settings (top_k, repetition_penalty, no_repeat_ngram_size, ...) are not applied."""
     _run_command("generate", locals())
 
 
