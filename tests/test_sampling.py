@@ -3,6 +3,7 @@ log-probs are the model's own (post-processed logits included) and never leave i
 (B, T, vocab) tensors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -169,11 +170,17 @@ def test_no_vocab_sized_tensor_leaves_the_device_in_ppo_scoring_or_updates(align
     assert guard.seen == [("cpu", (2, 3, vocab))]
 
 
-def test_eval_reports_zero_kl_for_a_model_against_itself(align, tiny_model, prompts_file, tmp_path):
-    out = tmp_path / "eval.json"
-    assert align("eval", "-m", "tiny", "--reference", tiny_model, "-p", prompts_file, "-o", out,
-                 "--max-new-tokens", "6").code == 0
-    assert abs(json.loads(out.read_text())["kl"]) < 1e-6
+def test_eval_kl_of_a_model_against_itself_is_zero_and_counts_the_nucleus(align, tiny_model, prompts_file, tmp_path):
+    kls = {}
+    for top_p in ("1.0", "0.5"):
+        out = tmp_path / f"eval-{top_p}.json"
+        assert align("eval", "-m", "tiny", "--reference", tiny_model, "-p", prompts_file, "-o", out,
+                     "--max-new-tokens", "6", "--temperature", "1.0", "--set", f"sampling.top_p={top_p}").code == 0
+        kls[top_p] = json.loads(out.read_text())["kl"]
+    assert abs(kls["1.0"]) < 1e-6
+    # Sampled from the top-half nucleus, the KL to the untruncated model is -log(the nucleus's mass)
+    # per token: above 0, and at most log 2 for each of the (at most 6) tokens.
+    assert 0.1 < kls["0.5"] <= 6 * math.log(2)
 
 
 def test_gradient_checkpointing_recomputes_layers_in_ppo_without_changing_the_result(align, ppo_prompts, reward_file,

@@ -2,8 +2,9 @@
 
 - rewards: mean/std per reward source (reward models, python functions) over sampled completions
 - KL(model || reference): mean over samples y ~ pi of sum_t k3(t), with k3 = (r - 1) - log r and
-  r = pi_ref(y_t) / pi(y_t): an unbiased, non-negative estimate of the sequence-level KL between
-  the two models as sampled (both at the sampling temperature; use --top-p 1 for it to be exact)
+  r = pi_ref(y_t) / pi(y_t): an unbiased, non-negative estimate of the sequence-level KL from the
+  distribution sampled (the model at the sampling temperature, cut to the --top-p nucleus) to the
+  reference at that temperature; below --top-p 1 it includes the nucleus's own cost
 - win rate: the model's completion scores higher than the reference's on the same prompt
   (ties count half), per reward source
 - pairs: a reward model's accuracy (score(chosen) > score(rejected)), or a policy's DPO implicit
@@ -93,7 +94,9 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
     if ref_model is not None:
         prompt_tokens = [prompt_ids(tokenizer, p, chat) for p, _ in flat]
         tokens, temperature = [c.token_ids for _, c in flat], config.sampling.temperature or 1.0
-        policy_lp, mask = completion_logprobs(model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
+        # The policy as it was sampled (temperature and nucleus), against the reference at that temperature.
+        policy_lp, mask = completion_logprobs(model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature,
+                                              top_p=config.sampling.top_p if config.sampling.temperature else 1.0)
         ref_lp, _ = completion_logprobs(ref_model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
         results["kl"] = (kl_penalty(policy_lp, ref_lp, "k3") * mask).sum(1).mean().item()
         ref_samples = _sample_with_progress(ref_model, tokenizer, prompts, config, chat, "eval: reference")
