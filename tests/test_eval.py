@@ -14,16 +14,18 @@ def dpo_out(align, pairs_file, tmp_path):
 def test_eval_of_a_dpo_output_reports_rewards_kl_win_rate_and_pair_accuracy(align, dpo_out, prompts_file, pairs_file, reward_file, tmp_path):
     out = tmp_path / "metrics.json"
     args = ["eval", "-m", dpo_out, "-p", prompts_file, "--pairs", pairs_file, "--reward-fn", f"{reward_file}:length",
-            "-o", out, "-n", "2", "--max-new-tokens", "8", "--seed", "3"]
+            "-o", out, "-n", "2", "--max-new-tokens", "8", "--seed", "3", "--set", "sample_table=10"]
     result = align(*args)
     assert result.code == 0, result.err
     metrics = json.loads(out.read_text())
     name = f"{reward_file}:length"
     assert metrics["reference"] == "tiny" and metrics["samples"] == 10
     assert metrics["kl"] > 0  # DPO moved the policy away from the reference
-    assert 0 <= metrics[f"win_rate/{name}"] <= 1 and metrics[f"reward/{name}/mean"] > 0
+    # Win rate by hand from the table of every sample: the length scorer against the reference's text.
+    wins = [(r[name] > len(r["reference"])) + 0.5 * (r[name] == len(r["reference"])) for r in metrics["table"]]
+    assert metrics[f"win_rate/{name}"] == pytest.approx(sum(wins) / len(wins)) and metrics[f"reward/{name}/mean"] > 0
     assert metrics["pairs"]["implicit_reward_accuracy"] == 1.0 and metrics["pairs"]["implicit_margin"] > 0
-    assert len(metrics["table"]) == 5 and {"prompt", "completion", "reference", name} <= set(metrics["table"][0])
+    assert len(metrics["table"]) == 10 and {"prompt", "completion", "reference", name} <= set(metrics["table"][0])
     again = tmp_path / "again.json"
     assert align(*[str(again) if a == out else a for a in args]).code == 0
     assert json.loads(again.read_text()) == metrics

@@ -23,9 +23,12 @@ def test_online_rl_trains_with_weighted_python_rewards_and_a_reward_model(align,
                    "--num-generations", "4", "--batch-size", "8", "--max-new-tokens", "8", "--max-steps", "3", "--lr", "1e-2")
     assert result.code == 0, result.err
     manifest = json.loads((out / "align.json").read_text())
-    assert manifest["stage"] == method and len(manifest["rewards"]) == 3
-    assert any(k.startswith("reward") for k in manifest["metrics"])
+    assert manifest["rewards"] == [str(rm), f"{reward_file}:share_of_e", f"{reward_file}:constant"]  # models first
     logged = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in (r for r in logged if "loss" in r):  # the logged reward is the weighted sum of the three
+        parts = [row[f"rewards/reward_{i}/mean"] for i in range(3)]
+        assert row["rewards/reward_2/mean"] == 1.0  # the constant scorer
+        assert row["reward"] == pytest.approx(1.0 * parts[0] + 0.5 * parts[1] + 0.1 * parts[2], abs=1e-5)
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3]
     assert (out / "adapter" / "adapter_config.json").is_file()
     trained = AutoModelForCausalLM.from_pretrained(out).state_dict()

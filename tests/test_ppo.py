@@ -30,7 +30,9 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(align, ppo_prompts, rewa
     last = sum(r["score"] for r in rows[-4:]) / 4
     assert last > first * 1.3, (first, last)
     assert max(r["kl"] for r in rows) < 5.0
-    assert all(r["entropy"] > 0 and 0 <= r["clipfrac"] <= 1 for r in rows)
+    assert all(r["entropy"] > 0 for r in rows)
+    # lr 3e-3 over two epochs moves ratios past the 0.2 clip range; never for every token.
+    assert any(r["clipfrac"] > 0 for r in rows) and all(r["clipfrac"] < 0.5 for r in rows)
     assert {"time_generate", "time_score", "time_train", "explained_variance", "eos_rate", "approx_kl"} <= set(rows[0])
     model = AutoModelForCausalLM.from_pretrained(out)
     changed = not torch.equal(model.model.embed_tokens.weight, AutoModelForCausalLM.from_pretrained(tiny_model).model.embed_tokens.weight)
@@ -108,11 +110,20 @@ def test_lora_ppo_keeps_one_base_for_policy_value_and_reference(tiny_model):
     names = roles.trainable()
     assert any(".default." in n for n in names) and any(".value." in n for n in names) and "value_head.weight" in names
     assert not any("embed_tokens" in n for n in names)
+    with torch.no_grad():  # a trained-looking policy adapter: while lora_B is zero, policy = base anyway
+        for name, param in roles.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    roles.train(False)
     x = torch.tensor([[1, 5, 9]])
-    with roles.referencing() as reference:
-        ref_logits = reference(input_ids=x).logits
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    assert torch.allclose(ref_logits, base(input_ids=x).logits, atol=1e-5)
+    with torch.no_grad():
+        with roles.referencing() as reference:
+            ref_logits = reference(input_ids=x).logits
+        with roles.acting() as policy:
+            policy_logits = policy(input_ids=x).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model)(input_ids=x).logits
+    assert torch.allclose(ref_logits, base_logits, atol=1e-5)  # the adapters are really switched off
+    assert not torch.allclose(policy_logits, base_logits, atol=1e-3)
 
 
 @pytest.fixture
@@ -354,5 +365,36 @@ def test_ppo_with_a_reward_model_of_another_tokenizer_adaptive_kl_and_early_stop
     rows = metrics(out)
     manifest = json.loads((out / "align.json").read_text())
     assert manifest["value_init"] == "scratch"  # the reward model's tokenizer differs: the value starts fresh
-    assert rows[-1]["kl_coef"] != 0.2  # the adaptive controller moved the coefficient
+    # The adaptive controller (Ziegler et al.): coef *= 1 + clip(kl / target - 1, +-0.2) * batch / horizon,
+    # so it grows while the KL is above the target and shrinks below it.
+    coef = 0.2
+    for row in rows:
+        coef *= 1 + min(max(row["kl"] / 0.01 - 1, -0.2), 0.2) * 8 / 10000
+        assert row["kl_coef"] == pytest.approx(coef, rel=1e-9)
+    assert rows[-1]["kl_coef"] != 0.2
     assert all(r.get("early_stopped") == 1.0 for r in rows)  # any approx KL exceeds 1e-12 after one epoch
+
+
+# Pinned from a run of this code (the same figures before and after the device and precision changes,
+# which leave float32 results as they were): a refactor that changes the maths fails here even if it still learns.
+GOLDEN = {
+    "score": [0.045989, 0.066121, 0.02924, 0.068861],
+    "policy_loss": [-0.035992, -0.057833, -0.083453, -0.022085],
+    "value_loss": [0.064216, 0.005599, 0.002731, 0.003947],
+    "kl": [0.0, 0.304504, 0.276363, 0.321223],
+}
+
+
+def test_ppo_golden_curve(align, reward_file, tmp_path):
+    """A fixed-seed tiny run: full fine-tuning, 4 updates of 8 rollouts, 2 mini-batches, 2 epochs.
+    Tolerance 1e-3 relative: float32 on the CPU repeats to the last digit here (two runs agreed);
+    the slack is for other BLAS builds."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(16)])
+    out = tmp_path / "golden"
+    result = align("ppo", "-m", "tiny", "-p", prompts, "-o", out, "--reward-fn", f"{reward_file}:share_of_e", "--no-lora",
+                   "--episodes", "32", "--batch-size", "8", "--mini-batches", "2", "--ppo-epochs", "2", "--max-new-tokens", "8",
+                   "--lr", "3e-3", "--seed", "0")
+    assert result.code == 0, result.err
+    rows = metrics(out)
+    for key, expected in GOLDEN.items():
+        assert [r[key] for r in rows] == pytest.approx(expected, rel=1e-3, abs=1e-5), key
