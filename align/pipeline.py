@@ -16,7 +16,7 @@ from pathlib import Path
 from align import distributed, memory
 from align.checkpoints import has_started, is_complete, is_up_to_date, read_manifest
 from align.config import StageConfig
-from align.errors import OutputError
+from align.errors import ConfigError, OutputError
 from align.precision import check_stage_precision
 from align.recipe import Recipe
 
@@ -66,6 +66,8 @@ def run_stage(config: StageConfig) -> Path:
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> list[StageResult]:
+    for config in recipe.stages:  # a stage that cannot train is refused before the first one runs
+        _named(config, check_stage_precision)
     results = []
     for config in recipe.stages:
         started = time.time()
@@ -79,6 +81,13 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False)
         run_stage(config.model_copy(update={"resume": resume and has_started(out), "overwrite": overwrite}))
         results.append(_result(config, "ran", time.time() - started))
     return results
+
+
+def _named(config: StageConfig, check) -> None:
+    try:
+        check(config)
+    except ConfigError as exc:
+        raise ConfigError(f"stage '{config.name}': {exc}") from None
 
 
 def _check_can_write(config: StageConfig, *, resume: bool, overwrite: bool) -> None:

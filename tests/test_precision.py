@@ -235,3 +235,17 @@ def test_optimizer_state_is_loaded_onto_the_weights_device(monkeypatch, tmp_path
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or real(*a, **k))
     assert checkpoints.load_loop_state(tmp_path, params, optimizer, scheduler)[0] == 1
     assert seen == [torch.device("cpu")]
+
+
+def test_a_recipe_with_a_stage_that_cannot_train_is_refused_before_any_stage_runs(align, tmp_path):
+    import shutil
+
+    from conftest import ROOT
+
+    shutil.copytree(ROOT / "recipes" / "data", tmp_path / "data")
+    text = (ROOT / "recipes" / "tiny.yaml").read_text().replace("output_dir: runs/tiny", f"output_dir: {tmp_path / 'runs'}")
+    text = text.replace("    dpo: {beta: 0.1, loss: sigmoid}", "    dpo: {beta: 0.1, loss: sigmoid}\n    lora: false\n    model: {dtype: float16}")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(text)
+    assert_clean_failure(align("run", recipe), 2, "stage 'dpo'", "full fine-tuning cannot train float16 weights")
+    assert not (tmp_path / "runs" / "sft").exists()  # sft, before it, did not run either
