@@ -7,6 +7,7 @@ log-probs of sampled tokens, (B, T), are ever copied to the host, never (B, T, v
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,17 @@ def truncate_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bo
     return tokens, False
 
 
+def unwrapped(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """Whether a model's forward takes logits_to_keep (read once per class, not per pass)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 @contextmanager
 def sampling_mode(model, **settings):
     """The model in eval mode, sampling exactly as `settings` say; its mode is restored after.
@@ -64,7 +76,7 @@ def sampling_mode(model, **settings):
     with gradient checkpointing on and the model in train mode, transformers generates garbage."""
     from transformers import GenerationConfig
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrapped(model)
     # Every module's own flag, not just the top one's: PPO keeps its layer blocks flagged as
     # training for gradient checkpointing (Roles.train) inside a model in eval mode.
     modes, shipped = {module: module.training for module in model.modules()}, inner.generation_config
@@ -210,8 +222,7 @@ def response_hidden(model, input_ids, attention_mask, position_ids, prompt_width
 
 def body(model):
     """The transformer without its output head (a peft-wrapped model's or a plain model's)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model
+    return unwrapped(model).base_model
 
 
 def response_logits(causal_lm, input_ids, attention_mask, position_ids, prompt_width: int, length: int) -> torch.Tensor:
@@ -220,8 +231,7 @@ def response_logits(causal_lm, input_ids, attention_mask, position_ids, prompt_w
     and in generation); the output layer runs on the last T + 1 positions only, never on the
     prompt. Float32. (B, T, V)."""
     device = next(causal_lm.parameters()).device
-    inner = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
-    keep = {"logits_to_keep": length + 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    keep = {"logits_to_keep": length + 1} if _keeps_logits(type(unwrapped(causal_lm))) else {}
     logits = causal_lm(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
         use_cache=False, **keep,

@@ -237,9 +237,7 @@ def float32_head(head: torch.nn.Module) -> torch.nn.Module:
     bfloat16 and float16's Adam state underflows. Its input is cast up to match, so it works on
     bfloat16/float16 hidden states with or without autocast; its output is float32."""
     head.float()
-    if not getattr(head, "_align_float32_input", False):
-        head.register_forward_pre_hook(lambda _, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
-        head._align_float32_input = True
+    head.register_forward_pre_hook(lambda _, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
     return head
 
 

@@ -67,7 +67,10 @@ def run_stage(config: StageConfig) -> Path:
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> list[StageResult]:
     for config in recipe.stages:  # a stage that cannot train is refused before the first one runs
-        _named(config, check_stage_precision)
+        try:
+            check_stage_precision(config)
+        except ConfigError as exc:
+            raise ConfigError(f"stage '{config.name}': {exc}") from None
     results = []
     for config in recipe.stages:
         started = time.time()
@@ -81,13 +84,6 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False)
         run_stage(config.model_copy(update={"resume": resume and has_started(out), "overwrite": overwrite}))
         results.append(_result(config, "ran", time.time() - started))
     return results
-
-
-def _named(config: StageConfig, check) -> None:
-    try:
-        check(config)
-    except ConfigError as exc:
-        raise ConfigError(f"stage '{config.name}': {exc}") from None
 
 
 def _check_can_write(config: StageConfig, *, resume: bool, overwrite: bool) -> None:

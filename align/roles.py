@@ -20,7 +20,7 @@ from torch import nn
 
 from align.config import LoraSpec, ModelSpec
 from align.errors import ModelError
-from align.generation import body
+from align.generation import body, unwrapped
 from align.models import float32_head, load_model, peft_config, score_layer
 
 POLICY, VALUE, REWARD = "default", "value", "reward"
@@ -107,8 +107,7 @@ class Roles:
         """Honour train.gradient_checkpointing: activations of each layer are recomputed in the
         backward pass instead of kept (the frozen reference never runs a backward pass)."""
         for model in self.trained_models():
-            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            unwrapped(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.checkpointing = True
 
 
