@@ -1,19 +1,17 @@
-"""Typed, closed configs for every stage, recipe loading and `--set` overrides.
+"""The config schema: typed, closed blocks for every stage, each field with its default and meaning.
 
-A config is validated before any model loads. Unknown keys are errors that name the key and
-the nearest valid one; defaults live here and nowhere else.
+A config is validated before any model loads (align/validation.py words the errors); defaults
+live here and nowhere else. YAML files and `--set` overrides are read by align/config_files.py;
+which stage uses which config is declared in align/stages/__init__.py.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from align.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -30,27 +28,27 @@ class ModelSpec(Closed):
     """Which model a stage starts from and how to load it."""
 
     path: str = Field(min_length=1, description="local dir, hub id, or built-in name (align models)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype the weights load in: auto = float32 on a CPU, bfloat16 on GPUs that have it, else float16 for frozen and float32 for trained weights")
+    trust_remote_code: bool = Field(False, description="run the model repository's own python code (needed by some architectures)")
     allow_pickle: bool = Field(False, description="load pickled .bin/.pt weights (they can run code); safetensors only otherwise")
     chat_template: str | None = Field(None, description="a Jinja file to use instead of the tokenizer's")
-    revision: str | None = None
+    revision: str | None = Field(None, description="hub branch, tag or commit to load")
 
     @model_validator(mode="before")
     @classmethod
-    def _from_string(cls, value: Any) -> Any:
+    def shorthand(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
 
 
 class LoraSpec(Closed):
     """LoRA adapters (on by default) and QLoRA's 4-bit base."""
 
-    enabled: bool = True
-    r: PositiveInt = 16
-    alpha: PositiveFloat = 32.0
-    dropout: Fraction = 0.05
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    qlora: bool = False
+    enabled: bool = Field(True, description="train LoRA adapters (default) or all weights")
+    r: PositiveInt = Field(16, description="LoRA rank")
+    alpha: PositiveFloat = Field(32.0, description="LoRA scaling (alpha / r multiplies the update)")
+    dropout: Fraction = Field(0.05, description="dropout on the LoRA input")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field("all-linear", description="layers that get adapters: all-linear or a list of module names")
+    qlora: bool = Field(False, description="LoRA on a 4-bit NF4 base (bitsandbytes)")
 
     @model_validator(mode="before")
     @classmethod
@@ -67,19 +65,19 @@ class LoraSpec(Closed):
 class DataSpec(Closed):
     """A data file (or hub dataset) and how to read it."""
 
-    path: str = Field(min_length=1)
-    eval_path: str | None = None
-    eval_fraction: Fraction = 0.0
+    path: str = Field(min_length=1, description="data file (.jsonl/.json/.parquet/.csv) or hub dataset name")
+    eval_path: str | None = Field(None, description="a separate eval file (instead of eval_fraction)")
+    eval_fraction: Fraction = Field(0.0, description="hold out this share of the data for eval")
     columns: dict[str, str] = Field(default_factory=dict, description="expected name -> name in the file")
-    split: str = "train"
-    max_length: PositiveInt = 1024
-    overlong: Literal["truncate", "drop"] = "truncate"
-    chat_template: Literal["auto", "always", "never"] = "auto"
-    max_rows: PositiveInt | None = None
+    split: str = Field("train", description="the split to read from a hub dataset")
+    max_length: PositiveInt = Field(1024, description="longest tokenized row; longer rows are truncated or dropped (overlong)")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="what to do with a row longer than max_length")
+    chat_template: Literal["auto", "always", "never"] = Field("auto", description="render rows with the tokenizer's chat template: auto = when it has one and the rows are conversations")
+    max_rows: PositiveInt | None = Field(None, description="read only the first N rows")
 
     @model_validator(mode="before")
     @classmethod
-    def _from_string(cls, value: Any) -> Any:
+    def shorthand(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
 
 
@@ -87,47 +85,49 @@ class TrainSpec(Closed):
     """Optimisation, logging and checkpointing settings shared by all training stages."""
 
     max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps (wins over epochs)")
-    epochs: PositiveFloat = 1.0
-    batch_size: PositiveInt = 4
-    grad_accum: PositiveInt = 1
-    learning_rate: PositiveFloat = 2e-4
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_ratio: Fraction = 0.0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    max_grad_norm: PositiveFloat = 1.0
-    seed: int = 42
-    logging_steps: PositiveInt = 1
-    save_steps: PositiveInt = 50
-    save_total_limit: PositiveInt = 2
-    eval_steps: PositiveInt | None = None
-    gradient_checkpointing: bool = False
+    epochs: PositiveFloat = Field(1.0, description="passes over the data")
+    batch_size: PositiveInt = Field(4, description="rows per device per forward pass")
+    grad_accum: PositiveInt = Field(1, description="batches whose gradients add up to one optimizer step")
+    learning_rate: PositiveFloat = Field(2e-4, description="peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="learning-rate schedule after warmup")
+    warmup_ratio: Fraction = Field(0.0, description="share of the steps spent warming the learning rate up from 0")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
+    max_grad_norm: PositiveFloat = Field(1.0, description="clip the gradient norm to this")
+    seed: int = Field(42, description="random seed (data order, new weights, sampling)")
+    logging_steps: PositiveInt = Field(1, description="log metrics every N optimizer steps")
+    save_steps: PositiveInt = Field(50, description="save a checkpoint every N optimizer steps")
+    save_total_limit: PositiveInt = Field(2, description="checkpoints kept on disk (the newest)")
+    eval_steps: PositiveInt | None = Field(None, description="evaluate on the eval data every N steps (default: save_steps)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, about 30% slower")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="compute precision (autocast): auto = bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU"
     )
-    report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = "none"
+    report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = Field("none", description="experiment tracker for the metrics")
 
 
 class PPOTrain(TrainSpec):
     """PPO's defaults: batch_size is the rollout batch; RL wants a small learning rate."""
 
-    batch_size: PositiveInt = 16
-    learning_rate: PositiveFloat = 1e-5
-    save_steps: PositiveInt = 10
+    batch_size: PositiveInt = Field(16, description="rollouts per process per PPO update")
+    learning_rate: PositiveFloat = Field(1e-5, description="peak learning rate (RL wants a small one)")
+    save_steps: PositiveInt = Field(10, description="save a checkpoint every N updates")
 
 
 class OnlineTrain(TrainSpec):
-    batch_size: PositiveInt = 8
-    learning_rate: PositiveFloat = 1e-5
+    """GRPO's and RLOO's defaults: the batch holds whole groups; RL wants a small learning rate."""
+
+    batch_size: PositiveInt = Field(8, description="completions per device per step (whole groups of num_generations)")
+    learning_rate: PositiveFloat = Field(1e-5, description="peak learning rate")
 
 
 class StageConfig(Closed):
     """Fields every stage has."""
 
-    name: str | None = None
-    model: ModelSpec
-    output: str = Field(min_length=1)
-    resume: bool = False
-    overwrite: bool = False
+    name: str | None = Field(None, description="the stage's name in a recipe")
+    model: ModelSpec = Field(description="the model this stage starts from: local dir, hub id, stage output, or built-in name (align models)")
+    output: str = Field(min_length=1, description="where the stage writes its output")
+    resume: bool = Field(False, description="continue from the newest checkpoint in output")
+    overwrite: bool = Field(False, description="replace a non-empty output")
 
     # These change how a run proceeds, never what it produces.
     RUN_CONTROL_FIELDS: ClassVar[frozenset[str]] = frozenset({"resume", "overwrite", "name"})
@@ -142,24 +142,28 @@ class StageConfig(Closed):
 
 
 class TrainStageConfig(StageConfig):
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    data: DataSpec
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    """Fields of the stages that train on a data file with a TRL trainer (sft, rm, dpo)."""
+
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapters (on by default) and QLoRA")
+    data: DataSpec = Field(description="training data file (.jsonl/.json/.parquet/.csv) or hub dataset name")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="optimiser, schedule, logging and checkpoints")
 
     def data_files(self) -> list[str]:
         return [p for p in (self.data.path, self.data.eval_path) if p]
 
 
 class SFTConfig(TrainStageConfig):
-    stage: Literal["sft"] = "sft"
+    """Supervised fine-tuning on messages, prompt/completion or text rows."""
+
+    stage: Literal["sft"] = Field("sft", description="the stage type")
     completion_only_loss: bool = Field(True, description="train on responses only, not prompts")
-    packing: bool = False
+    packing: bool = Field(False, description="pack several rows into each max_length sequence")
 
 
 class RewardDataSpec(DataSpec):
     """A reward model scores the end of a sequence, so over-long pairs are dropped, never cut."""
 
-    overlong: Literal["truncate", "drop"] = "drop"
+    overlong: Literal["truncate", "drop"] = Field("drop", description="what to do with a pair longer than max_length (reward models only drop)")
 
     @model_validator(mode="after")
     def _no_truncation(self) -> RewardDataSpec:
@@ -172,9 +176,11 @@ class RewardDataSpec(DataSpec):
 
 
 class RMConfig(TrainStageConfig):
-    stage: Literal["rm"] = "rm"
-    data: RewardDataSpec
-    center_rewards: Annotated[float, Field(ge=0)] = 0.01
+    """A Bradley-Terry reward model trained on preference pairs."""
+
+    stage: Literal["rm"] = Field("rm", description="the stage type")
+    data: RewardDataSpec = Field(description="preference pairs (prompt, chosen, rejected; optional margin)")
+    center_rewards: Annotated[float, Field(ge=0)] = Field(0.01, description="weight of a penalty pulling the mean reward to 0 (InstructGPT's normalisation)")
 
 
 DPO_LOSSES = {
@@ -199,10 +205,14 @@ DPO_LOSSES = {
 
 
 class DPOSpec(Closed):
-    beta: PositiveFloat = 0.1
-    loss: Literal[tuple(DPO_LOSSES)] = "sigmoid"  # type: ignore[valid-type]
-    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
-    precompute_ref_log_probs: bool = False
+    """DPO's loss and how strongly it holds the policy to the reference."""
+
+    beta: PositiveFloat = Field(0.1, description="strength of the pull towards the reference model")
+    loss: Literal[tuple(DPO_LOSSES)] = Field(  # type: ignore[valid-type]
+        "sigmoid", description="sigmoid (DPO), ipo, hinge, robust (cDPO, with label_smoothing), length-normalized (SimPO-style), or another TRL loss"
+    )
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(0.0, description="share of labels assumed flipped (robust/cDPO, exo_pair, aot)")
+    precompute_ref_log_probs: bool = Field(False, description="compute the reference log-probs once before training")
 
     @property
     def trl_loss_type(self) -> str:
@@ -216,34 +226,42 @@ class DPOSpec(Closed):
 
 
 class DPOConfig(TrainStageConfig):
-    stage: Literal["dpo"] = "dpo"
-    dpo: DPOSpec = Field(default_factory=DPOSpec)
+    """Direct preference optimisation on prompt/chosen/rejected pairs."""
+
+    stage: Literal["dpo"] = Field("dpo", description="the stage type")
+    dpo: DPOSpec = Field(default_factory=DPOSpec, description="DPO's loss and its settings")
 
 
 class SamplingSpec(Closed):
-    num_samples: PositiveInt = 1
-    max_new_tokens: PositiveInt = 128
-    temperature: Annotated[float, Field(ge=0)] = 0.7
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    batch_size: PositiveInt = 8
-    seed: int = 42
+    """How completions are sampled: count, length, temperature, nucleus, batch, seed."""
+
+    num_samples: PositiveInt = Field(1, description="samples per prompt")
+    max_new_tokens: PositiveInt = Field(128, description="longest completion")
+    temperature: Annotated[float, Field(ge=0)] = Field(0.7, description="sampling temperature; 0 for greedy decoding")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="nucleus sampling threshold")
+    batch_size: PositiveInt = Field(8, description="sequences per generation batch (prompts x samples)")
+    seed: int = Field(42, description="sampling seed (each row's sample is reproducible)")
 
 
 class PairSampling(SamplingSpec):
     """Sampling two responses per prompt to compare; defaults set here so a partial block keeps them."""
 
-    num_samples: Annotated[int, Field(ge=2)] = 2
-    temperature: Annotated[float, Field(ge=0)] = 1.0
+    num_samples: Annotated[int, Field(ge=2)] = Field(2, description="samples per prompt, paired in twos")
+    temperature: Annotated[float, Field(ge=0)] = Field(1.0, description="sampling temperature")
 
 
 class EvalSampling(SamplingSpec):
-    max_new_tokens: PositiveInt = 64
+    """Sampling for eval: shorter completions by default."""
+
+    max_new_tokens: PositiveInt = Field(64, description="longest completion")
 
 
 class GenerateConfig(StageConfig):
-    stage: Literal["generate"] = "generate"
-    prompts: DataSpec
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    """Sample completions for a prompt file into one JSONL file."""
+
+    stage: Literal["generate"] = Field("generate", description="the stage type")
+    prompts: DataSpec = Field(description="prompt-only file ('prompt' column)")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="how completions are sampled")
 
     def data_files(self) -> list[str]:
         return [self.prompts.path]
@@ -258,16 +276,16 @@ class JudgeSpec(Closed):
     api_key_env: str = Field("ALIGN_JUDGE_API_KEY", description="environment variable holding the API key (never stored)")
     tokenizer: str | None = Field(None, description="for a URL judge: a local model whose chat template renders the prompt")
     chain_of_thought: bool = Field(False, description="the judge reasons first; the answer is read after its reasoning")
-    reasoning_tokens: PositiveInt = 128
-    batch_size: PositiveInt = 8
+    reasoning_tokens: PositiveInt = Field(128, description="with chain_of_thought: longest reasoning before the answer")
+    batch_size: PositiveInt = Field(8, description="pairs per judge batch (and per saved chunk)")
     top_logprobs: PositiveInt = Field(20, description="for a URL judge: how many next-token log-probs to ask for")
-    retries: Annotated[int, Field(ge=0)] = 4
+    retries: Annotated[int, Field(ge=0)] = Field(4, description="a URL judge's retries after a failed request")
     backoff: Annotated[float, Field(ge=0)] = Field(1.0, description="seconds before the first retry; doubled after each")
-    timeout: PositiveFloat = 60.0
+    timeout: PositiveFloat = Field(60.0, description="seconds to wait for a URL judge's answer")
 
     @model_validator(mode="before")
     @classmethod
-    def _from_string(cls, value: Any) -> Any:
+    def shorthand(cls, value: Any) -> Any:
         if isinstance(value, str):
             return {"url": value} if value.startswith(("http://", "https://")) else {"model": value}
         return value
@@ -297,16 +315,32 @@ class JudgeQuestion(Closed):
         return [self.constitution] if self.constitution and Path(self.constitution).is_file() else []
 
 
+class OneReward(JudgeQuestion):
+    """Exactly one reward source: a reward model, a python function or an AI judge."""
+
+    reward_model: ModelSpec | None = Field(None, description="reward model: an `align rm` output or any 1-label sequence classifier")
+    reward_fn: str | None = Field(None, description="MODULE:FUNCTION or FILE.py:FUNCTION returning one score per completion")
+    reward_judge: JudgeSpec | None = Field(None, description="an AI judge rates each response 1-10 (direct RLAIF)")
+
+    def _check_one_reward(self) -> None:
+        if [self.reward_model, self.reward_fn, self.reward_judge].count(None) != 2:
+            raise ValueError(
+                "give exactly one reward source: reward_model (--reward-model), reward_fn (--reward-fn) "
+                "or reward_judge (--reward-judge)"
+            )
+        self._check_question(needed=self.reward_judge is not None)
+
+
 class CritiqueConfig(StageConfig):
     """Constitutional AI's supervised stage: answer, critique under a drawn principle, revise."""
 
-    stage: Literal["critique"] = "critique"
-    prompts: DataSpec
+    stage: Literal["critique"] = Field("critique", description="the stage type")
+    prompts: DataSpec = Field(description="prompt-only file ('prompt' column), e.g. red-team and ordinary requests")
     constitution: str = Field("harmless-helpful", description="a constitution YAML or built-in name")
-    rounds: PositiveInt = 1
-    samples_per_prompt: PositiveInt = 1
+    rounds: PositiveInt = Field(1, description="critique-revision rounds per answer")
+    samples_per_prompt: PositiveInt = Field(1, description="answers sampled per prompt")
     few_shot: bool = Field(True, description="show each principle's worked examples before the model's turn")
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="how answers, critiques and revisions are sampled")
 
     def data_files(self) -> list[str]:
         return [self.prompts.path] + ([self.constitution] if Path(self.constitution).is_file() else [])
@@ -315,12 +349,12 @@ class CritiqueConfig(StageConfig):
 class LabelConfig(JudgeQuestion, StageConfig):
     """RLAIF preference labels: a judge picks A or B for each pair, in both orders."""
 
-    stage: Literal["label"] = "label"
+    stage: Literal["label"] = Field("label", description="the stage type")
     model: ModelSpec | None = Field(None, description="the policy that samples the pairs (with prompts)")
-    judge: JudgeSpec
-    pairs: DataSpec | None = None
-    prompts: DataSpec | None = None
-    sampling: PairSampling = Field(default_factory=PairSampling)
+    judge: JudgeSpec = Field(description="the judge: a local model (any causal LM align can load) or an OpenAI-compatible server")
+    pairs: DataSpec | None = Field(None, description="pairs to label: prompt + chosen/rejected (or response_a/response_b)")
+    prompts: DataSpec | None = Field(None, description="or prompts to sample pairs for, with the policy (model)")
+    sampling: PairSampling = Field(default_factory=PairSampling, description="how the policy samples responses for prompts")
     swap: bool = Field(True, description="judge every pair in both orders and average (removes position bias)")
     min_confidence: Annotated[float, Field(ge=0.5, lt=1)] = Field(0.5, description="drop pairs labelled with less confidence")
 
@@ -341,58 +375,52 @@ class PPOSpec(Closed):
     """PPO's rollout, reward-shaping and update settings (InstructGPT's RL step)."""
 
     episodes: PositiveInt = Field(512, description="total sampled responses")
-    mini_batches: PositiveInt = 1
+    mini_batches: PositiveInt = Field(1, description="mini-batches per rollout batch (one optimizer step each)")
     micro_batch_size: PositiveInt = Field(
         4, description="rows per forward/backward pass in an update; the gradients add up to the mini-batch's, "
         "so this trades speed for memory without changing the result"
     )
-    ppo_epochs: PositiveInt = 4
-    max_new_tokens: PositiveInt = 64
-    temperature: PositiveFloat = 0.7
-    kl_coef: Annotated[float, Field(ge=0)] = 0.05
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    ppo_epochs: PositiveInt = Field(4, description="passes over each rollout batch")
+    max_new_tokens: PositiveInt = Field(64, description="longest response")
+    temperature: PositiveFloat = Field(0.7, description="sampling temperature for rollouts")
+    kl_coef: Annotated[float, Field(ge=0)] = Field(0.05, description="weight of the per-token KL penalty against the reference (adapted when target_kl is set)")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = Field("k1", description="per-token KL estimator in the reward: k1 (log-ratio), k2, k3 (Schulman) or abs")
     target_kl: PositiveFloat | None = Field(None, description="adapt kl_coef towards this KL per sequence")
-    kl_horizon: PositiveInt = 10000
-    gamma: Annotated[float, Field(gt=0, le=1)] = 1.0
-    lam: Annotated[float, Field(ge=0, le=1)] = 0.95
-    clip_range: PositiveFloat = 0.2
-    clip_range_value: PositiveFloat = 0.2
-    vf_coef: PositiveFloat = 0.1
-    entropy_coef: Annotated[float, Field(ge=0)] = 0.0
-    whiten_advantages: bool = True
+    kl_horizon: PositiveInt = Field(10000, description="adaptive KL controller's horizon in episodes (Ziegler et al.)")
+    gamma: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="discount factor for GAE")
+    lam: Annotated[float, Field(ge=0, le=1)] = Field(0.95, description="GAE lambda: bias (0) versus variance (1) of the advantages")
+    clip_range: PositiveFloat = Field(0.2, description="PPO's ratio clip epsilon for the policy loss")
+    clip_range_value: PositiveFloat = Field(0.2, description="clip range for the value loss around the old values")
+    vf_coef: PositiveFloat = Field(0.1, description="weight of the value loss")
+    entropy_coef: Annotated[float, Field(ge=0)] = Field(0.0, description="weight of an entropy bonus (0: entropy only logged)")
+    whiten_advantages: bool = Field(True, description="normalise advantages to mean 0, std 1 over the batch")
     reward_norm: bool = Field(False, description="normalise scores by their running mean and std")
-    reward_clip: PositiveFloat | None = None
+    reward_clip: PositiveFloat | None = Field(None, description="clip scores to +-this after normalising")
     missing_eos_penalty: Annotated[float, Field(ge=0)] | None = Field(None, description="subtracted from the score of responses that never end")
     early_stop_kl: PositiveFloat | None = Field(None, description="stop an update's epochs when approx KL exceeds this")
-    sample_every: PositiveInt = 10
-    eval_every: PositiveInt | None = None
-    score_batch_size: PositiveInt = 16
+    sample_every: PositiveInt = Field(10, description="write sample responses to samples.jsonl every N updates")
+    eval_every: PositiveInt | None = Field(None, description="score held-out prompts every N updates")
+    score_batch_size: PositiveInt = Field(16, description="responses per reward-model batch")
     reward_in_4bit: bool = Field(False, description="load a separate reward model in 4-bit NF4 (bitsandbytes)")
 
 
-class PPOConfig(JudgeQuestion, StageConfig):
-    stage: Literal["ppo"] = "ppo"
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    prompts: DataSpec
-    eval_prompts: DataSpec | None = None
-    reward_model: ModelSpec | None = None
-    reward_fn: str | None = Field(None, description="MODULE:FUNCTION or FILE.py:FUNCTION returning one score per completion")
-    reward_judge: JudgeSpec | None = Field(None, description="an AI judge rates each response 1-10 (direct RLAIF)")
+class PPOConfig(OneReward, StageConfig):
+    """PPO against one reward source: a reward model, a python function or an AI judge."""
+
+    stage: Literal["ppo"] = Field("ppo", description="the stage type")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapters (on by default) and QLoRA")
+    prompts: DataSpec = Field(description="prompt-only training file ('prompt' column)")
+    eval_prompts: DataSpec | None = Field(None, description="held-out prompts scored every eval_every updates (default: prompts' eval_fraction)")
     value_model: str | None = Field(None, description="default: the reward model when it shares the policy's tokenizer")
-    ppo: PPOSpec = Field(default_factory=PPOSpec)
-    train: PPOTrain = Field(default_factory=PPOTrain)
+    ppo: PPOSpec = Field(default_factory=PPOSpec, description="PPO's rollout, reward shaping and update settings")
+    train: PPOTrain = Field(default_factory=PPOTrain, description="optimiser, schedule and checkpoints")
 
     def data_files(self) -> list[str]:
         return [d.path for d in (self.prompts, self.eval_prompts) if d] + self.question_files()
 
     @model_validator(mode="after")
     def _check(self) -> PPOConfig:
-        if [self.reward_model, self.reward_fn, self.reward_judge].count(None) != 2:
-            raise ValueError(
-                "give exactly one reward source: reward_model (--reward-model), reward_fn (--reward-fn) "
-                "or reward_judge (--reward-judge)"
-            )
-        self._check_question(needed=self.reward_judge is not None)
+        self._check_one_reward()
         batch, minis = self.train.batch_size, self.ppo.mini_batches
         if batch % minis:
             divisors = [d for d in range(1, batch + 1) if batch % d == 0]
@@ -410,13 +438,43 @@ class PPOConfig(JudgeQuestion, StageConfig):
         return self
 
 
+class BestOfNSampling(SamplingSpec):
+    """Sampling for best-of-n: several samples per prompt, from the policy itself by default."""
+
+    num_samples: Annotated[int, Field(ge=2)] = Field(4, description="samples per prompt to choose from (n)")
+    temperature: PositiveFloat = Field(
+        1.0, description="sampling temperature; at 1 the samples are the model's own, which the KL bound is against"
+    )
+
+
+class BestOfNConfig(OneReward, StageConfig):
+    """Rejection sampling: n samples per prompt, each scored; the best kept for SFT, best and worst as a pair."""
+
+    stage: Literal["best-of-n"] = Field("best-of-n", description="the stage type")
+    prompts: DataSpec = Field(description="prompt-only file ('prompt' column)")
+    sampling: BestOfNSampling = Field(default_factory=BestOfNSampling, description="how the n samples are drawn")
+    min_gap: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="skip a prompt whose best and worst samples score within this of each other (0: only exact ties)"
+    )
+    score_batch_size: PositiveInt = Field(16, description="samples per reward-model batch")
+    reward_in_4bit: bool = Field(False, description="load the reward model in 4-bit NF4 (bitsandbytes)")
+
+    def data_files(self) -> list[str]:
+        return [self.prompts.path] + self.question_files()
+
+    @model_validator(mode="after")
+    def _check(self) -> BestOfNConfig:
+        self._check_one_reward()
+        return self
+
+
 class MergeConfig(StageConfig):
     """Merge a LoRA/QLoRA adapter into a standalone checkpoint. `model` is a stage output with an
     adapter/ folder, or an adapter directory; the base comes from the adapter unless `base` is given."""
 
-    stage: Literal["merge"] = "merge"
-    base: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    stage: Literal["merge"] = Field("merge", description="the stage type")
+    base: str | None = Field(None, description="base model (default: the one the adapter names)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the merged weights")
     push_to_hub: str | None = Field(None, description="also upload the merged model to this hub repo")
     max_abs_diff: PositiveFloat = Field(1e-3, description="largest logit difference allowed between merged and adapter model")
 
@@ -424,16 +482,21 @@ class MergeConfig(StageConfig):
 class EvalConfig(JudgeQuestion, StageConfig):
     """Score a model: rewards, KL and win rate against its reference, accuracy on preference pairs."""
 
-    stage: Literal["eval"] = "eval"
-    prompts: DataSpec | None = None
-    pairs: DataSpec | None = None
-    reward_models: list[ModelSpec] = Field(default_factory=list)
-    reward_fns: list[str] = Field(default_factory=list)
+    stage: Literal["eval"] = Field("eval", description="the stage type")
+    prompts: DataSpec | None = Field(None, description="prompts to sample and score")
+    pairs: DataSpec | None = Field(None, description="preference pairs: RM accuracy or DPO implicit-reward accuracy")
+    reward_models: list[ModelSpec] = Field(default_factory=list, description="reward models to score with (repeatable; any tokenizer)")
+    reward_fns: list[str] = Field(default_factory=list, description="python scorers MODULE:FUNCTION or FILE.py:FUNCTION (repeatable; runs your code)")
     reward_judge: JudgeSpec | None = Field(None, description="an AI judge: rates samples 1-10, and compares with the reference in both orders")
     reference: str | None = Field(None, description="default: the model the stage started from (its manifest)")
-    no_reference: bool = False
-    sampling: EvalSampling = Field(default_factory=EvalSampling)
-    sample_table: Annotated[int, Field(ge=0)] = 5
+    no_reference: bool = Field(False, description="skip KL and win rate")
+    sampling: EvalSampling = Field(default_factory=EvalSampling, description="how samples are drawn")
+    sample_table: Annotated[int, Field(ge=0)] = Field(5, description="model-vs-reference samples kept for the report")
+    best_of: Annotated[int, Field(ge=2)] | None = Field(
+        None, description="evaluate the best-of-N policy on the model: each sample is the pick of N by the first reward "
+        "source (the first reward model, else function, else the judge), scored by every source; its KL is reported as "
+        "the bound log N - (N-1)/N"
+    )
 
     def data_files(self) -> list[str]:
         return [d.path for d in (self.prompts, self.pairs) if d] + self.question_files()
@@ -443,29 +506,33 @@ class EvalConfig(JudgeQuestion, StageConfig):
         self._check_question(needed=self.reward_judge is not None)
         if self.prompts is None and self.pairs is None:
             raise ValueError("give --prompts (to sample and score) and/or --pairs (for pairwise accuracy)")
+        if self.best_of and not (self.prompts and (self.reward_models or self.reward_fns or self.reward_judge)):
+            raise ValueError("--best-of N needs --prompts and a reward source (--reward-model, --reward-fn or --reward-judge) to pick with")
         return self
 
 
 class OnlineSpec(Closed):
     """Sampling and loss settings shared by GRPO and RLOO (TRL's trainers)."""
 
-    num_generations: Annotated[int, Field(ge=2)] = 4
-    max_new_tokens: PositiveInt = 64
-    temperature: PositiveFloat = 0.7
-    beta: Annotated[float, Field(ge=0)] = 0.04
-    epsilon: PositiveFloat = 0.2
-    num_iterations: PositiveInt = 1
-    reward_weights: list[float] | None = None
+    num_generations: Annotated[int, Field(ge=2)] = Field(4, description="completions sampled per prompt (the group)")
+    max_new_tokens: PositiveInt = Field(64, description="longest completion")
+    temperature: PositiveFloat = Field(0.7, description="sampling temperature")
+    beta: Annotated[float, Field(ge=0)] = Field(0.04, description="KL penalty coefficient (0: no reference model)")
+    epsilon: PositiveFloat = Field(0.2, description="ratio clip epsilon")
+    num_iterations: PositiveInt = Field(1, description="updates per sampled batch (TRL's mu)")
+    reward_weights: list[float] | None = Field(None, description="one weight per reward source (default: all 1)")
 
 
 class OnlineRLConfig(JudgeQuestion, StageConfig):
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    prompts: DataSpec
-    reward_models: list[ModelSpec] = Field(default_factory=list)
-    reward_fns: list[str] = Field(default_factory=list)
+    """Online RL on TRL's trainers (GRPO, RLOO): prompts and one or more reward sources."""
+
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapters (on by default) and QLoRA")
+    prompts: DataSpec = Field(description="prompt-only training file ('prompt' column)")
+    reward_models: list[ModelSpec] = Field(default_factory=list, description="reward models (repeatable; any tokenizer)")
+    reward_fns: list[str] = Field(default_factory=list, description="python scorers MODULE:FUNCTION or FILE.py:FUNCTION (repeatable; runs your code)")
     reward_judge: JudgeSpec | None = Field(None, description="an AI judge rates each completion 1-10 (direct RLAIF)")
-    online: OnlineSpec = Field(default_factory=OnlineSpec)
-    train: OnlineTrain = Field(default_factory=OnlineTrain)
+    online: OnlineSpec = Field(default_factory=OnlineSpec, description="sampling and loss settings")
+    train: OnlineTrain = Field(default_factory=OnlineTrain, description="optimiser, schedule and checkpoints")
 
     def data_files(self) -> list[str]:
         return [self.prompts.path] + self.question_files()
@@ -489,170 +556,28 @@ class OnlineRLConfig(JudgeQuestion, StageConfig):
 
 
 class GRPOConfig(OnlineRLConfig):
-    stage: Literal["grpo"] = "grpo"
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    """GRPO: rewards normalised within each prompt's group of generations."""
+
+    stage: Literal["grpo"] = Field("grpo", description="the stage type")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo"] = Field(
+        "dapo", description="TRL's GRPO loss: grpo (per-sequence mean, length-biased), dapo (per token over the batch), "
+        "dr_grpo (a constant), bnpo (per token over the local batch), cispo, sapo, luspo (needs sequence ratios)"
+    )
+    importance_sampling: Literal["token", "sequence"] = Field(
+        "token", description="the policy ratio per token (PPO, GRPO) or one per sequence (GSPO)"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the reward std of the group, of the batch, or not at all (Dr. GRPO)"
+    )
+
+    @model_validator(mode="after")
+    def _luspo_is_sequence_level(self) -> GRPOConfig:
+        if self.loss_type == "luspo" and self.importance_sampling != "sequence":
+            raise ValueError("loss_type luspo is sequence-level: set importance_sampling to sequence (--importance-sampling sequence)")
+        return self
 
 
 class RLOOConfig(OnlineRLConfig):
-    stage: Literal["rloo"] = "rloo"
+    """RLOO: each completion baselined by the mean reward of the others in its group."""
 
-
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {
-    "sft": SFTConfig,
-    "rm": RMConfig,
-    "dpo": DPOConfig,
-    "generate": GenerateConfig,
-    "ppo": PPOConfig,
-    "merge": MergeConfig,
-    "eval": EvalConfig,
-    "grpo": GRPOConfig,
-    "rloo": RLOOConfig,
-    "critique": CritiqueConfig,
-    "label": LabelConfig,
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation with errors a person can act on
-
-
-def build_config(cls: type[StageConfig], raw: dict[str, Any], where: str) -> StageConfig:
-    """Validate `raw` as `cls`; errors become one-line ConfigErrors that start with `where`."""
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: {_describe(cls, exc)}") from None
-
-
-def _describe(cls: type[BaseModel], exc: ValidationError) -> str:
-    errors = exc.errors()
-    first = errors[0]
-    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-")]
-    key = ".".join(loc) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        valid = _fields_at(cls, loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(valid))}"
-        message = f"unknown key {key!r}; {hint}"
-    elif first["type"] == "missing":
-        message = f"missing required key {key!r}"
-    else:
-        got = first.get("input")
-        shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-        text = first["msg"].removeprefix("Value error, ")
-        message = f"{key}: {text}{shown}" if loc else text
-    more = len(errors) - 1
-    return message + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
-
-
-def _fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
-    """The field names of the config block at `loc` inside `cls`."""
-    for part in loc:
-        if part.isdigit():  # an item of a list block
-            continue
-        field = cls.model_fields.get(part)
-        block = _model_in(getattr(field, "annotation", None))
-        if block is None:
-            return []
-        cls = block
-    return list(cls.model_fields)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The config block inside an annotation: X, list[X] or X | None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Files, overrides and recipes
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """The safe loader (no python objects), refusing a key given twice in one mapping: plain YAML
-    keeps the last one silently, so `train:` written twice would drop the first block."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"{key!r} twice in one mapping; keep one", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping with the safe loader; one-line errors for every way it can fail."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(loaded).__name__}")
-    return loaded
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value), with the value read as a YAML scalar."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    if isinstance(parsed, str):
-        # YAML 1.1 reads 1e-4 as a string; people mean the number.
-        try:
-            parsed = float(parsed)
-        except ValueError:
-            pass
-    return key.strip().split("."), parsed
-
-
-def set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set `target[path[0]][path[1]]... = value`, creating blocks; shorthands become blocks."""
-    for part in path[:-1]:
-        child = target.get(part)
-        child = _expand(child) if isinstance(child, (dict, str, bool)) else {}
-        target[part] = child
-        target = child
-    target[path[-1]] = value
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """A new dict: `extra` over `base`, merging nested blocks (shorthands expanded)."""
-    merged = dict(base)
-    for key, value in extra.items():
-        old = merged.get(key)
-        if isinstance(value, dict) and isinstance(old, (dict, str, bool)):
-            merged[key] = deep_merge(_expand(old), value)
-        elif isinstance(old, dict) and isinstance(value, (str, bool)):
-            merged[key] = deep_merge(old, _expand(value))
-        else:
-            merged[key] = value
-    return merged
-
-
-def _expand(value: dict | str | bool) -> dict[str, Any]:
-    """`model: NAME` means `model: {path: NAME}`; `lora: false` means `lora: {enabled: false}`."""
-    if isinstance(value, dict):
-        return dict(value)
-    if isinstance(value, bool):
-        return {"enabled": value}
-    return {"path": value}
+    stage: Literal["rloo"] = Field("rloo", description="the stage type")

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from align.config import Closed, build_config, read_yaml
+from align.config import Closed
+from align.config_files import read_yaml
+from align.validation import build_config
 from align.errors import ConfigError
 
 BUILTIN_DIR = Path(__file__).parent / "constitutions"

@@ -7,13 +7,12 @@ skipped; an interrupted stage continues with --resume; a changed one is redone o
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align import distributed, memory
+from align import distributed, memory, stages
 from align.checkpoints import has_started, is_complete, is_up_to_date, read_manifest
 from align.config import StageConfig
 from align.errors import ConfigError, OutputError
@@ -21,9 +20,6 @@ from align.precision import check_stage_precision
 from align.recipe import Recipe
 
 log = logging.getLogger("align")
-
-# Stages that do not train: in a multi-process run the main process does their work alone.
-MAIN_PROCESS_STAGES = frozenset({"generate", "eval", "critique", "label", "merge"})
 
 
 @dataclass
@@ -37,13 +33,13 @@ class StageResult:
 
 
 def run_stage(config: StageConfig) -> Path:
-    """Run one stage by its type; the only place that maps stage names to modules."""
+    """Run one stage by its type (its entry in the stage registry)."""
     if config.resume and is_complete(Path(config.output)):
         log.info("%s is already complete; nothing to resume", config.output)
         return Path(config.output)
     check_stage_precision(config)  # a combination that cannot train is refused before anything loads
     distributed.claim_device()  # this process's GPU, before any model (reward, judge, policy) loads
-    module = importlib.import_module(f"align.stages.{config.stage}")
+    stage = stages.get(config.stage)
     memory.keep_freed_memory()  # on the CPU, reuse freed tensors instead of faulting them in again
     train = getattr(config, "train", None)
     if train is not None:
@@ -52,15 +48,15 @@ def run_stage(config: StageConfig) -> Path:
         from transformers import set_seed
 
         set_seed(train.seed)
-    if distributed.launched() and config.stage in MAIN_PROCESS_STAGES:
+    if distributed.launched() and not stage.trains:
         # Sampling and scoring stages run on the main process; the others wait for its output.
         if distributed.is_main():
             with distributed.alone():
-                out = module.run(config)
+                out = stage.run(config)
         else:
             out = Path(config.output)
     else:
-        out = module.run(config)
+        out = stage.run(config)
     distributed.barrier()
     return out
 

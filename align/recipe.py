@@ -20,23 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.config import (
-    STAGE_CONFIGS,
-    StageConfig,
-    build_config,
-    deep_merge,
-    parse_override,
-    read_yaml,
-    set_path,
-)
+from align import stages
+from align.config import StageConfig
+from align.config_files import deep_merge, parse_override, read_yaml, set_path
 from align.errors import ConfigError
+from align.validation import build_config
 
 SHARED_BLOCKS = ("model", "lora", "data", "train")
-FILE_OUTPUTS = {"generate": ".jsonl", "eval": ".json", "label": ".jsonl"}  # stages whose output is one file
 RECIPE_KEYS = ("name", "output_dir", "stages", *SHARED_BLOCKS)
 STAGE_KEYS = ("name", "stage", "from", "reward_from", "data_from")
-# What `data_from: STAGE` reads from a stage that writes a directory of data files.
-DATA_FILES = {"sft": "sft.jsonl", "rm": "pairs.jsonl", "dpo": "pairs.jsonl"}
 PATH_FIELDS = (
     ("data", "path"), ("data", "eval_path"), ("prompts", "path"), ("eval_prompts", "path"), ("pairs", "path"),
     ("model", "path"), ("model", "chat_template"), ("reward_model", "path"), ("judge", "model"), ("reward_judge", "model"),
@@ -75,19 +67,20 @@ def resolve_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
     name = str(raw.get("name") or path.stem)
     output_dir = Path(raw.get("output_dir") or Path("runs") / name)
     shared = {key: raw[key] for key in SHARED_BLOCKS if key in raw}
-    outputs: dict[str, str] = {}
+    earlier: dict[str, StageConfig] = {}
     configs = []
     for index, entry in enumerate(stages):
         where = f"{path}: stages[{index}]"
-        config = _resolve_stage(entry, where, shared, outputs, output_dir, path.parent)
-        outputs[config.name] = config.output
+        config = _resolve_stage(entry, where, shared, earlier, output_dir, path.parent)
+        earlier[config.name] = config
         configs.append(config)
     return Recipe(path=path, name=name, output_dir=output_dir, stages=configs)
 
 
 def _resolve_stage(
-    entry: Any, where: str, shared: dict, outputs: dict[str, str], output_dir: Path, base_dir: Path
+    entry: Any, where: str, shared: dict, earlier: dict[str, StageConfig], output_dir: Path, base_dir: Path
 ) -> StageConfig:
+    outputs = {name: config.output for name, config in earlier.items()}
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: each stage is a mapping with at least 'name', got {entry!r}")
     name = entry.get("name")
@@ -97,15 +90,16 @@ def _resolve_stage(
     if name in outputs:
         raise ConfigError(f"{where}: stage name {name!r} is used twice; give each stage its own name")
     kind = entry.get("stage", name)
-    if kind not in STAGE_CONFIGS:
+    if kind not in stages.STAGES:
         raise ConfigError(
-            f"{where}: unknown stage type {kind!r}; set 'stage:' to one of {', '.join(STAGE_CONFIGS)}"
+            f"{where}: unknown stage type {kind!r}; set 'stage:' to one of {', '.join(stages.STAGES)}"
         )
-    cls = STAGE_CONFIGS[kind]
+    stage = stages.STAGES[kind]
+    cls = stage.config
     body = {k: v for k, v in entry.items() if k not in STAGE_KEYS}
     merged = deep_merge({k: v for k, v in shared.items() if k in cls.model_fields}, body)
     merged["name"] = name
-    merged.setdefault("output", str(output_dir / (name + FILE_OUTPUTS.get(kind, ""))))
+    merged.setdefault("output", str(stage.output_path(output_dir, name)))
     # Paths written in the recipe are resolved against it; earlier stages' outputs (from:,
     # reward_from:, data_from:) are not: they must read the same on every run of the recipe.
     for block, key in PATH_FIELDS:
@@ -119,7 +113,7 @@ def _resolve_stage(
         else:
             merged = deep_merge(merged, {"reward_model": {"path": reward}})
     if "data_from" in entry:
-        merged = deep_merge(merged, {"data": {"path": _data_from(entry["data_from"], kind, where, outputs)}})
+        merged = deep_merge(merged, {"data": {"path": _data_from(entry["data_from"], stage, where, earlier)}})
     if isinstance(merged.get("constitution"), str):
         candidate = base_dir / merged["constitution"]
         if candidate.is_file():
@@ -142,17 +136,22 @@ def _resolve_from(source: Any, where: str, outputs: dict[str, str]) -> str:
     )
 
 
-def _data_from(source: Any, kind: str, where: str, outputs: dict[str, str]) -> str:
-    """The data file an earlier stage wrote: a label/generate stage's file, or critique's sft/pairs file."""
-    if not isinstance(source, str) or source not in outputs:
-        earlier = ", ".join(outputs) or "none"
-        raise ConfigError(f"{where}: 'data_from: {source}' must name an earlier stage (earlier stages: {earlier})")
-    output = Path(outputs[source])
-    if output.suffix:  # a stage whose output is one file
-        return str(output)
-    if kind not in DATA_FILES:
-        raise ConfigError(f"{where}: 'data_from' gives training data to {', '.join(DATA_FILES)} stages, not to {kind!r}")
-    return str(output / DATA_FILES[kind])
+def _data_from(source: Any, stage: stages.Stage, where: str, earlier: dict[str, StageConfig]) -> str:
+    """The data file an earlier stage wrote: a label/generate stage's file, or the file of a
+    data-writing stage (critique's sft.jsonl or pairs.jsonl) that this stage reads."""
+    if not isinstance(source, str) or source not in earlier:
+        names = ", ".join(earlier) or "none"
+        raise ConfigError(f"{where}: 'data_from: {source}' must name an earlier stage (earlier stages: {names})")
+    output, kind = earlier[source].output, earlier[source].stage
+    writer = stages.STAGES[kind]
+    if writer.output:  # a stage whose output is one file
+        return output
+    readers = [s.name for s in stages.STAGES.values() if s.reads]
+    if not stage.reads:
+        raise ConfigError(f"{where}: 'data_from' gives training data to {', '.join(readers)} stages, not to {stage.name!r}")
+    if stage.reads not in writer.writes:
+        raise ConfigError(f"{where}: 'data_from: {source}': a {kind} stage writes no {stage.reads} data for {stage.name} to read")
+    return str(Path(output) / writer.writes[stage.reads])
 
 
 def _resolve_relative(config: dict, block: str, key: str, base_dir: Path) -> None:
@@ -196,6 +195,7 @@ def stage_from_file(path: Path, kind: str, stage_name: str | None) -> dict[str, 
     matching = [c for c in recipe.stages if c.stage == kind and (stage_name is None or c.name == stage_name)]
     if len(matching) != 1:
         names = [c.name for c in recipe.stages if c.stage == kind]
-        detail = f"its {kind} stages are: {', '.join(names)}; pick one with --stage NAME" if names else f"it has no {kind} stage"
+        asked = f"no {kind} stage is named {stage_name!r}; " if stage_name and names else ""
+        detail = f"{asked}its {kind} stages are: {', '.join(names)}; pick one with --stage NAME" if names else f"it has no {kind} stage"
         raise ConfigError(f"{path}: cannot pick the {kind} stage to run: {detail}")
     return matching[0].model_dump(mode="json", exclude_none=True)

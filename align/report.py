@@ -16,13 +16,8 @@ from pathlib import Path
 from align.checkpoints import METRICS, atomic_write_text, read_manifest, read_records
 from align.data import last_text
 from align.errors import OutputError
+from align.stages import STAGES
 
-CURVES = {
-    "sft": [("loss", "eval_loss"), ("mean_token_accuracy",)],
-    "rm": [("loss", "eval_loss"), ("accuracy", "eval_accuracy"), ("margin", "eval_margin")],
-    "dpo": [("loss", "eval_loss"), ("rewards/accuracies", "eval_rewards/accuracies"), ("rewards/margins", "eval_rewards/margins")],
-    "ppo": [("score", "eval_score"), ("kl",), ("policy_loss", "value_loss"), ("entropy",), ("response_length", "eval_response_length")],
-}
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:
@@ -43,9 +38,11 @@ def write_report(run_dir: Path) -> Path:
     for stage_dir in stages:
         manifest = read_manifest(stage_dir) or {}
         kind = manifest.get("stage") or _guess_kind(stage_dir)
+        stage = STAGES.get(kind)
         records = read_records(stage_dir / METRICS)
-        images = [_plot_curves(records, keys, out / f"{stage_dir.name}-{i}.png", stage_dir.name) for i, keys in enumerate(CURVES.get(kind, []))]
-        if kind == "ppo":
+        curves = stage.curves if stage else ()
+        images = [_plot_curves(records, keys, out / f"{stage_dir.name}-{i}.png", stage_dir.name) for i, keys in enumerate(curves)]
+        if stage and stage.reward_vs_kl:
             images.append(_plot_reward_vs_kl(records, out / f"{stage_dir.name}-reward-vs-kl.png"))
         sections.append(_section(stage_dir, kind, manifest, [i for i in images if i], _ppo_samples(stage_dir)))
     for evaluation in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else []:
@@ -56,7 +53,7 @@ def write_report(run_dir: Path) -> Path:
 
 
 def _guess_kind(stage_dir: Path) -> str:
-    return next((k for k in CURVES if k in stage_dir.name), "")
+    return next((name for name, stage in STAGES.items() if stage.curves and name in stage_dir.name), "")
 
 
 def _plot_curves(records: list[dict], keys: tuple[str, ...], path: Path, title: str) -> Path | None:

@@ -45,7 +45,7 @@ from data.openings import FRAMES, SUBJECTS  # noqa: E402
 from data.vader_reward import score  # noqa: E402
 
 from align.checkpoints import read_manifest  # noqa: E402
-from align.recipe import FILE_OUTPUTS  # noqa: E402
+from align.stages import STAGES  # noqa: E402
 
 GOLD = f"{HERE / 'data' / 'vader_reward.py'}:positive"
 INSTRUCTION = "Continue this movie review: {opening}"
@@ -190,7 +190,7 @@ def arms_recipe(work: Path, train_pairs: int) -> dict:
 def manifest(runs: Path, stage: dict) -> dict:
     """A finished stage's manifest (align.json in its directory, or beside its one output file)."""
     kind = stage.get("stage", stage["name"])
-    return read_manifest(runs / f"{stage['name']}{FILE_OUTPUTS.get(kind, '')}")
+    return read_manifest(STAGES[kind].output_path(runs, stage["name"]))
 
 
 def collect(work: Path, recipe: dict) -> dict:

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from align.config import SFTConfig, DPOConfig, RMConfig, build_config, deep_merge, parse_override, set_path
+from align.config import SFTConfig, DPOConfig, RMConfig
+from align.config_files import deep_merge, parse_override, set_path
+from align.validation import build_config
 from align.errors import ConfigError
 from align.recipe import load_recipe
 

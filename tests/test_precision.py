@@ -212,13 +212,13 @@ def test_each_process_claims_its_gpu_before_loading(monkeypatch):
 def test_run_stage_claims_the_device_before_the_stage_loads_anything(monkeypatch, tmp_path):
     import types
 
-    from align import distributed, pipeline
+    from align import distributed, pipeline, stages
     from align.config import GenerateConfig
 
     order = []
     monkeypatch.setattr(distributed, "claim_device", lambda: order.append("claim"))
     fake = types.SimpleNamespace(run=lambda config: order.append("run") or tmp_path)
-    monkeypatch.setattr(pipeline.importlib, "import_module", lambda name: fake)
+    monkeypatch.setattr(stages.importlib, "import_module", lambda name: fake)
     pipeline.run_stage(GenerateConfig(model="tiny", output=str(tmp_path / "x.jsonl"), prompts=str(tmp_path / "p.jsonl")))
     assert order == ["claim", "run"]
 
