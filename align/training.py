@@ -1,6 +1,8 @@
-"""What every TRL-backed stage shares: trainer arguments, the metrics log, the NaN guard, resume.
+"""What every TRL-backed stage shares: one runner (run_trainer), trainer arguments, the metrics
+log and progress bar, the NaN guard, resume.
 
-Stages compose these helpers; there is no trainer base class of our own.
+A stage says what differs (its data, trainer class and settings) in a TrainerPlan; run_trainer
+does the rest the same way for all of them. There is no trainer base class of our own.
 """
 
 from __future__ import annotations
@@ -9,20 +11,70 @@ import logging
 import math
 import os
 import shutil
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from align import distributed
-from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, prune_checkpoints, trim_metrics
+from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, prepare_output, prune_checkpoints, trim_metrics, write_manifest
 from align.config import TrainStageConfig
+from align.data import DataReport
 from align.errors import ConfigError, TrainingError
+from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
 from align.precision import compute_dtype
 
 log = logging.getLogger("align")
+
+
+@dataclass
+class TrainerPlan:
+    """What one TRL-backed stage brings to run_trainer; everything else is the same for all."""
+
+    trainer: Any  # the TRL trainer class (SFTTrainer, RewardTrainer, ...)
+    args: Any  # its config class (trl.SFTConfig, ...)
+    train_set: Any  # datasets.Dataset
+    report: DataReport
+    summary: str  # what it trains on, for the log line: "16 rows", "8 prompts x 4 generations"
+    eval_set: Any = None
+    model_kind: str = "causal"  # or "reward": a 1-label sequence classifier
+    settings: dict[str, Any] = field(default_factory=dict)  # the stage's own fields of the TRL config
+    trainer_inputs: Callable[[], dict[str, Any]] = dict  # more trainer arguments, made once the output is claimed
+    kept_metrics: tuple[str, ...] = ()  # prefixes of logged metrics whose last value goes in the manifest
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def run_trainer(config, plan: Callable[[Any, str], TrainerPlan], padding_side: str = "right") -> Path:
+    """A TRL-backed stage from start to finish: resolve the model, read the data (plan(tokenizer,
+    source)) before the output is touched, then build, train, save and record."""
+    out, started = Path(config.output), time.time()
+    check_lora_possible(config.lora)
+    source = resolve_model(config.model)
+    tokenizer = load_tokenizer(config.model, source, padding_side=padding_side)
+    stage = plan(tokenizer, source)
+    prepare_output(out, resume=config.resume, overwrite=config.overwrite)
+
+    model = load_model(config.model, source, config.lora, kind=stage.model_kind, pad_token_id=tokenizer.pad_token_id)
+    args = trainer_args(stage.args, config, out, has_eval=stage.eval_set is not None, **stage.settings)
+    trainer = stage.trainer(
+        model=model, args=args, train_dataset=stage.train_set, eval_dataset=stage.eval_set, processing_class=tokenizer,
+        peft_config=peft_config(config.lora, kind=stage.model_kind), callbacks=[MetricsLog(out, config.stage)],
+        **stage.trainer_inputs(),
+    )
+    keep_adapters_float32(trainer, config)
+    trainable, total = count_parameters(trainer.model)
+    log.info("%s: %s, %s/%s parameters trainable", config.stage, stage.summary, f"{trainable:,}", f"{total:,}")
+    metrics = run_training(trainer, out, config.resume)
+    for prefix in stage.kept_metrics:
+        metrics.update(last_logged(trainer, prefix))
+    save_stage_model(trainer.model, tokenizer, out, config.model, source, config.lora, kind=stage.model_kind)
+    write_manifest(out, config=config, metrics=metrics, started=started, data=asdict(stage.report),
+                   trainable_parameters=trainable, lora=config.lora.enabled, **stage.manifest)
+    return out
 
 
 def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, **stage_args: Any):
@@ -97,6 +149,24 @@ class MetricsLog(TrainerCallback):
                 )
 
 
+class ProgressBar(ProgressCallback):
+    """transformers' progress bar with the few metrics a person watches beside it, instead of
+    every logged dict printed under it (those go to metrics.jsonl, and to the terminal with -v)."""
+
+    SHOWN = {
+        "loss": "loss", "eval_loss": "eval_loss", "mean_token_accuracy": "acc", "accuracy": "acc",
+        "eval_accuracy": "eval_acc", "rewards/accuracies": "acc", "rewards/margins": "margin",
+        "eval_rewards/accuracies": "eval_acc", "reward": "reward", "kl": "kl",
+    }
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (state.is_world_process_zero and self.training_bar is not None):
+            return
+        shown = {short: f"{logs[key]:.3g}" for key, short in self.SHOWN.items() if isinstance((logs or {}).get(key), (int, float))}
+        if shown:
+            self.training_bar.set_postfix(shown, refresh=False)
+
+
 def _last_good(checkpoints_dir: str) -> str:
     last = latest_checkpoint(Path(checkpoints_dir).parent)
     return f"The last good checkpoint is kept in {last}." if last else "No checkpoint had been saved yet."
@@ -146,6 +216,9 @@ def run_training(trainer, out: Path, resume: bool) -> dict[str, float]:
     stage_checkpoints(trainer)
     if not log.isEnabledFor(logging.INFO):
         trainer.remove_callback(PrinterCallback)
+    elif not log.isEnabledFor(logging.DEBUG):  # -v keeps transformers' own bar, which prints every dict
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressBar)
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         log.info("%s: no intermediate checkpoint to resume from; starting from the beginning", out)

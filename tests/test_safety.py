@@ -10,12 +10,12 @@ SECRETS = {"HF_TOKEN": "hf_secret_token_0001", "WANDB_API_KEY": "wandb-secret-00
 
 
 def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing_finished(align, sft_file, tmp_path, monkeypatch):
-    from align.stages import sft
+    from align import training
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "align.json"))
 
-    monkeypatch.setattr(sft, "write_manifest", full)
+    monkeypatch.setattr(training, "write_manifest", full)
     out = tmp_path / "out"
     result = align("sft", "-m", "tiny", "-d", sft_file, "-o", out, "--max-steps", "2", "--set", "train.save_steps=1")
     assert_clean_failure(result, 5, "no space left on the device", "align.json", "--resume")
@@ -23,12 +23,12 @@ def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing_finished(align, sft_
 
 
 def test_permission_denied_mid_run_is_one_line(align, sft_file, tmp_path, monkeypatch):
-    from align.stages import sft
+    from align import training
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out" / "model.safetensors"))
 
-    monkeypatch.setattr(sft, "save_stage_model", denied)
+    monkeypatch.setattr(training, "save_stage_model", denied)
     assert_clean_failure(align("sft", "-m", "tiny", "-d", sft_file, "-o", tmp_path / "out", "--max-steps", "1"),
                          5, "permission denied", "model.safetensors")
 

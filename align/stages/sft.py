@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 from datasets import Dataset
 
-from align.checkpoints import prepare_output, write_manifest
 from align.config import SFTConfig
 from align.data import (
     SFT_FORMATS,
@@ -22,42 +18,21 @@ from align.data import (
     warn_report,
 )
 from align.errors import DataError
-from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
-from align.training import MetricsLog, keep_adapters_float32, run_training, trainer_args
-
-log = logging.getLogger("align")
+from align.training import TrainerPlan, run_trainer
 
 
 def run(config: SFTConfig) -> Path:
-    out = Path(config.output)
-    started = time.time()
-    check_lora_possible(config.lora)
-    source = resolve_model(config.model)
-    tokenizer = load_tokenizer(config.model, source)
-    report, train_set, eval_set = _prepare_data(config, tokenizer)
-    prepare_output(out, resume=config.resume, overwrite=config.overwrite)
+    return run_trainer(config, lambda tokenizer, source: _plan(config, tokenizer))
 
+
+def _plan(config: SFTConfig, tokenizer) -> TrainerPlan:
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
 
-    model = load_model(config.model, source, config.lora)
-    args = trainer_args(
-        TRLSFTConfig, config, out, has_eval=eval_set is not None,
-        completion_only_loss=config.completion_only_loss, packing=config.packing, max_length=config.data.max_length,
+    report, train_set, eval_set = _prepare_data(config, tokenizer)
+    return TrainerPlan(
+        SFTTrainer, TRLSFTConfig, train_set, report, f"{report.rows_used} rows", eval_set=eval_set,
+        settings=dict(completion_only_loss=config.completion_only_loss, packing=config.packing, max_length=config.data.max_length),
     )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        peft_config=peft_config(config.lora), callbacks=[MetricsLog(out, "sft")],
-    )
-    keep_adapters_float32(trainer, config)
-    trainable, total = count_parameters(trainer.model)
-    log.info("sft: %d rows, %s/%s parameters trainable", report.rows_used, f"{trainable:,}", f"{total:,}")
-    metrics = run_training(trainer, out, config.resume)
-    save_stage_model(trainer.model, tokenizer, out, config.model, source, config.lora)
-    write_manifest(
-        out, config=config, metrics=metrics, started=started,
-        data=asdict(report), trainable_parameters=trainable, lora=config.lora.enabled,
-    )
-    return out
 
 
 def _prepare_data(config: SFTConfig, tokenizer) -> tuple[DataReport, Dataset, Dataset | None]:
