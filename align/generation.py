@@ -11,7 +11,7 @@ import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -88,6 +88,19 @@ def sampling_mode(model, **settings):
         inner.generation_config = shipped
         for module, training in modes.items():
             module.training = training
+
+
+def sample_statistics(lengths: torch.Tensor, finished: torch.Tensor, scores: torch.Tensor | None = None,
+                      total=None) -> dict[str, float]:
+    """The held-out summary both `align eval` and PPO's --eval-every report over N samples: mean
+    response length (tokens), the share of responses that ended with EOS and, given scores, the
+    mean score. `total` sums the float64 totals over processes (distributed.all_sum) when each
+    holds a shard of the samples."""
+    columns = [lengths, finished] + ([scores] if scores is not None else [])
+    totals = torch.tensor([float(len(lengths))] + [c.double().sum().item() for c in columns], dtype=torch.float64)
+    totals = total(totals) if total else totals
+    means = (totals[1:] / totals[0].clamp(min=1)).tolist()
+    return dict(zip(("response_length", "eos_rate", "score"), means))
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -208,6 +221,24 @@ def sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     attention_mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     return input_ids, attention_mask, position_ids
+
+
+class ModelInputs(NamedTuple):
+    """Prompt + response as one batch, in the order response_logits and response_values take them."""
+
+    input_ids: torch.Tensor  # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T)
+    position_ids: torch.Tensor  # (B, P + T), counting real tokens only
+    prompt_width: int  # P
+    length: int  # T
+
+    def rows(self, idx: torch.Tensor | slice) -> ModelInputs:
+        return self._replace(input_ids=self.input_ids[idx], attention_mask=self.attention_mask[idx],
+                             position_ids=self.position_ids[idx])
+
+
+def model_inputs(rollout: Rollout) -> ModelInputs:
+    return ModelInputs(*sequences(rollout), rollout.query.shape[1], rollout.response.shape[1])
 
 
 def response_hidden(model, input_ids, attention_mask, position_ids, prompt_width: int, length: int) -> torch.Tensor:

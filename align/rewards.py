@@ -19,7 +19,7 @@ import torch
 
 from align.config import LoraSpec, ModelSpec
 from align.data import as_messages
-from align.errors import ConfigError, ModelError
+from align.errors import ConfigError, DataError, ModelError
 from align.models import load_model, load_tokenizer, resolve_model
 
 
@@ -38,20 +38,28 @@ class RewardModel:
         self.chat = bool(self.tokenizer.chat_template)
         self.name = spec.path
 
-    def render(self, prompt: Any, completion: str) -> str:
-        return render_for_reward(self.tokenizer, prompt, completion)
-
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        texts = [self.render(p, c) for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start:start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=not self.chat
-            ).to(device)
-            scores.append(self.model(**batch).logits[:, 0].float().cpu())
-        return torch.cat(scores)
+        return score_in_batches(self.tokenizer, prompts, completions, self.batch_size, device,
+                                lambda batch: self.model(**batch).logits[:, 0].float().cpu())
+
+
+def score_in_batches(tokenizer, prompts: list, completions: list[str], batch_size: int, device, score) -> torch.Tensor:
+    """The one scoring loop of every reward model: each (prompt, completion) rendered as the model
+    reads it (render_for_reward), tokenized right-padded in batches, each batch scored by
+    `score(batch) -> (B,)`; (N,) in the order given."""
+    texts = [render_for_reward(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    special = not tokenizer.chat_template  # a chat template writes its own special tokens
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        scores = [
+            score(tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=special).to(device))
+            for start in range(0, len(texts), batch_size)
+        ]
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(scores)
 
 
 def render_for_reward(tokenizer, prompt: Any, completion: str) -> str:
@@ -73,6 +81,23 @@ def _require_classifier(spec: ModelSpec, source: str) -> None:
         )
 
 
+def load_reward(config, batch_size: int = 16, in_4bit: bool = False, conversational: bool = False):
+    """The one reward source of a stage that takes exactly one (config.OneReward: ppo, best-of-n)."""
+    if config.reward_fn:
+        return RewardFunction(config.reward_fn)
+    if config.reward_judge:
+        from align.judge import JudgeReward
+
+        return JudgeReward(config.reward_judge, config)
+    reward = RewardModel(config.reward_model, batch_size=batch_size, in_4bit=in_4bit)
+    if conversational and not reward.chat:
+        raise DataError(
+            f"{config.reward_model.path}: the prompts are conversations but the reward model's tokenizer has no chat "
+            "template, so it cannot read them; give it one (reward_model.chat_template) or use plain-text prompts"
+        )
+    return reward
+
+
 class RewardFunction:
     def __init__(self, reference: str):
         self.fn = load_function(reference)
@@ -82,7 +107,7 @@ class RewardFunction:
         try:
             values = self.fn(prompts, completions)
         except Exception as exc:  # the user's code: report, don't crash with their traceback
-            raise ConfigError(f"reward function {self.name} raised {exc.__class__.__name__}: {exc}") from None
+            raise ConfigError(f"reward function {self.name} raised {exc.__class__.__name__}: {exc}{self._culprit(prompts, completions)}") from None
         values = list(values) if not isinstance(values, list) else values
         if len(values) != len(completions):
             raise ConfigError(f"reward function {self.name} returned {len(values)} values for {len(completions)} completions")
@@ -90,6 +115,15 @@ class RewardFunction:
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"reward function {self.name} returned {value!r} for row {row}; expected a finite number")
         return torch.tensor(values, dtype=torch.float32)
+
+    def _culprit(self, prompts: list, completions: list[str]) -> str:
+        """Which completion the function fails on, found by calling it on each alone."""
+        for prompt, completion in zip(prompts, completions):
+            try:
+                self.fn([prompt], [completion])
+            except Exception:
+                return f" (first on prompt {str(prompt)[:60]!r}, completion {completion[:60]!r})"
+        return ""
 
 
 def load_function(reference: str) -> Callable:

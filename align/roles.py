@@ -228,27 +228,22 @@ class SharedBaseReward:
 
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        policy = self.roles.policy
-        from align.rewards import render_for_reward
+        from align.rewards import score_in_batches
 
-        texts = [render_for_reward(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
-        chat = bool(self.tokenizer.chat_template)
+        policy = self.roles.policy
         device = next(policy.parameters()).device
         score = self.score.to(device)
-        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "right"
-        scores = []
+
+        def score_batch(batch) -> torch.Tensor:
+            hidden = body(policy)(**batch, use_cache=False).last_hidden_state  # (B, T, H)
+            last = last_token_index(batch["input_ids"], self.tokenizer.pad_token_id)
+            return (hidden[torch.arange(len(last), device=device), last].float() @ score.T).squeeze(-1)
+
+        policy.set_adapter(REWARD)
         try:
-            policy.set_adapter(REWARD)
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                       add_special_tokens=not chat).to(device)
-                hidden = body(policy)(**batch, use_cache=False).last_hidden_state  # (B, T, H)
-                last = last_token_index(batch["input_ids"], self.tokenizer.pad_token_id)
-                scores.append(hidden[torch.arange(len(last), device=device), last].float() @ score.T)
+            return score_in_batches(self.tokenizer, prompts, completions, self.batch_size, device, score_batch)
         finally:
             policy.set_adapter(POLICY)
-            self.tokenizer.padding_side = side
-        return torch.cat(scores).squeeze(-1)
 
 
 def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:

@@ -9,8 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import write_jsonl
-
 PROCESSORS = {"repetition_penalty": 1.5, "top_k": 3, "no_repeat_ngram_size": 2, "min_new_tokens": 4}
 
 

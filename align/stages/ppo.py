@@ -1,13 +1,14 @@
-"""PPO against a reward model or a reward function: InstructGPT's RL step, in our own loop.
+"""PPO against a reward model, a reward function or an AI judge: InstructGPT's RL step, in our own loop.
 
-One update:
-  1. rollout   sample a batch of responses (eval mode, temperature, stop at EOS); in float32 the
-               behaviour log-probs come from the sampling pass itself, not from a second forward
-               pass (in bf16/fp16 they are recomputed: see _sampling_is_exact)
-  2. score     reward on prompt + response text; reference log-probs and values (one forward
-               each, on response positions only); per-token KL penalty, score on the last token;
-               GAE advantages, whitened
-  3. train     ppo_epochs over shuffled mini-batches: clipped policy loss, clipped value loss
+One update (the numbered steps in run()):
+  1. rollout     sample a batch of responses (eval mode, temperature, stop at EOS); in float32 the
+                 behaviour log-probs come from the sampling pass itself, not from a second forward
+                 pass (in bf16/fp16 they are recomputed: see _sampling_is_exact)
+  2. score       the reward on prompt + response text, normalised and clipped if asked
+  3. advantages  reference log-probs and values (one forward each, on response positions only); the
+                 per-token KL penalty, the score on the last token; GAE advantages, whitened
+  4. update      ppo_epochs over shuffled mini-batches: clipped policy loss, clipped value loss
+  5. log, save   the schedules' steps, metrics (held-out scores when due), samples, a checkpoint
 The math lives in align/losses.py; the models (one shared base with LoRA) in align/roles.py.
 """
 
@@ -21,6 +22,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -30,14 +32,13 @@ from align.checkpoints import (
     METRICS, SAMPLES, append_metrics, latest_checkpoint, load_loop_state, prepare_output, read_records, save_loop_state, trim_metrics,
     write_manifest,
 )
-from align.config import ModelSpec, PPOConfig
+from align.config import ModelSpec, PPOConfig, PPOSpec
 from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
 from align.errors import ConfigError, DataError, TrainingError
-from align.generation import Rollout, prompt_ids, response_logits, response_values, sample_rollout, sequences
+from align.generation import ModelInputs, Rollout, model_inputs, prompt_ids, response_logits, response_values, sample_rollout
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
-from align.judge import JudgeReward
 from align.memory import peak_memory_mb
-from align.rewards import RewardFunction, RewardModel
+from align.rewards import RewardModel, load_reward
 from align.roles import Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
 from align.precision import autocast, compute_dtype, grad_scaler, weights_dtype
 from align.training import check_tracker
@@ -53,28 +54,67 @@ class Prompts:
 
 @dataclass
 class Batch:
-    """A scored rollout, ready for PPO updates. Sequences are (B, P + T); the rest (B, T) or (B,)."""
+    """A scored rollout, ready for PPO updates. Per-token tensors are (B, T); sequences in `inputs` (B, P + T)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    prompt_width: int
-    response: torch.Tensor
-    mask: torch.Tensor
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    kl: torch.Tensor
-    non_score: torch.Tensor
+    inputs: ModelInputs
+    response: torch.Tensor  # (B, T) token ids
+    mask: torch.Tensor  # (B, T) 1.0 on real response tokens
+    old_logprobs: torch.Tensor  # (B, T) behaviour policy
+    ref_logprobs: torch.Tensor  # (B, T) reference
+    values: torch.Tensor  # (B, T) the value function before the update
+    advantages: torch.Tensor  # (B, T) GAE, whitened if asked
+    returns: torch.Tensor  # (B, T) advantages + values: the value function's targets
+    token_kl: torch.Tensor  # (B, T) the per-token KL estimate the penalty is made of
+    non_score_reward: torch.Tensor  # (B, T) -kl_coef * token_kl: the penalty part of the rewards
 
-    def inputs(self, idx: torch.Tensor | slice = slice(None)):
-        return self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.prompt_width, self.response.shape[1]
+
+@dataclass
+class Optimisation:
+    """What PPO's updates change and its checkpoints keep: the trained tensors and AdamW, the
+    learning-rate schedule, fp16's loss scale, the adaptive KL coefficient and the running
+    moments that normalise scores."""
+
+    params: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any  # torch.amp.GradScaler (disabled unless fp16)
+    kl_controller: losses.AdaptiveKLController
+    moments: losses.RunningMoments
+
+    def save(self, out: Path, step: int, keep: int) -> None:
+        extra = {"kl_coef": self.kl_controller.value, "moments": [self.moments.mean, self.moments.var, self.moments.count],
+                 "grad_scaler": self.scaler.state_dict()}
+        save_loop_state(out, step, self.params, self.optimizer, self.scheduler, extra, keep)
+
+    def restore(self, out: Path) -> int:
+        """Load the newest checkpoint in `out`; the number of updates it had done (0: none)."""
+        done, extra = load_loop_state(out, self.params, self.optimizer, self.scheduler)
+        if done:
+            self.kl_controller.value = extra["kl_coef"]
+            self.moments.mean, self.moments.var, self.moments.count = extra["moments"]
+            if extra.get("grad_scaler"):
+                self.scaler.load_state_dict(extra["grad_scaler"])
+        return done
+
+
+@dataclass
+class Session:
+    """What stays fixed for a whole run: its config, models, prompts, reward and sizes."""
+
+    config: PPOConfig
+    out: Path
+    roles: Roles
+    tokenizer: Any
+    prompts: Prompts
+    held_out: Prompts | None
+    reward: Any
+    updates: int
+    global_batch: int  # rollouts per update over all processes
+    tracker: Any = None
 
 
 def run(config: PPOConfig) -> Path:
-    out, started, settings = Path(config.output), time.time(), config.ppo
+    out, started, ppo = Path(config.output), time.time(), config.ppo
     if distributed.sharded_engine():
         raise ConfigError(
             f"align ppo runs data-parallel (every process holds the models), not under {distributed.sharded_engine()}; "
@@ -83,15 +123,15 @@ def run(config: PPOConfig) -> Path:
     check_lora_possible(config.lora)
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
-    window = context_length(config.model, source)
-    prompts, held_out, report = _load_prompts(config, tokenizer, window)
+    prompts, held_out, report = _load_prompts(config, tokenizer, context_length(config.model, source))
     # A reward model trained as LoRA on this very base becomes a third adapter, not a second model.
     shared_reward = (
         shared_reward_adapter(resolve_model(config.reward_model), source, config.lora.qlora)
         if config.reward_model and config.lora.enabled
         else None
     )
-    reward = None if shared_reward else _load_reward(config, tokenizer, conversational=is_messages(prompts.raw[0]))
+    reward = None if shared_reward else load_reward(config, config.ppo.score_batch_size, config.ppo.reward_in_4bit,
+                                                    conversational=is_messages(prompts.raw[0]))
     if shared_reward and not config.value_model:
         value_source = resolve_model(config.reward_model)
     else:
@@ -102,71 +142,52 @@ def run(config: PPOConfig) -> Path:
     roles = build_roles(config.model, source, config.lora, value_source, tokenizer.pad_token_id,
                         gradient_checkpointing=config.train.gradient_checkpointing)
     if shared_reward:
-        reward = SharedBaseReward(roles, shared_reward, tokenizer, config.ppo.score_batch_size)
+        reward = SharedBaseReward(roles, shared_reward, tokenizer, ppo.score_batch_size)
     roles.train(False)  # no dropout anywhere: PPO's ratio must be 1 before the first step
-    params = roles.trainable()
-    optimizer = _optimizer(params, config)
     # The rollout batch is per process; each update samples the global batch, a shard per process.
     global_batch = config.train.batch_size * distributed.world_size()
-    updates = min(settings.episodes // global_batch, config.train.max_steps or 1 << 30)
-    scheduler = _scheduler(config, optimizer, updates)
-    scaler = grad_scaler(config.train.precision, roles.device)  # fp16 compute: scale the losses
-    kl = losses.AdaptiveKLController(settings.kl_coef, settings.target_kl or 1.0, settings.kl_horizon)
-    moments = losses.RunningMoments()
-    first, extra = load_loop_state(out, params, optimizer, scheduler) if config.resume else (0, {})
+    updates = min(ppo.episodes // global_batch, config.train.max_steps or 1 << 30)
+    state = _optimisation(config, roles, updates)
+    first = state.restore(out) if config.resume else 0
     if first:
         log.info("resuming %s after update %d", out, first)
-        kl.value = extra["kl_coef"]
-        moments.mean, moments.var, moments.count = extra["moments"]
-        if extra.get("grad_scaler"):
-            scaler.load_state_dict(extra["grad_scaler"])
     trim_metrics(out, first)
     trim_metrics(out, first, SAMPLES)
     log.info("ppo: %d updates of %d rollouts (%d per process x %d), %s trainable parameters, value from %s",
              updates, global_batch, config.train.batch_size, distributed.world_size(),
-             f"{sum(p.numel() for p in params.values()):,}", value_source or "scratch")
+             f"{sum(p.numel() for p in state.params.values()):,}", value_source or "scratch")
+    run = Session(config, out, roles, tokenizer, prompts, held_out, reward, updates, global_batch, _tracker(config, out))
+    baseline = _baseline(run, first)
 
-    tracker = _tracker(config, out)
-    baseline = _baseline(out, first, roles, tokenizer, held_out, reward, config)
     metrics: dict[str, float] = {}
-    for step in tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO)):
-        timer = time.perf_counter()
-        rows = _shard(_batch_indices(len(prompts.ids), global_batch, step, config.train.seed), config.train.batch_size)
-        picked = [index for _, index in rows]
-        seeds = [generation.row_seed(config.train.seed, step, row) for row, _ in rows]
+    progress = tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO))
+    for step in progress:
+        began = time.perf_counter()
+        # 1. rollout: this process's share of the update's prompts, answered in eval mode
+        picked, seeds = _prompts_of_update(run, step)
         with _compute(config, roles):
-            rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], settings, out, seeds)
-        generated = time.perf_counter()
+            rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], ppo, out, seeds)
+        sampled = time.perf_counter()
+        # 2. score: the reward on the decoded text, normalised over every process's scores
         completions = _decode(tokenizer, rollout)
         with _compute(config, roles):  # a reward model scores in the compute precision too
-            raw_scores = _score(reward, [prompts.raw[i] for i in picked], completions, rollout.finished, settings.missing_eos_penalty)
+            raw_scores = _score(reward, [prompts.raw[i] for i in picked], completions, rollout.finished, ppo.missing_eos_penalty)
             all_scores = distributed.gather(raw_scores)
-            scores = _normalise(raw_scores, all_scores, moments, settings)
-            batch = _score_batch(roles, rollout, scores, settings, kl.value, recompute=not _sampling_is_exact(config))
+            scores = _normalise(raw_scores, all_scores, state.moments, ppo)
+            # 3. advantages: reference and value passes, the KL penalty, GAE
+            batch = _score_batch(roles, rollout, scores, ppo, state.kl_controller.value, recompute=not _sampling_is_exact(config))
         scored = time.perf_counter()
-        train_stats = _update(roles, optimizer, scaler, batch, config, params, step, out)
-        scheduler.step()
-        # Reported KL (and the adaptive controller's input) uses k3: unbiased and never negative,
-        # whatever estimator shapes the rewards.
-        sequence_kl = distributed.all_mean({"kl": (losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k3") * batch.mask).sum(1).mean().item()})["kl"]
-        if settings.target_kl:
-            kl.update(sequence_kl, global_batch)
-        metrics = _update_metrics(step, global_batch, all_scores, sequence_kl, batch, rollout, scheduler, kl, train_stats)
-        metrics.update(time_generate=generated - timer, time_score=scored - generated, time_train=time.perf_counter() - scored)
-        if settings.eval_every and held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == updates):
-            metrics.update(_evaluate(roles, tokenizer, held_out, reward, config))
-        append_metrics(out, {"stage": "ppo", **metrics})
-        if tracker:
-            tracker.log(metrics, step=step + 1)
-        if step % settings.sample_every == 0:
+        # 4. update: ppo_epochs over shuffled mini-batches
+        train_stats = _update(roles, state, batch, config, step, out)
+        timings = {"time_generate": sampled - began, "time_score": scored - sampled, "time_train": time.perf_counter() - scored}
+        # 5. log and save
+        if step % ppo.sample_every == 0:
             _log_samples(out, step + 1, [prompts.raw[i] for i in picked], completions, raw_scores)
-        if (step + 1) % config.train.save_steps == 0 and step + 1 < updates:
-            extra = {"kl_coef": kl.value, "moments": [moments.mean, moments.var, moments.count],
-                     "grad_scaler": scaler.state_dict()}
-            save_loop_state(out, step + 1, params, optimizer, scheduler, extra, config.train.save_total_limit)
+        metrics = _after_update(run, state, step, batch, rollout, all_scores, {**train_stats, **timings})
+        progress.set_postfix(score=f"{metrics['score']:.3g}", kl=f"{metrics['kl']:.3g}", refresh=False)
 
-    if tracker:
-        tracker.end_training()
+    if run.tracker:
+        run.tracker.end_training()
     save_stage_model(roles.policy, tokenizer, out, config.model, source, config.lora)
     save_value(roles, out / "value")
     write_manifest(
@@ -175,6 +196,29 @@ def run(config: PPOConfig) -> Path:
         reward=getattr(reward, "name", ""), reward_on_shared_base=shared_reward is not None, value_init=value_source or "scratch",
     )
     return out
+
+
+def _after_update(run: Session, state: Optimisation, step: int, batch: Batch, rollout: Rollout, all_scores: torch.Tensor,
+                  stats: dict[str, float]) -> dict[str, float]:
+    """An update's bookkeeping: the schedules' steps, its metrics (and held-out scores when due)
+    to metrics.jsonl and the tracker, and a checkpoint when due."""
+    config, done = run.config, step + 1
+    state.scheduler.step()
+    # Reported KL (and the adaptive controller's input) is k3 per sequence: unbiased and never
+    # negative, whatever estimator shapes the rewards.
+    token_kl = losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k3") * batch.mask
+    sequence_kl = distributed.all_mean({"kl": token_kl.sum(1).mean().item()})["kl"]
+    if config.ppo.target_kl:
+        state.kl_controller.update(sequence_kl, run.global_batch)
+    metrics = {**_update_metrics(step, run.global_batch, all_scores, sequence_kl, batch, rollout, state), **stats}
+    if config.ppo.eval_every and run.held_out and (done % config.ppo.eval_every == 0 or done == run.updates):
+        metrics.update(_evaluate(run.roles, run.tokenizer, run.held_out, run.reward, config))
+    append_metrics(run.out, {"stage": "ppo", **metrics})
+    if run.tracker:
+        run.tracker.log(metrics, step=done)
+    if done % config.train.save_steps == 0 and done < run.updates:
+        state.save(run.out, done, config.train.save_total_limit)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,20 +262,6 @@ def _tokenize_prompts(rows, source: str, tokenizer, config: PPOConfig, window: i
     return Prompts(raw, ids)
 
 
-def _load_reward(config: PPOConfig, tokenizer, conversational: bool):
-    if config.reward_fn:
-        return RewardFunction(config.reward_fn)
-    if config.reward_judge:
-        return JudgeReward(config.reward_judge, config)
-    reward = RewardModel(config.reward_model, batch_size=config.ppo.score_batch_size, in_4bit=config.ppo.reward_in_4bit)
-    if conversational and not reward.chat:
-        raise DataError(
-            f"{config.reward_model.path}: the prompts are conversations but the reward model's tokenizer has no chat "
-            "template, so it cannot read them; give it one (reward_model.chat_template) or use plain-text prompts"
-        )
-    return reward
-
-
 def _value_source(config: PPOConfig, tokenizer, reward) -> str | None:
     """Initialise the value function from --value-model, else from the reward model when it shares the
     policy's tokenizer and width, else from scratch (LoRA) or the policy (full fine-tuning)."""
@@ -263,6 +293,17 @@ def _tracker(config: PPOConfig, out: Path):
     return accelerator
 
 
+def _optimisation(config: PPOConfig, roles: Roles, updates: int) -> Optimisation:
+    params = roles.trainable()
+    optimizer = _optimizer(params, config)
+    return Optimisation(
+        params, optimizer, _scheduler(config, optimizer, updates),
+        grad_scaler(config.train.precision, roles.device),  # fp16 compute: scale the losses
+        losses.AdaptiveKLController(config.ppo.kl_coef, config.ppo.target_kl or 1.0, config.ppo.kl_horizon),
+        losses.RunningMoments(),
+    )
+
+
 def _optimizer(params: dict, config: PPOConfig):
     """AdamW, fused where this torch supports it for these tensors (3x faster than the loop on CPU)."""
     kwargs = dict(lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
@@ -277,6 +318,13 @@ def _scheduler(config: PPOConfig, optimizer, updates: int):
 
     warmup = round(config.train.warmup_ratio * updates)
     return get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(updates, 1))
+
+
+def _prompts_of_update(run: Session, step: int) -> tuple[list[int], list[int]]:
+    """This process's prompts for update `step` (indices into run.prompts) and their sampling seeds."""
+    seed = run.config.train.seed
+    rows = _shard(_batch_indices(len(run.prompts.ids), run.global_batch, step, seed), run.config.train.batch_size)
+    return [index for _, index in rows], [generation.row_seed(seed, step, row) for row, _ in rows]
 
 
 def _shard(indices: list[int], per_process: int) -> list[tuple[int, int]]:
@@ -317,10 +365,10 @@ def _sampling_is_exact(config: PPOConfig) -> bool:
     return compute_dtype(config.train.precision) == weights_dtype(config.model, not config.lora.enabled) == torch.float32
 
 
-def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], settings, out: Path, seeds: list[int]) -> Rollout:
+def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], ppo: PPOSpec, out: Path, seeds: list[int]) -> Rollout:
     try:
         with roles.acting() as policy:
-            return sample_rollout(policy, tokenizer, prompts, settings.max_new_tokens, settings.temperature, seeds)
+            return sample_rollout(policy, tokenizer, prompts, ppo.max_new_tokens, ppo.temperature, seeds)
     except RuntimeError as exc:
         if "inf" in str(exc) or "nan" in str(exc):  # the sampler met a diverged policy's logits
             _diverged(out, "the policy's probabilities became NaN/inf while sampling")
@@ -342,46 +390,44 @@ def _score(reward, prompts: list, completions: list[str], finished: torch.Tensor
     return scores
 
 
-def _normalise(scores: torch.Tensor, all_scores: torch.Tensor, moments: losses.RunningMoments, settings) -> torch.Tensor:
+def _normalise(scores: torch.Tensor, all_scores: torch.Tensor, moments: losses.RunningMoments, ppo: PPOSpec) -> torch.Tensor:
     """This process's scores, normalised by running moments of every process's scores."""
-    if settings.reward_norm:
+    if ppo.reward_norm:
         moments.update(all_scores)
         scores = (scores - moments.mean) / moments.std
-    if settings.reward_clip:
-        scores = scores.clamp(-settings.reward_clip, settings.reward_clip)
+    if ppo.reward_clip:
+        scores = scores.clamp(-ppo.reward_clip, ppo.reward_clip)
     return scores
 
 
 @torch.no_grad()
-def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, settings, kl_coef: float, recompute: bool) -> Batch:
-    input_ids, attention_mask, position_ids = sequences(rollout)
-    inputs = (input_ids, attention_mask, position_ids, rollout.query.shape[1], rollout.response.shape[1])
+def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, ppo: PPOSpec, kl_coef: float, recompute: bool) -> Batch:
+    """Steps 3 of an update: everything the PPO losses need, computed once before the epochs."""
+    inputs = model_inputs(rollout)
     mask = rollout.response_mask.float()
 
     def logprobs(role) -> torch.Tensor:
         with role as model:
-            return losses.token_logprobs(response_logits(model, *inputs), rollout.response, settings.temperature)
+            return losses.token_logprobs(response_logits(model, *inputs), rollout.response, ppo.temperature)
 
     old_logprobs = logprobs(roles.acting()) * mask if recompute else rollout.logprobs  # see _sampling_is_exact
     ref_logprobs = logprobs(roles.referencing())
     with roles.valuing() as value_body:
         values = response_values(value_body, roles.value_head, *inputs) * mask
-    kl = losses.kl_penalty(old_logprobs, ref_logprobs, settings.kl_estimator) * mask
-    rewards, non_score = losses.shaped_rewards(scores, kl, mask, kl_coef)
-    advantages, returns = losses.gae(rewards, values, mask, settings.gamma, settings.lam)
-    if settings.whiten_advantages:
+    token_kl = losses.kl_penalty(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
+    rewards, non_score_reward = losses.shaped_rewards(scores, token_kl, mask, kl_coef)
+    advantages, returns = losses.gae(rewards, values, mask, ppo.gamma, ppo.lam)
+    if ppo.whiten_advantages:
         advantages = losses.masked_whiten(advantages, mask, total=distributed.all_sum)  # over the global batch
-    return Batch(
-        input_ids, attention_mask, position_ids, rollout.query.shape[1], rollout.response, mask,
-        old_logprobs, ref_logprobs, values, advantages, returns, kl, non_score,
-    )
+    return Batch(inputs, rollout.response, mask, old_logprobs, ref_logprobs, values, advantages, returns, token_kl,
+                 non_score_reward)
 
 
 # ---------------------------------------------------------------------------------------------
 # Updates
 
 
-def _update(roles: Roles, optimizer, scaler, batch: Batch, config: PPOConfig, params: dict, step: int, out: Path) -> dict[str, float]:
+def _update(roles: Roles, state: Optimisation, batch: Batch, config: PPOConfig, step: int, out: Path) -> dict[str, float]:
     """ppo_epochs passes of shuffled mini-batches, one optimizer step per mini-batch.
 
     A mini-batch runs forward and backward in micro-batches of ppo.micro_batch_size rows, each
@@ -391,15 +437,16 @@ def _update(roles: Roles, optimizer, scaler, batch: Batch, config: PPOConfig, pa
     weights are shares of the global mini-batch's tokens, so the step is the one a single
     process would take on the union. In fp16 the losses are scaled (`scaler`); a step whose
     scaled gradients overflowed is skipped and the scale lowered, as torch.amp does."""
-    settings, size = config.ppo, batch.response.shape[0]
-    step_size = size // settings.mini_batches
+    ppo, size = config.ppo, batch.response.shape[0]
+    optimizer, scaler, params = state.optimizer, state.scaler, state.params
+    step_size = size // ppo.mini_batches
     stats: dict[str, list[float]] = defaultdict(list)
-    for epoch in range(settings.ppo_epochs):
+    for epoch in range(ppo.ppo_epochs):
         generator = torch.Generator().manual_seed(generation.row_seed(config.train.seed, step, epoch) + distributed.rank())
         order, epoch_kl = torch.randperm(size, generator=generator), []
         for start in range(0, size, step_size):
             totals: dict[str, float] = defaultdict(float)
-            for idx, weight in _micro_batches(order[start:start + step_size], batch.mask, settings.micro_batch_size):
+            for idx, weight in _micro_batches(order[start:start + step_size], batch.mask, ppo.micro_batch_size):
                 for key, value in _accumulate_gradients(roles, batch, idx, weight, config, scaler).items():
                     totals[key] += weight * value
             distributed.average_gradients(params.values())
@@ -419,7 +466,7 @@ def _update(roles: Roles, optimizer, scaler, batch: Batch, config: PPOConfig, pa
                 stats[key].append(value)
             epoch_kl.append(totals["approx_kl"])
         # The same decision on every process (they would wait for each other forever otherwise).
-        if settings.early_stop_kl and sum(epoch_kl) / len(epoch_kl) > settings.early_stop_kl:
+        if ppo.early_stop_kl and sum(epoch_kl) / len(epoch_kl) > ppo.early_stop_kl:
             stats["early_stopped"].append(1.0)
             break
     return {key: sum(values) / len(values) for key, values in stats.items()}
@@ -447,23 +494,23 @@ def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight:
     scale); returns its own
     (unweighted) losses and stats. The policy and value losses are back-propagated separately
     because, on a shared base, each needs its own adapter switched on."""
-    settings, mask = config.ppo, batch.mask[idx]
+    ppo, mask, inputs = config.ppo, batch.mask[idx], batch.inputs.rows(idx)
     with roles.acting() as policy, _compute(config, roles):
-        logits = response_logits(policy, *batch.inputs(idx))
-        logprobs = losses.token_logprobs(logits, batch.response[idx], settings.temperature)
-        pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, settings.clip_range)
-        if settings.entropy_coef:
-            entropy = losses.masked_mean(losses.entropy_from_logits(logits / settings.temperature), mask)
-            scaler.scale(weight * (pg_loss - settings.entropy_coef * entropy)).backward()
+        logits = response_logits(policy, *inputs)
+        logprobs = losses.token_logprobs(logits, batch.response[idx], ppo.temperature)
+        pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, ppo.clip_range)
+        if ppo.entropy_coef:
+            entropy = losses.masked_mean(losses.entropy_from_logits(logits / ppo.temperature), mask)
+            scaler.scale(weight * (pg_loss - ppo.entropy_coef * entropy)).backward()
         else:  # only logged: keep its (B, T, vocab) graph out of the backward pass
             scaler.scale(weight * pg_loss).backward()
             with torch.no_grad():
-                entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / settings.temperature), mask)
+                entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / ppo.temperature), mask)
     del logits, logprobs  # free before the value pass, which can then reuse the memory
     with roles.valuing() as value_body, _compute(config, roles):
-        values = response_values(value_body, roles.value_head, *batch.inputs(idx))
-        vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, settings.clip_range_value)
-        scaler.scale(weight * settings.vf_coef * vf_loss).backward()
+        values = response_values(value_body, roles.value_head, *inputs)
+        vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, ppo.clip_range_value)
+        scaler.scale(weight * ppo.vf_coef * vf_loss).backward()
     named = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}
     return {key: float(value.detach()) for key, value in named.items()}
 
@@ -474,10 +521,10 @@ def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight:
 
 @torch.no_grad()
 def _update_metrics(step: int, global_batch: int, all_scores, sequence_kl: float, batch: Batch, rollout: Rollout,
-                    scheduler, kl, train_stats: dict) -> dict[str, float]:
+                    state: Optimisation) -> dict[str, float]:
     """What one update logs (README, PPO section), over the global batch."""
     shard_means = distributed.all_mean({
-        "non_score_reward": batch.non_score.sum(1).mean().item(), "kl_penalty": batch.kl.sum(1).mean().item(),
+        "non_score_reward": batch.non_score_reward.sum(1).mean().item(), "kl_penalty": batch.token_kl.sum(1).mean().item(),
         "explained_variance": losses.explained_variance(batch.values, batch.returns, batch.mask).item(),
         "response_length": rollout.response_mask.sum(1).float().mean().item(),
         "eos_rate": rollout.finished.float().mean().item(),
@@ -485,7 +532,7 @@ def _update_metrics(step: int, global_batch: int, all_scores, sequence_kl: float
     return {
         "step": step + 1, "episodes": (step + 1) * global_batch,
         "score": all_scores.mean().item(), "score_std": all_scores.std().item(), "kl": sequence_kl, **shard_means,
-        "learning_rate": scheduler.get_last_lr()[0], "kl_coef": kl.value, **train_stats,
+        "learning_rate": state.scheduler.get_last_lr()[0], "kl_coef": state.kl_controller.value,
     }
 
 
@@ -500,7 +547,7 @@ def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConf
     """Mean reward, length and EOS rate of sampled responses on held-out prompts (each process
     samples every world_size-th prompt; the same seeds each time, so evals compare like with like)."""
     mine = list(range(distributed.rank(), len(prompts.ids), distributed.world_size()))
-    totals = torch.zeros(4, dtype=torch.float64)  # score, length, finished, count
+    scores, lengths, finished = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0, dtype=torch.bool)]
     for start in range(0, len(mine), config.train.batch_size):
         chunk = mine[start:start + config.train.batch_size]
         seeds = [generation.row_seed(config.train.seed, -1, i) for i in chunk]
@@ -508,26 +555,22 @@ def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConf
             rollout = sample_rollout(policy, tokenizer, [prompts.ids[i] for i in chunk], config.ppo.max_new_tokens,
                                      config.ppo.temperature, seeds)
         with _compute(config, roles):
-            scores = reward([prompts.raw[i] for i in chunk], _decode(tokenizer, rollout)).float()
-        totals += torch.tensor([scores.sum().item(), rollout.response_mask.sum().item(), rollout.finished.sum().item(), len(chunk)],
-                               dtype=torch.float64)
-    totals = distributed.all_sum(totals)
-    return {
-        "eval_score": (totals[0] / totals[3]).item(),
-        "eval_response_length": (totals[1] / totals[3]).item(),
-        "eval_eos_rate": (totals[2] / totals[3]).item(),
-    }
+            scores.append(reward([prompts.raw[i] for i in chunk], _decode(tokenizer, rollout)).float().cpu())
+        lengths.append(rollout.response_mask.sum(1).float().cpu())
+        finished.append(rollout.finished.cpu())
+    summary = generation.sample_statistics(torch.cat(lengths), torch.cat(finished), torch.cat(scores), total=distributed.all_sum)
+    return {f"eval_{key}": value for key, value in summary.items()}
 
 
-def _baseline(out: Path, first: int, roles: Roles, tokenizer, held_out: Prompts | None, reward, config: PPOConfig) -> dict:
+def _baseline(run: Session, first: int) -> dict:
     """Held-out scores of the starting policy (logged as step 0), to compare the trained one with."""
-    if not (held_out and config.ppo.eval_every):
+    if not (run.held_out and run.config.ppo.eval_every):
         return {}
     if first == 0:
-        start = _evaluate(roles, tokenizer, held_out, reward, config)
-        append_metrics(out, {"stage": "ppo", "step": 0, **start})
+        start = _evaluate(run.roles, run.tokenizer, run.held_out, run.reward, run.config)
+        append_metrics(run.out, {"stage": "ppo", "step": 0, **start})
     else:
-        start = next((r for r in read_records(out / METRICS) if r.get("step") == 0), {})
+        start = next((r for r in read_records(run.out / METRICS) if r.get("step") == 0), {})
     return {f"{key}_start": value for key, value in start.items() if key.startswith("eval_")}
 
 
