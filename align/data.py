@@ -60,6 +60,11 @@ def read_rows(path_or_name: str, spec: DataSpec) -> list[dict[str, Any]]:
         rows = _read_hub(path_or_name, spec.split)
     if not rows:
         raise DataError(f"{path_or_name}: no rows; the data file is empty")
+    missing = {expected: found for expected, found in spec.columns.items() if found not in rows[0]}
+    if missing:
+        expected, found = next(iter(missing.items()))
+        raise DataError(f"{path_or_name}: data.columns maps '{expected}' to a column '{found}' that is not in the file "
+                        f"(its columns: {', '.join(sorted(rows[0]))})")
     rows = [_rename(row, spec.columns) for row in rows]
     return rows[: spec.max_rows] if spec.max_rows else rows
 

@@ -71,6 +71,8 @@ FLAG_CASES = [
     ("--set of an unknown key", ["--set", "train.bogus=1"], 2, ["train.bogus"]),
     ("zero processes", ["--num-processes", "0"], 2, ["--num-processes 0"]),
     ("an eval fraction of 2", ["--eval-fraction", "2"], 2, ["data.eval_fraction"]),
+    ("a column mapping to no column", ["--set", "data.columns.prompt=question"], 3, ["ok.jsonl", "'question'", "not in the file"]),
+    ("an unknown lr scheduler", ["--lr-scheduler", "cosine-ish"], 2, ["train.lr_scheduler", "cosine-ish"]),
 ]
 
 
@@ -149,3 +151,9 @@ def test_pickled_weights_load_when_allowed(align, broken_models, tmp_path, monke
     assert result.code == 0, result.err
     assert json.loads((out / "align.json").read_text())["completed"]
 
+
+
+def test_a_missing_adapter_and_a_missing_recipe_stage(align, tmp_path):
+    assert_clean_failure(align("merge", "-m", tmp_path / "nope", "-o", tmp_path / "m"), 4, "nope: not found")
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+    assert_clean_failure(align("sft", "--config", recipe, "--stage", "sft2"), 2, "no sft stage is named 'sft2'", "sft")

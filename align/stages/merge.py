@@ -55,6 +55,8 @@ def run(config: MergeConfig) -> Path:
 
 
 def _adapter_dir(path: Path) -> Path:
+    if not path.exists():
+        raise ModelError(f"{path}: not found; pass a stage output with adapter/ or an adapter directory")
     for candidate in (path / "adapter", path):
         if (candidate / "adapter_config.json").is_file():
             return candidate
