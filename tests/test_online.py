@@ -43,3 +43,25 @@ def test_online_rl_bad_input(align, online_prompts, reward_file, tmp_path):
                          2, "whole groups of 3", "--batch-size 6 or 9")
     assert_clean_failure(align(*common, "--reward-fn", f"{reward_file}:constant", "--set", "online.reward_weights=[1, 2]"),
                          2, "2 weights for 1 reward")
+
+
+@pytest.mark.parametrize("variant", [["--loss-type", "dr_grpo", "--scale-rewards", "none"],
+                                     ["--importance-sampling", "sequence", "--loss-type", "luspo"]])
+def test_grpo_loss_variants_reach_trl(align, online_prompts, reward_file, tmp_path, monkeypatch, variant):
+    """Dr. GRPO (a constant normaliser, unscaled rewards) and GSPO's sequence-level ratio (LUSPO's
+    length-unbiased loss on top): the settings reach TRL's config and the run trains."""
+    import trl
+
+    seen = []
+    real = trl.GRPOConfig
+    monkeypatch.setattr(trl, "GRPOConfig", lambda **kw: seen.append(kw) or real(**kw))
+    out = tmp_path / "grpo"
+    result = align("grpo", "-m", "tiny", "-p", online_prompts, "-o", out, "--reward-fn", f"{reward_file}:share_of_e",
+                   "--num-generations", "4", "--batch-size", "8", "--max-new-tokens", "8", "--max-steps", "1", *variant)
+    assert result.code == 0, result.err
+    settings = dict(zip(variant[::2], variant[1::2]))
+    assert seen[0]["loss_type"] == settings["--loss-type"]
+    assert seen[0]["importance_sampling_level"] == settings.get("--importance-sampling", "token")
+    assert seen[0]["scale_rewards"] == settings.get("--scale-rewards", "group")
+    assert_clean_failure(align("grpo", "-m", "tiny", "-p", online_prompts, "-o", tmp_path / "x", "--reward-fn",
+                               f"{reward_file}:share_of_e", "--loss-type", "luspo"), 2, "--importance-sampling sequence")

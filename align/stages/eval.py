@@ -9,6 +9,9 @@
   (ties count half), per reward source
 - pairs: a reward model's accuracy (score(chosen) > score(rejected)), or a policy's DPO implicit
   reward accuracy (log-ratio to the reference higher for chosen than for rejected)
+- --best-of N: the best-of-N policy on the model instead of the model: each sample is the first
+  reward source's pick of N; its KL to the model is reported as the bound log N - (N-1)/N
+  (kl_bound), since the pick has no log-probs of its own
 Deterministic for a given --seed and batch size.
 """
 
@@ -27,7 +30,7 @@ from align.checkpoints import atomic_write_text, prepare_output_file, read_manif
 from align.config import EvalConfig, ModelSpec
 from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, as_messages, is_messages, last_text, load_split, use_chat_template
 from align.errors import ConfigError
-from align.generation import completion_logprobs, prompt_ids, sample
+from align.generation import completion_logprobs, prompt_ids, sample, sample_statistics
 from align.judge import JudgeReward
 from align.losses import kl_penalty
 from align.models import load_model, load_tokenizer, resolve_model
@@ -79,19 +82,24 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
     _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
     prompts = [row["prompt"] for row in rows]
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
-    samples = _sample_with_progress(model, tokenizer, prompts, config, chat, "eval: model")
+    samples = _sample_with_progress(model, tokenizer, prompts, config, chat, "eval: model", config.best_of or 1)
+    if config.best_of:
+        samples = _picks(prompts, samples, rewards[0], config.best_of)
     flat = [(p, c) for p, cs in zip(prompts, samples) for c in cs]
-    results = {
-        "samples": len(flat),
-        "response_length": sum(len(c.token_ids) for _, c in flat) / len(flat),
-        "eos_rate": sum(c.finished for _, c in flat) / len(flat),
-    }
+    lengths = torch.tensor([len(c.token_ids) for _, c in flat], dtype=torch.float32)
+    finished = torch.tensor([c.finished for _, c in flat])
     scores = {r.name: r([p for p, _ in flat], [c.text for _, c in flat]) for r in rewards}
+    results = {"samples": len(flat), **sample_statistics(lengths, finished)}  # the summary PPO's held-out eval logs too
     for name, values in scores.items():
-        results[f"reward/{name}/mean"] = values.mean().item()
+        results[f"reward/{name}/mean"] = sample_statistics(lengths, finished, values)["score"]
         results[f"reward/{name}/std"] = values.std().item() if len(values) > 1 else 0.0
     table_ref: list = [None] * len(flat)
-    if ref_model is not None:
+    if config.best_of:
+        from align.stages.best_of_n import kl_bound
+
+        results["kl_bound"] = kl_bound(config.best_of)
+        results["best_of"] = config.best_of
+    if ref_model is not None and not config.best_of:
         prompt_tokens = [prompt_ids(tokenizer, p, chat) for p, _ in flat]
         tokens, temperature = [c.token_ids for _, c in flat], config.sampling.temperature or 1.0
         # The policy as it was sampled (temperature and nucleus), against the reference at that temperature.
@@ -99,6 +107,7 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
                                               top_p=config.sampling.top_p if config.sampling.temperature else 1.0)
         ref_lp, _ = completion_logprobs(ref_model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
         results["kl"] = (kl_penalty(policy_lp, ref_lp, "k3") * mask).sum(1).mean().item()
+    if ref_model is not None:
         ref_samples = _sample_with_progress(ref_model, tokenizer, prompts, config, chat, "eval: reference")
         ref_flat = [c for cs in ref_samples for c in cs]
         table_ref = [c.text for c in ref_flat]
@@ -119,10 +128,23 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
     return results
 
 
-def _sample_with_progress(model, tokenizer, prompts: list, config: EvalConfig, chat: bool, what: str):
-    total = len(prompts) * config.sampling.num_samples
-    with tqdm(total=total, desc=what, unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
-        return sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update)
+def _sample_with_progress(model, tokenizer, prompts: list, config: EvalConfig, chat: bool, what: str, each: int = 1):
+    """config.sampling.num_samples samples per prompt, `each` times over (the candidates of best-of-N)."""
+    sampling = config.sampling.model_copy(update={"num_samples": config.sampling.num_samples * each})
+    with tqdm(total=len(prompts) * sampling.num_samples, desc=what, unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
+        return sample(model, tokenizer, prompts, sampling, chat, progress=bar.update)
+
+
+def _picks(prompts: list, samples: list[list], chooser, n: int) -> list[list]:
+    """Per prompt, every consecutive n samples reduced to the one `chooser` scores highest."""
+    flat = [(p, c) for p, cs in zip(prompts, samples) for c in cs]
+    scores = chooser([p for p, _ in flat], [c.text for _, c in flat]).tolist()
+    picked, at = [], 0
+    for completions in samples:
+        groups = [range(at + g, at + g + n) for g in range(0, len(completions), n)]
+        picked.append([flat[max(group, key=lambda i: scores[i])][1] for group in groups])
+        at += len(completions)
+    return picked
 
 
 def _pairs(config: EvalConfig) -> list[dict]:

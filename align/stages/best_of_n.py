@@ -1,0 +1,127 @@
+"""Best-of-n (rejection sampling): n samples per prompt, each scored, the best kept.
+
+The data of Llama 2's rejection-sampling rounds, WebGPT's best-of-n, RAFT and ReST-EM. Writes in
+the output directory:
+  best.jsonl     the best sample per prompt: prompt, completion, score           -> align sft
+  pairs.jsonl    best vs worst per prompt: prompt, chosen, rejected, margin      -> align rm / dpo
+  samples.jsonl  every sample with its score
+A prompt whose best and worst samples score within --min-gap of each other (all alike, by
+default) says nothing about which answer is better: it is skipped and counted. Empty samples
+are scored but never chosen.
+
+The best-of-n policy is KL-cheap: its KL to the model it samples from is at most
+log n - (n - 1) / n (Beirami et al. 2024), written to the manifest as kl_bound.
+
+Prompts are sampled and scored in chunks, each seeded by its first prompt, and written as they
+finish with progress after every chunk, so a run that dies (a kill, an unreachable judge) keeps
+what it scored and `--resume` continues from there with the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from align.checkpoints import PartialRows, prepare_output, write_manifest
+from align.config import BestOfNConfig
+from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
+from align.errors import TrainingError
+from align.generation import Completion, row_seed, sample
+from align.models import load_model, load_tokenizer, resolve_model
+from align.rewards import load_reward
+
+log = logging.getLogger("align")
+FILES = ("best", "pairs", "samples")
+
+
+def run(config: BestOfNConfig) -> Path:
+    out, started, n = Path(config.output), time.time(), config.sampling.num_samples
+    source = resolve_model(config.model)
+    tokenizer = load_tokenizer(config.model, source, padding_side="left")
+    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
+    prompts = [row["prompt"] for row in rows]
+    chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
+    reward = load_reward(config, config.score_batch_size, config.reward_in_4bit, conversational=is_messages(prompts[0]))
+    prepare_output(out, resume=config.resume, overwrite=config.overwrite)
+    model = load_model(config.model, source).eval()
+    outputs = PartialRows({k: out / f"{k}.jsonl" for k in FILES}, out / "progress.json", resume=config.resume)
+    if outputs.done:
+        log.info("best-of-n: resuming after prompt %d of %d", outputs.done, len(prompts))
+
+    chunk = max(1, config.sampling.batch_size // n)  # prompts whose n samples fill one generation batch
+    with tqdm(total=len(prompts), initial=outputs.done, desc="best-of-n", unit="prompt",
+              disable=not log.isEnabledFor(logging.INFO)) as bar:
+        for start in range(outputs.done, len(prompts), chunk):
+            end = min(start + chunk, len(prompts))
+            sampling = config.sampling.model_copy(update={"seed": row_seed(config.sampling.seed, 0, start)})
+            samples = sample(model, tokenizer, prompts[start:end], sampling, chat)
+            rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, first_row=start)
+            outputs.append(rows_out, done=end, counts=counts)
+            bar.update(end - start)
+            kept = outputs.counts.get("kept", 0)
+            bar.set_postfix(best=f"{outputs.counts.get('best_sum', 0.0) / max(1, kept):.3g}", refresh=False)
+    outputs.finish()
+
+    counts = outputs.counts
+    kept = int(counts.get("kept", 0))
+    metrics = {
+        "prompts": len(prompts), "samples": len(prompts) * n, "kept": kept,
+        "skipped_min_gap": int(counts.get("skipped", 0)), "empty_samples": int(counts.get("empty", 0)),
+        "mean_sample_score": counts.get("score_sum", 0.0) / max(1, counts.get("scored", 0)),
+        "mean_best_score": counts.get("best_sum", 0.0) / max(1, kept),
+        "mean_margin": counts.get("margin_sum", 0.0) / max(1, kept),
+        "kl_bound": kl_bound(n),
+    }
+    write_manifest(out, config=config, metrics=metrics, started=started, reward=reward.name)
+    log.info("best-of-%d: kept %d of %d prompts, mean score %.3f -> best %.3f (KL to the model <= %.3f)", n, kept,
+             len(prompts), metrics["mean_sample_score"], metrics["mean_best_score"], metrics["kl_bound"])
+    return out
+
+
+def kl_bound(n: int) -> float:
+    """KL(best-of-n policy || the policy it samples from) <= log n - (n - 1) / n."""
+    return math.log(n) - (n - 1) / n
+
+
+def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: float, first_row: int = 0):
+    """Score every sample; per prompt the best, and the best-worst pair when they differ by more than min_gap."""
+    flat = [(i, k, c) for i, completions in enumerate(samples) for k, c in enumerate(completions)]
+    scores = reward([prompts[i] for i, _, _ in flat], [c.text for _, _, c in flat]).float().cpu()
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        i, k, c = flat[bad[0]]
+        raise TrainingError(f"the reward returned {scores[bad[0]].item()} for sample {k} of prompt row {first_row + i + 1}: "
+                            f"{c.text[:60]!r}")
+    rows: dict[str, list[dict]] = {key: [] for key in FILES}
+    counts: Counter = Counter()
+    by_prompt = scores.split([len(c) for c in samples])
+    for i, (completions, values) in enumerate(zip(samples, by_prompt)):
+        prompt = prompts[i]
+        rows["samples"] += [{"prompt": prompt, "completion": c.text, "score": float(v), "sample": k, "prompt_row": first_row + i + 1}
+                            for k, (c, v) in enumerate(zip(completions, values.tolist()))]
+        counts["scored"] += len(values)
+        counts["score_sum"] += float(values.sum())
+        candidates = [k for k, c in enumerate(completions) if c.text.strip()]
+        counts["empty"] += len(completions) - len(candidates)
+        if len(candidates) < 2:
+            counts["skipped"] += 1
+            continue
+        best = max(candidates, key=lambda k: values[k])
+        worst = min(candidates, key=lambda k: values[k])
+        margin = float(values[best] - values[worst])
+        if margin <= min_gap:
+            counts["skipped"] += 1
+            continue
+        rows["best"].append({"prompt": prompt, "completion": completions[best].text, "score": float(values[best])})
+        rows["pairs"].append({"prompt": prompt, "chosen": completions[best].text, "rejected": completions[worst].text,
+                              "margin": margin})
+        counts["kept"] += 1
+        counts["best_sum"] += float(values[best])
+        counts["margin_sum"] += margin
+    return rows, counts

@@ -1,0 +1,156 @@
+"""align best-of-n: the best of n scored samples per prompt, best-vs-worst pairs, resumable; and
+align eval --best-of, the best-of-n policy evaluated as an arm of its own."""
+
+import json
+import math
+
+import pytest
+
+from conftest import assert_clean_failure, interrupt_on_call
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def best_of_n(align, prompts, out, *extra):
+    return align("best-of-n", "-m", "tiny", "-p", prompts, "-o", out, "-n", "4", "--max-new-tokens", "8", "--batch-size", "8",
+                 *extra)
+
+
+def test_the_best_sample_is_kept_and_paired_with_the_worst(align, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "bon"
+    result = best_of_n(align, prompts_file, out, "--reward-fn", f"{reward_file}:length")
+    assert result.code == 0, result.err
+    samples, best, pairs = (read_rows(out / f"{name}.jsonl") for name in ("samples", "best", "pairs"))
+    assert len(samples) == 5 * 4
+    for chosen, pair in zip(best, pairs, strict=True):
+        mine = [s for s in samples if s["prompt"] == chosen["prompt"]]
+        lengths = [len(s["completion"]) for s in mine]
+        assert [s["score"] for s in mine] == lengths  # the reward is the length in characters
+        assert chosen["score"] == max(lengths) == len(chosen["completion"])
+        assert (pair["chosen"], pair["margin"]) == (chosen["completion"], max(lengths) - min(lengths))
+        assert len(pair["rejected"]) == min(lengths) and pair["margin"] > 0
+    manifest = json.loads((out / "align.json").read_text())
+    metrics = manifest["metrics"]
+    assert metrics["kl_bound"] == pytest.approx(math.log(4) - 3 / 4)  # 0.6363
+    assert metrics["mean_sample_score"] == pytest.approx(sum(s["score"] for s in samples) / 20)
+    assert metrics["mean_best_score"] == pytest.approx(sum(b["score"] for b in best) / len(best))
+    assert metrics["kept"] + metrics["skipped_min_gap"] == 5 and metrics["mean_best_score"] > metrics["mean_sample_score"]
+    assert manifest["completed"] and not (out / "progress.json").exists()
+
+
+def test_prompts_whose_samples_all_score_alike_are_skipped_and_counted(align, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "bon"
+    assert best_of_n(align, prompts_file, out, "--reward-fn", f"{reward_file}:constant").code == 0
+    assert read_rows(out / "best.jsonl") == [] == read_rows(out / "pairs.jsonl")
+    metrics = json.loads((out / "align.json").read_text())["metrics"]
+    assert (metrics["kept"], metrics["skipped_min_gap"]) == (0, 5)
+    # --min-gap: a pair must differ by more than this; a huge gap keeps nothing.
+    assert best_of_n(align, prompts_file, tmp_path / "gap", "--reward-fn", f"{reward_file}:length", "--min-gap", "1000").code == 0
+    assert json.loads((tmp_path / "gap" / "align.json").read_text())["metrics"]["skipped_min_gap"] == 5
+
+
+def test_a_killed_run_resumes_to_the_same_files(align, prompts_file, reward_file, tmp_path, monkeypatch):
+    from align.stages import best_of_n as stage
+
+    common = ["--reward-fn", f"{reward_file}:share_of_e", "--batch-size", "4"]  # one prompt (4 samples) per chunk
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert best_of_n(align, prompts_file, straight, *common).code == 0
+    restore = interrupt_on_call(monkeypatch, stage, "choose", 3)  # dies scoring the third prompt
+    assert best_of_n(align, prompts_file, killed, *common).code == 130
+    assert len(read_rows(killed / "samples.jsonl.partial")) == 2 * 4 and not (killed / "align.json").exists()
+    restore()
+    assert best_of_n(align, prompts_file, killed, *common, "--resume").code == 0
+    for name in ("samples", "best", "pairs"):
+        assert read_rows(killed / f"{name}.jsonl") == read_rows(straight / f"{name}.jsonl"), name
+
+
+def test_best_of_n_feeds_sft_and_dpo_in_a_recipe(align, prompts_file, reward_file, tmp_path):
+    recipe = tmp_path / "rs.yaml"
+    recipe.write_text(f"""
+output_dir: {tmp_path / 'runs'}
+model: tiny
+train: {{max_steps: 2, batch_size: 2}}
+stages:
+  - name: round-1
+    stage: best-of-n
+    prompts: {prompts_file}
+    reward_fn: {reward_file}:length
+    sampling: {{num_samples: 3, max_new_tokens: 8, batch_size: 6}}
+  - name: sft-1
+    stage: sft
+    data_from: round-1
+  - name: round-2
+    stage: best-of-n
+    from: sft-1
+    prompts: {prompts_file}
+    reward_fn: {reward_file}:length
+    sampling: {{num_samples: 3, max_new_tokens: 8, batch_size: 6}}
+  - name: dpo-2
+    stage: dpo
+    data_from: round-2
+""")
+    result = align("run", recipe)
+    assert result.code == 0, result.err
+    runs = tmp_path / "runs"
+    kept = json.loads((runs / "round-1" / "align.json").read_text())["metrics"]["kept"]
+    sft = json.loads((runs / "sft-1" / "align.json").read_text())
+    assert sft["data"]["source"] == str(runs / "round-1" / "best.jsonl") and sft["data"]["rows_used"] == kept
+    assert json.loads((runs / "round-2" / "align.json").read_text())["base_model"] == str(runs / "sft-1")
+    assert json.loads((runs / "dpo-2" / "align.json").read_text())["data"]["source"] == str(runs / "round-2" / "pairs.jsonl")
+
+
+def test_best_of_n_bad_input(align, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "bon"
+    assert_clean_failure(best_of_n(align, prompts_file, out), 2, "exactly one reward source")
+    assert_clean_failure(best_of_n(align, prompts_file, out, "--reward-fn", f"{reward_file}:length", "--reward-model", "tiny"),
+                         2, "exactly one reward source")
+    assert_clean_failure(align("best-of-n", "-m", "tiny", "-p", prompts_file, "-o", out, "-n", "1",
+                               "--reward-fn", f"{reward_file}:length"), 2, "num_samples")
+    assert_clean_failure(best_of_n(align, prompts_file, out, "--reward-fn", f"{reward_file}:length", "--temperature", "0"),
+                         2, "temperature")
+    assert not out.exists()
+    picky = tmp_path / "picky.py"
+    picky.write_text("def score(prompts, completions):\n"
+                     "    if any('movie 3' in p for p in prompts):\n        raise ValueError('cannot score movie 3')\n"
+                     "    return [1.0 for _ in completions]\n")
+    assert_clean_failure(best_of_n(align, prompts_file, out, "--reward-fn", f"{picky}:score"), 2,
+                         "cannot score movie 3", "first on prompt 'Tell me about movie 3.'")
+    assert not (out / "align.json").exists()
+    assert_clean_failure(best_of_n(align, prompts_file, tmp_path / "nan", "--reward-fn", f"{reward_file}:not_a_number"),
+                         2, "nan")
+
+
+def test_an_unreachable_judge_keeps_the_scored_prompts_and_resumes(align, prompts_file, tmp_path, tiny_model):
+    from judge_server import JudgeServer
+
+    out = tmp_path / "bon"
+    args = ["--reward-judge", None, "--question", "Is this kind?", "--batch-size", "4",
+            "--set", "reward_judge.tokenizer=tiny", "--set", "reward_judge.top_logprobs=1000",
+            "--set", "reward_judge.retries=1", "--set", "reward_judge.backoff=0"]
+    with JudgeServer(str(tiny_model)) as server:
+        server.fail_after = 8  # one request per sample: it rates two prompts' samples, then goes away
+        result = best_of_n(align, prompts_file, out, *[server.url if a is None else a for a in args])
+        assert_clean_failure(result, 4, server.url, "--resume")
+        assert len(read_rows(out / "samples.jsonl.partial")) == 2 * 4 and not (out / "align.json").exists()
+        server.fail_after = None
+        assert best_of_n(align, prompts_file, out, *[server.url if a is None else a for a in args], "--resume").code == 0
+    assert len(read_rows(out / "samples.jsonl")) == 5 * 4
+
+
+def test_eval_best_of_scores_the_pick_of_n(align, prompts_file, reward_file, tmp_path):
+    """The best-of-4 policy's reward is the mean over prompts of the best of the 4 samples the model
+    draws with the same seed (generate draws them alike), and its KL is the bound, not an estimate."""
+    samples = tmp_path / "samples.jsonl"
+    common = ["-m", "tiny", "-p", prompts_file, "--max-new-tokens", "8", "--batch-size", "8", "--temperature", "0.7"]
+    assert align("generate", *common, "-o", samples, "-n", "4").code == 0
+    out = tmp_path / "eval.json"
+    result = align("eval", *common, "-o", out, "--best-of", "4", "--reward-fn", f"{reward_file}:length", "--no-reference")
+    assert result.code == 0, result.err
+    metrics = json.loads(out.read_text())
+    drawn = read_rows(samples)
+    best = [max(len(r["completion"]) for r in drawn if r["prompt"] == p["prompt"]) for p in read_rows(prompts_file)]
+    assert metrics[f"reward/{reward_file}:length/mean"] == pytest.approx(sum(best) / len(best))
+    assert metrics["samples"] == 5 and metrics["kl_bound"] == pytest.approx(math.log(4) - 3 / 4) and "kl" not in metrics
+    assert_clean_failure(align("eval", *common, "-o", tmp_path / "e2.json", "--best-of", "4", "--no-reference"), 2, "--best-of")
