@@ -300,6 +300,12 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         if "transformers" in sys.modules:
             sys.modules["transformers"].logging.set_verbosity_error()
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # One bar per stage (align's own): not the libraries' bars for loading weights, writing
+        # shards or mapping datasets, which print a line each when stderr is a file.
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].logging.disable_progress_bar()
     if quiet:
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["TQDM_DISABLE"] = "1"

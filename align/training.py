@@ -159,12 +159,17 @@ class ProgressBar(ProgressCallback):
         "eval_rewards/accuracies": "eval_acc", "reward": "reward", "kl": "kl",
     }
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shown: dict[str, str] = {}  # the latest value of each, so an eval's metrics do not hide the loss
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not (state.is_world_process_zero and self.training_bar is not None):
             return
-        shown = {short: f"{logs[key]:.3g}" for key, short in self.SHOWN.items() if isinstance((logs or {}).get(key), (int, float))}
-        if shown:
-            self.training_bar.set_postfix(shown, refresh=False)
+        self.shown.update({short: f"{logs[key]:.3g}" for key, short in self.SHOWN.items()
+                           if isinstance((logs or {}).get(key), (int, float))})
+        if self.shown:
+            self.training_bar.set_postfix(self.shown, refresh=False)
 
 
 def _last_good(checkpoints_dir: str) -> str:

@@ -191,3 +191,25 @@ def test_every_flag_refuses_a_wrong_value_in_one_line(name, align):
             assert "Traceback" not in result.err and (len(lines) == 1 or "Usage:" in result.err), result.err
             assert flag.names[0] in result.err or flag.key.split(".")[-1] in result.err, (flag.names[0], value, result.err)
     assert tried
+
+
+def test_the_terminal_shows_one_bar_per_stage_and_the_dicts_only_with_verbose(sft_file, tmp_path, tiny_model):
+    """Without -v: align's bar with the loss beside it, no per-step dicts, no library bars; with -v
+    the dicts are back. The metrics log has every step either way."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "120"}
+    runs = {}
+    for mode in ([], ["-v"]):
+        out = tmp_path / f"sft{len(mode)}"
+        done = subprocess.run([sys.executable, "-m", "align", *mode, "sft", "-m", "tiny", "-d", str(sft_file), "-o", str(out),
+                               "--max-steps", "3", "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+        runs[bool(mode)] = done.stdout + done.stderr  # tqdm writes the dicts to stdout
+        assert len((out / "metrics.jsonl").read_text().splitlines()) >= 3
+    plain, verbose = runs[False], runs[True]
+    assert "loss=" in plain and "3/3" in plain
+    assert "{'loss'" not in plain and "Loading weights" not in plain and "Writing model shards" not in plain
+    assert "{'loss'" in verbose
