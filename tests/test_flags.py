@@ -200,7 +200,9 @@ def test_the_terminal_shows_one_bar_per_stage_and_the_dicts_only_with_verbose(sf
     import subprocess
     import sys
 
-    env = {**os.environ, "COLUMNS": "120"}
+    # In-process runs with -q (the align fixture) leave their progress settings in os.environ.
+    quiet = {"TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env = {**{k: v for k, v in os.environ.items() if k not in quiet}, "COLUMNS": "120"}
     runs = {}
     for mode in ([], ["-v"]):
         out = tmp_path / f"sft{len(mode)}"
