@@ -71,7 +71,7 @@ class Flag:
     def default_shown(self, config: type[BaseModel]) -> str | None:
         """The schema's default as --help shows it; None where there is nothing to show."""
         field = self.field(config)
-        default = field.default if field.default_factory is None else field.default_factory()
+        default = field.get_default(call_default_factory=True)
         if default is PydanticUndefined or default is None or default == [] or default == {}:
             return None
         if isinstance(default, bool):

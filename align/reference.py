@@ -48,7 +48,7 @@ def _anchor(block: type[BaseModel]) -> str:
 
 
 def _default(field) -> str:
-    default = field.default if field.default_factory is None else field.default_factory()
+    default = field.get_default(call_default_factory=True)
     if default is PydanticUndefined:
         return "required"
     if isinstance(default, BaseModel):
