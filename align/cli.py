@@ -230,6 +230,7 @@ def _show_samples(path: Path, name: str, count: int = 3) -> None:
 SUMMARY_METRICS = (
     "train_loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies", "eval_rewards/margins", "eos_rate",
     "eval_score_start", "eval_score", "kl", "kept", "mean_sample_score", "mean_best_score", "kl_bound",
+    "pairs/accuracy",
 )
 
 

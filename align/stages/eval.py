@@ -61,6 +61,7 @@ def run(config: EvalConfig) -> Path:
             results["pairs"] = _implicit_reward_accuracy(config, model, ref_model, tokenizer)
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    flat |= {f"pairs/{k}": v for k, v in results.get("pairs", {}).items()}  # the summary names pairwise accuracy too
     write_manifest(out, config=config, metrics=flat, started=started)
     log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in flat.items()))
     return out
