@@ -179,8 +179,14 @@ class RMConfig(TrainStageConfig):
     """A Bradley-Terry reward model trained on preference pairs."""
 
     stage: Literal["rm"] = Field("rm", description="the stage type")
-    data: RewardDataSpec = Field(description="preference pairs (prompt, chosen, rejected; optional margin)")
+    data: RewardDataSpec = Field(description="preference pairs (prompt, chosen, rejected; optional margin) or ranked rows (prompt, completions, scores)")
     center_rewards: Annotated[float, Field(ge=0)] = Field(0.01, description="weight of a penalty pulling the mean reward to 0 (InstructGPT's normalisation)")
+    min_gap: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="ranked rows: compare two completions only when their scores differ by more than this (0: all but exact ties)"
+    )
+    margins_from_scores: bool = Field(
+        False, description="ranked rows: each comparison's margin is its score gap (as the 'margin' column of pair rows)"
+    )
 
 
 DPO_LOSSES = {

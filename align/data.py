@@ -3,6 +3,8 @@
 Formats follow TRL's documented dataset formats:
 - SFT: `messages` (conversational) | `prompt` + `completion` | `text`
 - preference: `prompt` + `chosen` + `rejected` (strings or message lists), optional `margin`
+- ranked (reward models): `prompt` + `completions` (a list) + `scores` (one number per completion,
+  higher is better): InstructGPT's K-wise comparisons, every pair of a prompt compared in one step
 - prompt-only: `prompt`
 """
 
@@ -24,6 +26,7 @@ log = logging.getLogger("align")
 
 SFT_FORMATS = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
 PREFERENCE_FORMATS = {"preference": ("prompt", "chosen", "rejected")}
+RANKED_FORMATS = {"ranked": ("prompt", "completions", "scores")}
 PROMPT_FORMATS = {"prompt-only": ("prompt",)}
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -194,6 +197,9 @@ def validate_rows(rows: list[dict], columns: tuple[str, ...], source: str) -> No
             if column not in row or row[column] is None:
                 raise DataError(f"{source}: row {index}: missing '{column}'")
             value = row[column]
+            if column in ("completions", "scores"):
+                _check_ranked(row, f"{source}: row {index}")
+                continue
             if column == "messages" and not is_messages(value):
                 raise DataError(
                     f"{source}: row {index}: 'messages' must be a list of {{'role', 'content'}} messages, got {type(value).__name__}"
@@ -209,6 +215,21 @@ def validate_rows(rows: list[dict], columns: tuple[str, ...], source: str) -> No
                 )
         if "margin" in row and not isinstance(row["margin"], (int, float)):
             raise DataError(f"{source}: row {index}: 'margin' must be a number, got {row['margin']!r}")
+
+
+def _check_ranked(row: dict, where: str) -> None:
+    """A ranked row: at least two non-empty completions (strings or message lists) and one finite score each."""
+    completions, scores = row["completions"], row["scores"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise DataError(f"{where}: 'completions' must be a list of at least two responses to rank, got {completions!r:.60}")
+    for k, completion in enumerate(completions):
+        if not ((isinstance(completion, str) and completion.strip()) or is_messages(completion)):
+            raise DataError(f"{where}: completion {k}: must be a non-empty string or a list of {{'role', 'content'}} messages")
+    if not isinstance(scores, list) or len(scores) != len(completions):
+        raise DataError(f"{where}: 'scores' must be a list with one number per completion ({len(completions)}), got {scores!r:.60}")
+    for k, value in enumerate(scores):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            raise DataError(f"{where}: score {k}: must be a finite number, got {value!r}")
 
 
 def is_messages(value: Any) -> bool:
@@ -370,6 +391,10 @@ def preference_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec,
 def load_preference_data(spec: DataSpec, tokenizer, seed: int) -> tuple[DataReport, list[dict], list[dict]]:
     """Train and eval preference pairs, validated, filtered and rendered for TRL's trainers."""
     _, train_rows, eval_rows = load_split(spec, PREFERENCE_FORMATS, seed)
+    return _preference_data(spec, tokenizer, train_rows, eval_rows)
+
+
+def _preference_data(spec: DataSpec, tokenizer, train_rows: list[dict], eval_rows: list[dict]):
     chat = use_chat_template(tokenizer, spec, is_messages(train_rows[0]["chosen"]), spec.path)
     report = DataReport(spec.path, format="preference", rows_read=len(train_rows) + len(eval_rows))
     train = preference_examples(train_rows, tokenizer, chat, spec, report)
@@ -379,6 +404,58 @@ def load_preference_data(spec: DataSpec, tokenizer, seed: int) -> tuple[DataRepo
     report.rows_used = len(train)
     warn_report(report)
     return report, train, evals
+
+
+def ranked_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, report: DataReport, min_gap: float,
+                    margins: bool) -> list[dict]:
+    """Ranked rows tokenized for RankedRewardTrainer: each completion's ids (rendered as TRL's
+    RewardTrainer renders a pair's side), and every pair (better, worse) whose scores differ by more
+    than min_gap, with the score gap as its margin when `margins`. Over-long completions are dropped."""
+    examples = []
+    for row in rows:
+        prompt = (as_messages(row["prompt"], "user") if row["prompt"] else []) if chat else row["prompt"]
+        kept, ids = [], []
+        for completion, value in zip(row["completions"], row["scores"]):
+            if chat:
+                sequence = render_ids(tokenizer, prompt + as_messages(completion, "assistant"), chat=True)
+            else:
+                text = prompt + completion
+                sequence = render_ids(tokenizer, text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token, chat=False)
+            if len(sequence) > spec.max_length:
+                report.drop(f"completion longer than max_length={spec.max_length}")
+                continue
+            kept.append(float(value))
+            ids.append(sequence)
+        pairs = [(i, j) for i in range(len(kept)) for j in range(len(kept)) if kept[i] - kept[j] > min_gap]
+        if not pairs:
+            report.drop(f"no two completions' scores differ by more than min_gap={min_gap}")
+            continue
+        used = sorted({k for pair in pairs for k in pair})  # a completion in no comparison costs a forward for nothing
+        index = {k: n for n, k in enumerate(used)}
+        examples.append({
+            "sequence_ids": [ids[k] for k in used],
+            "pairs": [[index[i], index[j]] for i, j in pairs],
+            "margins": [kept[i] - kept[j] if margins else 0.0 for i, j in pairs],
+        })
+    return examples
+
+
+def load_reward_data(spec: DataSpec, tokenizer, seed: int, min_gap: float = 0.0, margins: bool = False):
+    """(format, report, train, eval) for a reward model: preference pairs for TRL's RewardTrainer,
+    or ranked rows for RankedRewardTrainer."""
+    kind, train_rows, eval_rows = load_split(spec, {**PREFERENCE_FORMATS, **RANKED_FORMATS}, seed)
+    if kind == "preference":
+        return (kind, *_preference_data(spec, tokenizer, train_rows, eval_rows))
+    first = train_rows[0]["completions"][0]
+    chat = use_chat_template(tokenizer, spec, is_messages(first), spec.path)
+    report = DataReport(spec.path, format=kind, rows_read=len(train_rows) + len(eval_rows))
+    train = ranked_examples(train_rows, tokenizer, chat, spec, report, min_gap, margins)
+    evals = ranked_examples(eval_rows, tokenizer, chat, spec, report, min_gap, margins)
+    if not train:
+        raise DataError(f"{spec.path}: no prompt has two completions to compare after filtering ({report.dropped})")
+    report.rows_used = len(train)
+    warn_report(report)
+    return kind, report, train, evals
 
 
 def warn_report(report: DataReport) -> None:

@@ -77,8 +77,10 @@ _ENTRIES = (
     ),
     Stage(
         "rm", schema.RMConfig,
-        "Reward-model training (TRL RewardTrainer, Bradley-Terry; optional per-row 'margin').",
-        (*TRAINER, flag("center_rewards", "--center-rewards")),
+        "Reward-model training (Bradley-Terry) on preference pairs (TRL RewardTrainer; optional per-row 'margin') "
+        "or ranked rows: prompt, completions, scores (every pair of a prompt compared in one step, InstructGPT's K-wise loss).",
+        (*TRAINER, flag("center_rewards", "--center-rewards"), flag("min_gap", "--min-gap"),
+         flag("margins_from_scores", "--margins-from-scores")),
         reads="pairs", curves=(LOSS_CURVES, ("accuracy", "eval_accuracy"), ("margin", "eval_margin")),
     ),
     Stage(

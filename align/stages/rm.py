@@ -1,4 +1,12 @@
-"""Reward-model training on TRL's RewardTrainer (Bradley-Terry, optional per-row margin).
+"""Reward-model training: Bradley-Terry on preference pairs (TRL's RewardTrainer, optional per-row
+margin), or on ranked rows (RankedRewardTrainer, below).
+
+Ranked rows (`prompt`, `completions`, `scores`) are InstructGPT's K-wise comparisons: every pair
+of a prompt's completions whose scores differ by more than --min-gap is compared, and all of them
+in the same step, each completion scored once. That is the loss of the same pairs written out as
+pair rows (mean over comparisons of -log sigmoid(r_better - r_worse - margin)), at K forwards per
+prompt instead of K(K-1); and it keeps a completion from being a separate update K-1 times in an
+epoch, which InstructGPT found overfits within one epoch.
 
 The output is a 1-label sequence classifier: AutoModelForSequenceClassification loads it, and
 its score for a sequence is read at the last real token.
@@ -8,10 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 
 from align.config import RMConfig
-from align.data import load_preference_data
+from align.data import load_reward_data
 from align.training import TrainerPlan, run_trainer
 
 
@@ -22,10 +31,88 @@ def run(config: RMConfig) -> Path:
 def _plan(config: RMConfig, tokenizer) -> TrainerPlan:
     from trl import RewardConfig, RewardTrainer
 
-    report, train_rows, eval_rows = load_preference_data(config.data, tokenizer, config.train.seed)
+    kind, report, train_rows, eval_rows = load_reward_data(config.data, tokenizer, config.train.seed, config.min_gap,
+                                                           config.margins_from_scores)
+    if kind == "preference":
+        trainer, summary, inputs = RewardTrainer, f"{report.rows_used} pairs", dict
+    else:
+        comparisons = sum(len(row["pairs"]) for row in train_rows)
+        sequences = sum(len(row["sequence_ids"]) for row in train_rows)
+        trainer, summary = ranked_trainer(), f"{report.rows_used} prompts, {sequences} completions, {comparisons} comparisons"
+        inputs = lambda: {"data_collator": RankedCollator(tokenizer.pad_token_id)}  # noqa: E731
     return TrainerPlan(
-        RewardTrainer, RewardConfig, Dataset.from_list(train_rows), report, f"{report.rows_used} pairs",
+        trainer, RewardConfig, Dataset.from_list(train_rows), report, summary,
         eval_set=Dataset.from_list(eval_rows) if eval_rows else None, model_kind="reward",
         settings=dict(max_length=config.data.max_length, center_rewards_coefficient=config.center_rewards or None),
-        kept_metrics=("accuracy", "eval_accuracy"),
+        trainer_inputs=inputs, kept_metrics=("accuracy", "eval_accuracy"),
     )
+
+
+class RankedCollator:
+    """A batch of ranked rows as one right-padded batch of every completion, with each comparison's
+    (better, worse) positions in it and its margin."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        sequences, pairs, margins = [], [], []
+        for row in rows:
+            offset = len(sequences)
+            sequences += row["sequence_ids"]
+            pairs += [[offset + i, offset + j] for i, j in row["pairs"]]
+            margins += row["margins"]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for n, sequence in enumerate(sequences):
+            input_ids[n, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[n, :len(sequence)] = 1
+        pair_index = torch.tensor(pairs, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "better": pair_index[:, 0],
+                "worse": pair_index[:, 1], "margin": torch.tensor(margins, dtype=torch.float32)}
+
+
+def ranked_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, margin: torch.Tensor,
+                center: float | None = None) -> torch.Tensor:
+    """Mean over comparisons of -log sigmoid(r_better - r_worse - margin), plus TRL's centring term
+    (center x the mean squared sum of each comparison's two rewards): TRL's pair loss, on indices."""
+    gap = rewards[better] - rewards[worse]
+    loss = -torch.nn.functional.logsigmoid(gap - margin).mean()
+    if center:
+        loss = loss + center * torch.mean((rewards[better] + rewards[worse]) ** 2)
+    return loss
+
+
+def ranked_trainer():
+    """TRL's RewardTrainer (its model set-up, metrics and logging) with the ranked rows' loss."""
+    from trl import RewardTrainer
+
+    class RankedRewardTrainer(RewardTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # tokenized and filtered by align.data.ranked_examples
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["sequence_ids", "pairs", "margins"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            rewards = outputs.logits.squeeze(-1)
+            better, worse = rewards[inputs["better"]], rewards[inputs["worse"]]
+            loss = ranked_loss(rewards, inputs["better"], inputs["worse"], inputs["margin"], self.args.center_rewards_coefficient)
+            if mode == "train":
+                self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            with torch.no_grad():
+                gathered = self.accelerator.gather(rewards)
+                self._metrics[mode]["min_reward"].append(gathered.min().item())
+                self._metrics[mode]["mean_reward"].append(gathered.mean().item())
+                self._metrics[mode]["max_reward"].append(gathered.max().item())
+                accuracy = self.accelerator.gather_for_metrics((better > worse).float().mean()).mean().item()
+                self._metrics[mode]["accuracy"].append(accuracy)
+                self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics((better - worse).mean()).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return RankedRewardTrainer
