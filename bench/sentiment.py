@@ -1,27 +1,31 @@
-"""Steering sentiment: the DPO paper's controlled-generation experiment, at small scale, on CPU.
+"""Steering sentiment: the DPO paper's Figure 2 (gold reward against KL to the start), on CPU.
 
 The policy (SmolLM2-135M-Instruct) continues movie-review openings we wrote (bench/data/openings.py);
 the gold reward is VADER's compound score of the continuation (-1..1), standing in for a human
 rater. Whole films are held out: the test openings are about 4 of the 20 films, so no test prompt
-and no test film is in any training file.
+and no test film is in any training file. Every policy is sampled at temperature 1, so the KL on
+the plot is the policy's own KL to the starting model.
 
-1. `align generate`: two samples per training opening (and per test opening, for the RM's held-out
-   accuracy); the more positive one by VADER is `chosen` (near-ties skipped).
-2. The arms, each starting from the same model, as one recipe run by `align run`:
-   - DPO on the pairs, at a few betas (one pass), and the main beta with two passes;
-   - RM on the pairs, then PPO against the RM, at a few KL coefficients;
-   - GRPO with the RM;
-   - RLAIF: the same pairs relabelled by the SmolLM2 judge (`align label`), then DPO;
-   - and, as a diagnostic, PPO rewarded by VADER itself (what PPO reaches when the RM is not
-     the limit).
-3. `align eval` of every policy on the held-out openings: mean gold reward, KL to the starting
-   model, response length; the RM's pairwise accuracy on held-out pairs.
+1. Data (`align best-of-n` scored by VADER): 4 samples per training opening. The reward model
+   trains on them as ranked rows: all 6 pairs of an opening compared in one step, `margin` = their
+   VADER gap, near-ties dropped (InstructGPT's K-choose-2). The best-vs-worst pair of each opening
+   is the DPO data. The same on the test openings gives the RM's held-out pairs.
+2. The arms, each from the same starting model, as one recipe run by `align run`:
+   - best-of-n at n = 1..16 on the test openings, picked by the RM and by VADER (one
+     `align best-of-n` of 16 samples; each n is the average over disjoint groups of n; KL is
+     the bound log n - (n-1)/n);
+   - rejection-sampling fine-tuning (ReST-EM): best-of-4 by the RM on the training openings ->
+     SFT from the start, then again sampling from round 1's policy;
+   - DPO at three betas; RM -> PPO at three KL coefficients; RM -> GRPO; PPO on VADER itself
+     (what PPO reaches when the RM is not the limit).
+3. `align eval` of every policy on the held-out openings: VADER and RM means, KL to the start,
+   win rate against the start's samples, response length.
 
     pip install -e .[bench]
-    python bench/sentiment.py [--work runs/sentiment] [--out bench/results/sentiment.json]
+    python bench/sentiment.py            # the full frontier (bench/results/sentiment.json + .png)
+    python bench/sentiment.py --quick    # fewer points, same code (bench/results/sentiment-quick.json)
 
-Writes the table to stdout and --out, the reward-vs-KL plot beside --out, and align's HTML
-report in the work dir. Rerunning skips finished stages (align run's own skip rule).
+Rerunning skips finished stages (align run's own skip rule), so a run that was stopped continues.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import random
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -49,22 +54,43 @@ from align.stages import STAGES  # noqa: E402
 
 GOLD = f"{HERE / 'data' / 'vader_reward.py'}:positive"
 INSTRUCTION = "Continue this movie review: {opening}"
-QUESTION = "Which continuation of the movie review is more positive?"
-MAX_NEW_TOKENS = 40
+MAX_NEW_TOKENS = 32
 TEST_FILMS = 4
+MODEL = "smollm2-135m-instruct"
 
-# The sweeps behind the reward-vs-KL plot; the first value of each is the arm in the main table.
-DPO_BETAS = (0.1, 0.03, 0.5)
-PPO_KL_COEFS = (0.05, 0.2)
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run of the benchmark trains and evaluates; the first value of each sweep is the main arm."""
+
+    name: str
+    train_openings: int | None = None  # None: all 240
+    pair_samples: int = 4  # samples per opening behind the RM's pairs
+    min_gap: float = 0.1  # VADER gap under which a pair is a near-tie
+    best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
+    rs_rounds: int = 2
+    rs_samples: int = 4
+    dpo_betas: tuple[float, ...] = (0.1, 0.03, 0.3)
+    dpo_epochs: float = 2.0
+    ppo_kl_coefs: tuple[float, ...] = (0.05, 0.02, 0.1)
+    ppo_episodes: int = 1024
+    ppo_gold: bool = True
+    grpo_steps: int = 64  # GRPO optimizer steps of 8 completions (2 prompts x 4)
+    eval_samples: int = 2  # per test opening
+
+
+FULL = Plan("sentiment")
+QUICK = replace(FULL, name="sentiment-quick", train_openings=96, best_of=(1, 2, 4), rs_rounds=1, dpo_betas=(0.1,),
+                ppo_kl_coefs=(0.05,), ppo_episodes=256, ppo_gold=False, grpo_steps=0, eval_samples=1)
 
 COMMON = {
-    "model": "smollm2-135m-instruct",
+    "model": MODEL,
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-    "data": {"max_length": 160, "eval_fraction": 0.0},
-    "train": {"batch_size": 8, "save_steps": 1000, "lr_scheduler": "cosine", "warmup_ratio": 0.1},
+    "data": {"max_length": 128, "eval_fraction": 0.0},
+    "train": {"batch_size": 8, "save_steps": 1000, "lr_scheduler": "cosine", "warmup_ratio": 0.05},
 }
-DPO_TRAIN = {"max_steps": 22, "learning_rate": 5.0e-4}  # one pass over ~180 pairs
-EVAL_SAMPLING = {"num_samples": 1, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.7, "seed": 7}
+SAMPLING = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "batch_size": 64}  # 1.6x batch 16's tokens/s here
+DATA_SAMPLING = {**SAMPLING, "batch_size": 16}
 
 
 def split_openings(seed: int = 0) -> tuple[list[str], list[str]]:
@@ -82,144 +108,223 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def align_run(recipe: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    command = [sys.executable, "-m", "align", "run", str(path), "--resume"]
     print("$ align run", path, "--resume", flush=True)
-    subprocess.run(command, check=True, cwd=path.parent)  # the recipe's output_dir is relative to it
+    subprocess.run([sys.executable, "-m", "align", "run", str(path), "--resume"], check=True, cwd=path.parent)
 
 
-def sample_pairs(work: Path, min_gap: float, samples: int) -> dict:
-    """`samples` samples per opening from the starting model (2 by default: one pair); every two of
-    them make a pair, VADER picks chosen, near-ties are skipped."""
+def prepare_data(work: Path, plan: Plan) -> dict:
+    """Prompt files, then `pair_samples` samples per opening scored by VADER (align best-of-n); from
+    them every pair of an opening for the RM, near-ties dropped, and the best-vs-worst pair for DPO."""
     train, test = split_openings()
+    if plan.train_openings:
+        train = random.Random(1).sample(train, plan.train_openings)
     data = work / "data"
     write_jsonl(data / "train_prompts.jsonl", [{"prompt": INSTRUCTION.format(opening=o)} for o in train])
     write_jsonl(data / "test_prompts.jsonl", [{"prompt": INSTRUCTION.format(opening=o)} for o in test])
-    sampling = {"num_samples": samples, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "batch_size": 16}
+    sampling = {**DATA_SAMPLING, "num_samples": plan.pair_samples}
     align_run({
-        "name": "sentiment-samples", "output_dir": str(work / "runs"), "model": COMMON["model"],
+        "name": f"{plan.name}-data", "output_dir": "runs", "model": MODEL,
         "stages": [
-            {"name": "samples-train", "stage": "generate", "prompts": "data/train_prompts.jsonl", "sampling": {**sampling, "seed": 1}},
-            {"name": "samples-test", "stage": "generate", "prompts": "data/test_prompts.jsonl", "sampling": {**sampling, "seed": 2}},
+            {"name": f"gold-{split}", "stage": "best-of-n", "reward_fn": GOLD, "prompts": f"data/{split}_prompts.jsonl",
+             "min_gap": plan.min_gap, "sampling": {**sampling, "seed": seed}}
+            for split, seed in (("train", 1), ("test", 2))
         ],
-    }, work / "samples.yaml")
+    }, work / "data.yaml")
     counts = {}
     for split in ("train", "test"):
-        rows = [json.loads(line) for line in (work / "runs" / f"samples-{split}.jsonl").read_text().splitlines()]
-        by_prompt: dict[str, list[str]] = {}
-        for row in rows:
-            by_prompt.setdefault(row["prompt"], []).append(row["completion"])
+        by_prompt: dict[str, list[dict]] = {}
+        for row in read_jsonl(work / "runs" / f"gold-{split}" / "samples.jsonl"):
+            by_prompt.setdefault(row["prompt"], []).append(row)
+        write_jsonl(data / f"rm_{split}_ranked.jsonl", [
+            {"prompt": prompt, "completions": [s["completion"] for s in samples], "scores": [s["score"] for s in samples]}
+            for prompt, samples in by_prompt.items()
+        ])
         pairs = []
-        for prompt, completions in by_prompt.items():
-            for a, b in itertools.combinations(completions, 2):
-                gap = score(a) - score(b)
-                if abs(gap) >= min_gap and a.strip() and b.strip():
-                    chosen, rejected = (a, b) if gap > 0 else (b, a)
-                    pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        write_jsonl(data / f"{split}_pairs.jsonl", pairs)
-        counts[split] = {"prompts": len(by_prompt), "pairs": len(pairs)}
-    print(f"pairs: {counts} (near-ties under a VADER gap of {min_gap} skipped)", flush=True)
+        for prompt, samples in by_prompt.items():
+            for a, b in itertools.combinations(samples, 2):
+                if abs(a["score"] - b["score"]) > plan.min_gap and a["completion"].strip() and b["completion"].strip():
+                    chosen, rejected = (a, b) if a["score"] > b["score"] else (b, a)
+                    pairs.append({"prompt": prompt, "chosen": chosen["completion"], "rejected": rejected["completion"],
+                                  "margin": round(chosen["score"] - rejected["score"], 4)})
+        write_jsonl(data / f"rm_{split}_pairs.jsonl", pairs)
+        dpo_pairs = len(read_jsonl(work / "runs" / f"gold-{split}" / "pairs.jsonl"))
+        counts[split] = {"openings": len(by_prompt), "rm_pairs": len(pairs), "best_vs_worst_pairs": dpo_pairs}
+    print(f"pairs: {counts} (VADER gaps under {plan.min_gap} dropped)", flush=True)
     return counts
 
 
-def arms_recipe(work: Path, train_pairs: int) -> dict:
-    """The arms; the RM sees its pairs at least once (2.5 passes over the ~180 pairs of two samples)."""
-    rm_steps = max(55, math.ceil(train_pairs / 8))
-
-    def evaluate(arm: str, source: str) -> dict:
+def arms_recipe(plan: Plan) -> dict:
+    """The arms as one recipe: the reward model, then the main arm of each method, then the sweeps."""
+    def evaluate(arm: str) -> dict:
         return {
-            "name": f"eval-{arm}", "stage": "eval", "from": source, "reference": COMMON["model"],
-            "prompts": "data/test_prompts.jsonl", "reward_fns": [GOLD], "sampling": EVAL_SAMPLING,
+            "name": f"eval-{arm}", "stage": "eval", "from": arm, "reference": MODEL, "reward_from": "rm",
+            "prompts": "data/test_prompts.jsonl", "reward_fns": [GOLD],
+            "sampling": {**SAMPLING, "num_samples": plan.eval_samples, "seed": 7},
         }
 
+    def dpo(beta: float) -> list[dict]:
+        return [{"name": f"dpo-b{beta}", "stage": "dpo", "data": "runs/gold-train/pairs.jsonl",
+                 "dpo": {"beta": beta, "precompute_ref_log_probs": True},
+                 "train": {"epochs": plan.dpo_epochs, "learning_rate": 5.0e-4}}, evaluate(f"dpo-b{beta}")]
+
+    def ppo(arm: str, kl: float, **reward) -> list[dict]:
+        return [{
+            "name": arm, "stage": "ppo", **reward, "prompts": "data/train_prompts.jsonl",
+            "train": {"batch_size": 32, "learning_rate": 2.0e-4, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+            "ppo": {"episodes": plan.ppo_episodes, "mini_batches": 4, "ppo_epochs": 1, "max_new_tokens": MAX_NEW_TOKENS,
+                    "temperature": 1.0, "kl_coef": kl, "whiten_advantages": True, "sample_every": 4},
+        }, evaluate(arm)]
+
+    def rm_check(arm: str) -> dict:  # the RM's accuracy on the trained policy's own samples, judged by VADER
+        return {"name": f"rm-on-{arm}", "stage": "best-of-n", "from": arm, "reward_from": "rm", "prompts": "data/test_prompts.jsonl",
+                "sampling": {**SAMPLING, "num_samples": 4, "seed": 5}}
+
+    def rejection_sampling(round_: int) -> list[dict]:  # ReST-EM: sample from the last round's policy, fine-tune the start
+        source = {"from": f"rs-{round_ - 1}"} if round_ > 1 else {}
+        return [
+            {"name": f"rs-samples-{round_}", "stage": "best-of-n", **source, "reward_from": "rm",
+             "prompts": "data/train_prompts.jsonl", "sampling": {**SAMPLING, "num_samples": plan.rs_samples, "seed": 10 + round_}},
+            {"name": f"rs-{round_}", "stage": "sft", "data_from": f"rs-samples-{round_}", "train": {"epochs": 3, "learning_rate": 5.0e-4}},
+            evaluate(f"rs-{round_}"),
+        ]
+
     stages: list[dict] = [
-        {"name": "rm", "data": "data/train_pairs.jsonl", "train": {"max_steps": rm_steps, "learning_rate": 5.0e-4}},
-        {"name": "eval-rm", "stage": "eval", "from": "rm", "pairs": "data/test_pairs.jsonl"},
+        # Every pair of an opening's samples in one step (ranked rows), margin = VADER gap; one pass, lr annealed to 0.
+        {"name": "rm", "data": "data/rm_train_ranked.jsonl", "min_gap": plan.min_gap, "margins_from_scores": True,
+         "train": {"epochs": 1, "batch_size": 4, "learning_rate": 5.0e-4, "lr_scheduler": "linear"}},
+        {"name": "eval-rm", "stage": "eval", "from": "rm", "pairs": "data/rm_test_pairs.jsonl"},
+        {"name": "best-of-n", "stage": "best-of-n", "reward_from": "rm", "prompts": "data/test_prompts.jsonl",
+         "sampling": {**SAMPLING, "num_samples": max(plan.best_of), "seed": 3}},
+        *dpo(plan.dpo_betas[0]),
+        *ppo(f"ppo-kl{plan.ppo_kl_coefs[0]}", plan.ppo_kl_coefs[0], reward_from="rm"),
+        rm_check(f"ppo-kl{plan.ppo_kl_coefs[0]}"),
     ]
-    for beta in DPO_BETAS:
-        arm = f"dpo-b{beta}"
+    for round_ in range(1, plan.rs_rounds + 1):
+        stages += rejection_sampling(round_)
+    for beta in plan.dpo_betas[1:]:
+        stages += dpo(beta)
+    for kl in plan.ppo_kl_coefs[1:]:
+        stages += ppo(f"ppo-kl{kl}", kl, reward_from="rm")
+    if plan.grpo_steps:
         stages += [
-            {"name": arm, "stage": "dpo", "data": "data/train_pairs.jsonl", "dpo": {"beta": beta}, "train": DPO_TRAIN},
-            evaluate(arm, arm),
+            {"name": "grpo", "stage": "grpo", "reward_from": "rm", "prompts": "data/train_prompts.jsonl", "loss_type": "dapo",
+             "train": {"batch_size": 8, "max_steps": plan.grpo_steps, "learning_rate": 2.0e-4},
+             "online": {"num_generations": 4, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "beta": 0.04}},
+            evaluate("grpo"),
         ]
-    for kl in PPO_KL_COEFS:
-        arm = f"ppo-kl{kl}"
-        stages += [
-            {
-                "name": arm, "stage": "ppo", "reward_from": "rm", "prompts": "data/train_prompts.jsonl",
-                "train": {"batch_size": 16, "learning_rate": 3.0e-4},
-                "ppo": {"episodes": 128, "mini_batches": 2, "ppo_epochs": 2, "max_new_tokens": MAX_NEW_TOKENS,
-                        "temperature": 1.0, "kl_coef": kl, "whiten_advantages": True},
-            },
-            evaluate(arm, arm),
-        ]
-    # The main DPO arm again with two passes over the pairs: how far more steps take it.
-    stages += [
-        {"name": "dpo-2pass", "stage": "dpo", "data": "data/train_pairs.jsonl", "dpo": {"beta": DPO_BETAS[0]},
-         "train": {**DPO_TRAIN, "max_steps": 2 * DPO_TRAIN["max_steps"]}},
-        evaluate("dpo-2pass", "dpo-2pass"),
-    ]
-    # The same PPO, rewarded by VADER itself: what PPO reaches when the reward model is not the limit.
-    stages += [
-        {
-            "name": "ppo-gold", "stage": "ppo", "reward_fn": GOLD, "prompts": "data/train_prompts.jsonl",
-            "train": {"batch_size": 16, "learning_rate": 3.0e-4},
-            "ppo": {"episodes": 128, "mini_batches": 2, "ppo_epochs": 2, "max_new_tokens": MAX_NEW_TOKENS,
-                    "temperature": 1.0, "kl_coef": PPO_KL_COEFS[0], "whiten_advantages": True},
-        },
-        evaluate("ppo-gold", "ppo-gold"),
-    ]
-    stages += [
-        {
-            "name": "grpo", "stage": "grpo", "reward_from": "rm", "prompts": "data/train_prompts.jsonl",
-            "train": {"batch_size": 8, "max_steps": 16, "learning_rate": 3.0e-4},
-            "online": {"num_generations": 4, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "beta": 0.04},
-        },
-        evaluate("grpo", "grpo"),
-        {
-            "name": "label", "stage": "label", "judge": COMMON["model"], "pairs": "data/train_pairs.jsonl",
-            "question": QUESTION, "sampling": {"batch_size": 16},
-        },
-        {"name": "dpo-rlaif", "stage": "dpo", "data_from": "label", "dpo": {"beta": DPO_BETAS[0]}, "train": DPO_TRAIN},
-        evaluate("dpo-rlaif", "dpo-rlaif"),
-    ]
-    return {"name": "sentiment", "output_dir": "runs", **COMMON, "stages": stages}
+    if plan.ppo_gold:
+        stages += ppo("ppo-gold", plan.ppo_kl_coefs[0], reward_fn=GOLD)
+    return {"name": plan.name, "output_dir": "runs", **COMMON, "stages": stages}
 
 
-def manifest(runs: Path, stage: dict) -> dict:
-    """A finished stage's manifest (align.json in its directory, or beside its one output file)."""
-    kind = stage.get("stage", stage["name"])
-    return read_manifest(STAGES[kind].output_path(runs, stage["name"]))
+def seconds(runs: Path, name: str, kind: str) -> float:
+    """A finished stage's wall time, from its manifest."""
+    return read_manifest(STAGES[kind].output_path(runs, name))["duration_s"]
 
 
-def collect(work: Path, recipe: dict) -> dict:
+def win_rate(picks: list[float], starts: list[float]) -> float:
+    """P(a pick beats one of the start's samples of the same opening), ties counting half."""
+    return statistics.fmean((p > s) + 0.5 * (p == s) for p, s in zip(picks, starts))
+
+
+def rm_accuracy(samples: Path, min_gap: float) -> dict:
+    """How often the RM orders two samples of an opening as VADER does (gaps over min_gap)."""
+    by_prompt: dict[str, list[dict]] = {}
+    for row in read_jsonl(samples):
+        by_prompt.setdefault(row["prompt"], []).append(row)
+    agree = []
+    for rows in by_prompt.values():
+        for a, b in itertools.combinations(rows, 2):
+            gap = score(a["completion"]) - score(b["completion"])
+            if abs(gap) > min_gap:
+                agree.append((gap > 0) == (a["score"] > b["score"]))
+    return {"accuracy": statistics.fmean(agree) if agree else None, "count": len(agree)}
+
+
+def best_of_n_arms(work: Path, plan: Plan, tokenizer) -> dict:
+    """Best-of-n for each n from one run of max(n) samples per opening: each n averages the disjoint groups
+    of n samples, picking by the RM or by VADER; KL is the bound; win rate against the data's start samples."""
+    from align.stages.best_of_n import kl_bound
+
     runs = work / "runs"
-    seconds = {s["name"]: manifest(runs, s)["duration_s"] for s in recipe["stages"]}
+    by_prompt: dict[str, list[dict]] = {}
+    for row in read_jsonl(runs / "best-of-n" / "samples.jsonl"):
+        by_prompt.setdefault(row["prompt"], []).append(row)
+    start = {}
+    for row in read_jsonl(runs / "gold-test" / "samples.jsonl"):
+        start.setdefault(row["prompt"], []).append(row["score"])
+    cost = seconds(runs, "best-of-n", "best-of-n")
     arms = {}
-    for stage in recipe["stages"]:
-        name = stage["name"]
+    for n in plan.best_of:
+        for by, key in (("rm", "score"), ("gold", "gold")):
+            if n == 1 and by == "gold":
+                continue
+            golds, rms, lengths, wins = [], [], [], []
+            for prompt, samples in by_prompt.items():
+                for group in range(len(samples) // n):
+                    candidates = samples[group * n:(group + 1) * n]
+                    for c in candidates:
+                        c.setdefault("gold", score(c["completion"]))
+                    pick = max(candidates, key=lambda c: c[key])
+                    golds.append(pick["gold"])
+                    rms.append(pick["score"])
+                    lengths.append(len(tokenizer(pick["completion"], add_special_tokens=False)["input_ids"]))
+                    wins.append(win_rate([pick["gold"]] * len(start[prompt]), start[prompt]))
+            arms["best-of-1" if n == 1 else f"best-of-{n}-by-{by}"] = {
+                "family": "best-of-n by RM" if by == "rm" else "best-of-n by VADER", "point": n,
+                "gold": statistics.fmean(golds), "rm": statistics.fmean(rms), "kl": kl_bound(n), "kl_is_bound": True,
+                "win_rate": statistics.fmean(wins), "length": statistics.fmean(lengths),
+                "seconds": cost * n / max(plan.best_of),  # the share of the sampling this n needs
+            }
+    return arms
+
+
+def collect(work: Path, plan: Plan, recipe: dict, counts: dict) -> dict:
+    runs = work / "runs"
+    from align.models import load_tokenizer, resolve_model
+    from align.config import ModelSpec
+
+    spec = ModelSpec(path=MODEL)
+    tokenizer = load_tokenizer(spec, resolve_model(spec))
+    start_gold = statistics.fmean(r["score"] for r in read_jsonl(runs / "gold-test" / "samples.jsonl"))
+    kinds = {s["name"]: s.get("stage", s["name"]) for s in recipe["stages"]}
+    cost = {name: seconds(runs, name, kind) for name, kind in kinds.items()}
+    arms = best_of_n_arms(work, plan, tokenizer)
+    families = {"rs-": "rejection-sampling FT (rounds)", "dpo-b": "DPO (beta)", "ppo-kl": "RM -> PPO (kl_coef)",
+                "grpo": "RM -> GRPO (dapo)", "ppo-gold": "PPO on VADER (ceiling)"}
+    for name in kinds:
         if not name.startswith("eval-") or name == "eval-rm":
             continue
         arm = name.removeprefix("eval-")
+        family = next(label for prefix, label in families.items() if arm.startswith(prefix))
         metrics = json.loads((runs / f"{name}.json").read_text())
-        gold = f"reward/{GOLD}"
-        uses_rm = arm.startswith(("ppo-kl", "grpo"))
-        training = seconds[arm] + (seconds["rm"] if uses_rm else 0) + (seconds["label"] if arm == "dpo-rlaif" else 0)
+        trained = cost[arm]
+        if arm.startswith("rs-"):  # round k needs every round's sampling and the fine-tunes it sampled from
+            rounds = range(1, int(arm.removeprefix("rs-")) + 1)
+            trained = sum(cost[f"rs-samples-{k}"] + cost[f"rs-{k}"] for k in rounds)
+        rm_key = next((k for k in metrics if k.startswith("reward/") and k.endswith("/mean") and GOLD not in k), None)
         arms[arm] = {
-            "gold_reward": metrics[f"{gold}/mean"],
-            "gold_reward_start": metrics[f"{gold}/reference_mean"],
-            "gold_gain": metrics[f"{gold}/mean"] - metrics[f"{gold}/reference_mean"],
-            "win_rate": metrics.get(f"win_rate/{GOLD}"),
-            "kl": metrics["kl"],
-            "response_length": metrics["response_length"],
-            "train_seconds": training,
+            "family": family, "point": arm.rsplit("-", 1)[-1].lstrip("bkl"),
+            "gold": metrics[f"reward/{GOLD}/mean"], "gold_start_eval": metrics[f"reward/{GOLD}/reference_mean"],
+            "rm": metrics[rm_key] if rm_key else None,
+            "kl": metrics["kl"], "kl_is_bound": False, "win_rate": metrics[f"win_rate/{GOLD}"],
+            "length": metrics["response_length"], "eos_rate": metrics.get("eos_rate"), "seconds": trained,
         }
-    for split in ("train", "test"):
-        seconds[f"samples-{split}"] = manifest(runs, {"name": f"samples-{split}", "stage": "generate"})["duration_s"]
-    rm = json.loads((runs / "eval-rm.json").read_text())["pairs"]
-    label = manifest(runs, {"name": "label"})["metrics"]
-    return {"arms": arms, "rm_heldout": rm, "label": label, "stage_seconds": seconds}
+    for a in arms.values():
+        a["gain"] = a["gold"] - start_gold
+    for name in kinds:
+        if name.startswith("rm-on-"):
+            arms[name.removeprefix("rm-on-")]["rm_accuracy_on_own_samples"] = rm_accuracy(runs / name / "samples.jsonl", plan.min_gap)
+    rm_eval = json.loads((runs / "eval-rm.json").read_text())["pairs"]
+    return {"plan": plan.__dict__, "pairs": counts, "start_gold": start_gold, "rm_heldout": rm_eval, "arms": arms,
+            "shared_seconds": {k: cost[k] for k in ("rm",)} | {f"gold-{s}": seconds(runs, f"gold-{s}", "best-of-n") for s in ("train", "test")},
+            "stage_seconds": cost}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -228,55 +333,70 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for family, marker in (("dpo-b", "o"), ("dpo-2pass", "v"), ("ppo-kl", "s"), ("ppo-gold", "P"), ("grpo", "^"), ("dpo-rlaif", "D")):
-        points = sorted((a["kl"], a["gold_reward"], name) for name, a in results["arms"].items()
-                        if name.startswith(family) and (family != "dpo-b" or "rlaif" not in name))
-        if not points:
-            continue
-        label = {"dpo-b": "DPO (beta)", "dpo-2pass": "DPO, two passes", "ppo-kl": "RM + PPO (kl_coef)", "ppo-gold": "PPO on VADER itself",
-                 "grpo": "RM + GRPO", "dpo-rlaif": "RLAIF labels + DPO"}[family]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
-        for x, y, name in points:
-            ax.annotate(name.split("-", 1)[-1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    start = next(iter(results["arms"].values()))["gold_reward_start"]
-    ax.axhline(start, color="grey", linestyle="--", label="starting model")
-    ax.set_xlabel("KL(policy || starting model), nats per response")
-    ax.set_ylabel("mean VADER score, held-out openings")
-    ax.set_title("Steering sentiment: gold reward vs KL")
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: dict[str, list] = {}
+    for name, a in results["arms"].items():
+        families.setdefault(a["family"], []).append((a["kl"], a["gold"], str(a["point"]), a["kl_is_bound"]))
+    markers = iter("os^vDPX*<>")
+    for family, points in families.items():
+        points.sort()
+        bound = points[0][3]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=next(markers), label=family,
+                linestyle=":" if bound else "-")
+        for x, y, label, _ in points:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(results["start_gold"], color="grey", linestyle="--", label="starting model")
+    ax.set_xlabel("KL(policy || starting model), nats per response (best-of-n: the bound)")
+    ax.set_ylabel("mean VADER score, held-out films")
+    ax.set_title("Steering sentiment on SmolLM2-135M: gold reward vs KL")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def table(results: dict) -> str:
+    lines = ["| arm | VADER | gain | KL | win rate | RM score | length | minutes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, a in results["arms"].items():
+        kl = f"≤{a['kl']:.2f}" if a["kl_is_bound"] else f"{a['kl']:.2f}"
+        rm = "" if a["rm"] is None else f"{a['rm']:+.2f}"
+        lines.append(f"| {name} | {a['gold']:+.3f} | {a['gain']:+.3f} | {kl} | {a['win_rate']:.2f} | {rm} | "
+                     f"{a['length']:.1f} | {a['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="runs/sentiment", help="work dir (data, recipes, stage outputs)")
-    parser.add_argument("--out", default="bench/results/sentiment.json")
-    parser.add_argument("--samples-per-prompt", type=int, default=2, help="every two samples of a prompt make a pair")
-    parser.add_argument("--min-gap", type=float, default=0.2, help="skip pairs whose VADER scores differ by less")
+    parser.add_argument("--quick", action="store_true", help="fewer points and a third of the data (under 30 minutes)")
+    parser.add_argument("--work", help="work dir (data, recipes, stage outputs); default runs/sentiment[-quick]")
+    parser.add_argument("--out", help="results JSON (the plot is written beside it); default bench/results/sentiment[-quick].json")
     args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    try:
+        import matplotlib  # noqa: F401
+        import vaderSentiment  # noqa: F401
+    except ImportError as error:
+        sys.exit(f"bench/sentiment.py needs {error.name}: pip install -e '.[bench]'")
+    work = Path(args.work or f"runs/{plan.name}").resolve()
+    out = Path(args.out or HERE / "results" / f"{plan.name}.json")
 
-    work, out = Path(args.work).resolve(), Path(args.out)
     started = time.time()
-    counts = sample_pairs(work, args.min_gap, args.samples_per_prompt)
-    recipe = arms_recipe(work, counts["train"]["pairs"])
+    counts = prepare_data(work, plan)
+    recipe = arms_recipe(plan)
     align_run(recipe, work / "arms.yaml")
-    results = {"pairs": counts, **collect(work, recipe), "this_invocation_seconds": round(time.time() - started, 1)}
-    results["stage_seconds_total"] = round(sum(results["stage_seconds"].values()), 1)
-
+    results = {**collect(work, plan, recipe, counts), "this_invocation_seconds": round(time.time() - started, 1)}
+    results["total_stage_minutes"] = round((sum(results["stage_seconds"].values())
+                                            + sum(results["shared_seconds"][f"gold-{s}"] for s in ("train", "test"))) / 60, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot(results, out.with_suffix(".png"))
 
-    print(f"\n{'arm':<12} {'gold before':>11} {'gold after':>10} {'gain':>6} {'KL':>6} {'length':>6} {'train s':>8}")
-    for name, a in results["arms"].items():
-        print(f"{name:<12} {a['gold_reward_start']:>11.3f} {a['gold_reward']:>10.3f} {a['gold_gain']:>+6.3f} "
-              f"{a['kl']:>6.2f} {a['response_length']:>6.1f} {a['train_seconds']:>8.0f}")
-    print(f"RM held-out pairwise accuracy: {results['rm_heldout']}")
-    print(f"judge labels: {results['label']}")
-    print(f"whole benchmark: {results['stage_seconds_total'] / 60:.1f} min of stages "
-          f"({results['this_invocation_seconds'] / 60:.1f} min this invocation); table {out}, plot {out.with_suffix('.png')}")
+    print(f"\nstarting model: VADER {results['start_gold']:+.3f} on the held-out openings; pairs {counts}")
+    print(f"RM held-out pairwise accuracy {results['rm_heldout']['accuracy']:.3f} on {results['rm_heldout']['count']} pairs")
+    print(table(results))
+    print(f"minutes: RM {results['shared_seconds']['rm'] / 60:.1f} (shared by the RM arms), data "
+          f"{(results['shared_seconds']['gold-train'] + results['shared_seconds']['gold-test']) / 60:.1f}; all stages "
+          f"{results['total_stage_minutes']} ({results['this_invocation_seconds'] / 60:.1f} this invocation); {out}, "
+          f"{out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
