@@ -11,6 +11,8 @@ within 1e-8 absolute.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,3 +129,26 @@ def test_a_recipe_on_two_processes(align, sft_file, prompts_file, tmp_path):
     assert len((runs / "samples.jsonl").read_text().splitlines()) == 5 * 2  # written once, by one process
     assert json.loads((runs / "eval.json").read_text())["samples"] == 5
     assert (runs / "report" / "report.html").is_file()
+
+
+def test_ranked_reward_model_on_two_processes_matches_one(align, tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"How was movie {i}?", "completions": ["Wonderful!", "Awful.", "Fine.", "Dull."],
+             "scores": [1.0, -1.0, 0.5, -0.5]} for i in range(8)]
+    data = write_jsonl(tmp_path / "ranked.jsonl", rows)
+    args = ["rm", "-m", "tiny", "-d", data, "--max-steps", "3", *NO_DROPOUT]
+    one, two = tmp_path / "one", tmp_path / "two"
+    # The one-process run in a fresh process too (and the tiny model already built): the new score
+    # head is drawn from the process's random state before the trainer seeds it, so in-process it
+    # would depend on what ran earlier.
+    single = subprocess.run([sys.executable, "-m", "align", "-q", *map(str, args), "-o", str(one), "--batch-size", "2"],
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    result = align(*args, "-o", two, "--batch-size", "1", "--num-processes", "2")
+    assert result.code == 0, result.err
+    AutoModelForSequenceClassification.from_pretrained(two)
+    for key in ("loss", "mean_reward", "min_reward", "max_reward"):
+        assert_same_curve(one, two, key)

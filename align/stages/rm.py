@@ -6,7 +6,8 @@ of a prompt's completions whose scores differ by more than --min-gap is compared
 in the same step, each completion scored once. That is the loss of the same pairs written out as
 pair rows (mean over comparisons of -log sigmoid(r_better - r_worse - margin)), at K forwards per
 prompt instead of K(K-1); and it keeps a completion from being a separate update K-1 times in an
-epoch, which InstructGPT found overfits within one epoch.
+epoch, which InstructGPT found overfits within one epoch. On several processes each averages
+its own comparisons and DDP averages the processes, as for pairs; equal when they hold as many.
 
 The output is a 1-label sequence classifier: AutoModelForSequenceClassification loads it, and
 its score for a sequence is read at the last real token.
@@ -14,6 +15,7 @@ its score for a sequence is read at the last real token.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ def _plan(config: RMConfig, tokenizer) -> TrainerPlan:
         comparisons = sum(len(row["pairs"]) for row in train_rows)
         sequences = sum(len(row["sequence_ids"]) for row in train_rows)
         trainer, summary = ranked_trainer(), f"{report.rows_used} prompts, {sequences} completions, {comparisons} comparisons"
-        inputs = lambda: {"data_collator": RankedCollator(tokenizer.pad_token_id)}  # noqa: E731
+        inputs = partial(dict, data_collator=RankedCollator(tokenizer.pad_token_id))
     return TrainerPlan(
         trainer, RewardConfig, Dataset.from_list(train_rows), report, summary,
         eval_set=Dataset.from_list(eval_rows) if eval_rows else None, model_kind="reward",
@@ -99,17 +101,18 @@ def ranked_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            rewards = outputs.logits.squeeze(-1)
+            rewards = outputs.logits.squeeze(-1).float()
             better, worse = rewards[inputs["better"]], rewards[inputs["worse"]]
             loss = ranked_loss(rewards, inputs["better"], inputs["worse"], inputs["margin"], self.args.center_rewards_coefficient)
             if mode == "train":
                 self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-            with torch.no_grad():
-                gathered = self.accelerator.gather(rewards)
-                self._metrics[mode]["min_reward"].append(gathered.min().item())
-                self._metrics[mode]["mean_reward"].append(gathered.mean().item())
-                self._metrics[mode]["max_reward"].append(gathered.max().item())
+            with torch.no_grad():  # processes hold different numbers of completions: gather their summaries
+                local = torch.stack([rewards.min(), rewards.max(), rewards.sum(), rewards.new_tensor(float(len(rewards)))])
+                gathered = self.accelerator.gather(local[None])
+                self._metrics[mode]["min_reward"].append(gathered[:, 0].min().item())
+                self._metrics[mode]["max_reward"].append(gathered[:, 1].max().item())
+                self._metrics[mode]["mean_reward"].append((gathered[:, 2].sum() / gathered[:, 3].sum()).item())
                 accuracy = self.accelerator.gather_for_metrics((better > worse).float().mean()).mean().item()
                 self._metrics[mode]["accuracy"].append(accuracy)
                 self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics((better - worse).mean()).mean().item())
