@@ -182,7 +182,8 @@ def arms_recipe(plan: Plan) -> dict:
     def ppo(arm: str, kl: float, **reward) -> list[dict]:
         return [{
             "name": arm, "stage": "ppo", **reward, "prompts": "data/train_prompts.jsonl",
-            "train": {"batch_size": 32, "learning_rate": 2.0e-4, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+            "train": {"batch_size": 32, "learning_rate": 2.0e-4, "warmup_ratio": 0.0, "lr_scheduler": "constant",
+                      "save_steps": 4},  # a checkpoint every 4 updates (6 minutes): a stopped run resumes there
             "ppo": {"episodes": plan.ppo_episodes, "mini_batches": 4, "ppo_epochs": 1, "max_new_tokens": MAX_NEW_TOKENS,
                     "temperature": 1.0, "kl_coef": kl, "whiten_advantages": True, "sample_every": 4},
         }, evaluate(arm)]
@@ -231,8 +232,13 @@ def arms_recipe(plan: Plan) -> dict:
 
 
 def seconds(runs: Path, name: str, kind: str) -> float:
-    """A finished stage's wall time, from its manifest."""
-    return read_manifest(STAGES[kind].output_path(runs, name))["duration_s"]
+    """A finished stage's wall time, from its manifest; for PPO at least the sum of its updates' times,
+    which also counts the updates of earlier runs that this one resumed."""
+    duration = read_manifest(STAGES[kind].output_path(runs, name))["duration_s"]
+    if kind == "ppo":
+        updates = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        duration = max(duration, sum(u.get("time_generate", 0) + u.get("time_score", 0) + u.get("time_train", 0) for u in updates))
+    return duration
 
 
 def win_rate(picks: list[float], starts: list[float]) -> float:
