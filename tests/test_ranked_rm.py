@@ -85,3 +85,11 @@ def test_reward_model_learns_from_ranked_rows(align, tmp_path):
     assert first_logged(out)["loss"] > 1.0  # margins up to 2 on an untrained model: well above log 2
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1
+
+
+def test_ranked_only_options_on_pair_rows_are_refused(align, pairs_file, tmp_path):
+    from conftest import assert_clean_failure
+
+    result = align("rm", "-m", "tiny", "-d", pairs_file, "-o", tmp_path / "rm", "--margins-from-scores")
+    assert_clean_failure(result, 2, "pairs.jsonl", "--margins-from-scores", "ranked rows", "'margin' column")
+    assert not (tmp_path / "rm").exists()

@@ -23,6 +23,7 @@ from datasets import Dataset
 
 from align.config import RMConfig
 from align.data import load_reward_data
+from align.errors import ConfigError
 from align.training import TrainerPlan, run_trainer
 
 
@@ -36,6 +37,9 @@ def _plan(config: RMConfig, tokenizer) -> TrainerPlan:
     kind, report, train_rows, eval_rows = load_reward_data(config.data, tokenizer, config.train.seed, config.min_gap,
                                                            config.margins_from_scores)
     if kind == "preference":
+        if config.min_gap or config.margins_from_scores:
+            raise ConfigError(f"{config.data.path}: --min-gap and --margins-from-scores apply to ranked rows (prompt, "
+                              "completions, scores); pair rows give each pair's margin in a 'margin' column")
         trainer, summary, inputs = RewardTrainer, f"{report.rows_used} pairs", dict
     else:
         comparisons = sum(len(row["pairs"]) for row in train_rows)
