@@ -107,7 +107,8 @@ def ensure_builtin(name: str) -> Path:
         return target
     staging = target.with_name(f".{name}.{os.getpid()}.partial")
     staging.mkdir(parents=True, exist_ok=True)
-    BUILTINS[name].prepare(staging)
+    with torch.random.fork_rng(devices=[]):  # the run's seeded random state stays as it was
+        BUILTINS[name].prepare(staging)
     try:
         os.replace(staging, target)
     except OSError:  # another process finished first; theirs is as good as ours

@@ -30,6 +30,18 @@ def test_tiny_model_is_the_same_every_time(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_preparing_a_builtin_leaves_the_runs_random_state_alone(tmp_path, monkeypatch):
+    # A run seeds itself and may then prepare a built-in model on first use: its score head and
+    # LoRA matrices must come out the same whether the model was prepared in that run or before it.
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    models.ensure_builtin("tiny")
+    assert (tmp_path / "models" / "tiny" / "config.json").is_file()
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_model_resolution_errors(tmp_path):
     with pytest.raises(ModelError, match="model not found"):
         models.resolve_model(ModelSpec(path=str(tmp_path / "missing")))
