@@ -23,12 +23,12 @@ def test_ranked_loss_by_hand():
     from align.stages.rm import ranked_loss
 
     rewards = torch.tensor([1.0, 0.0, -0.5])
-    better, worse = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    better, worse = rewards[[0, 0, 1]], rewards[[1, 2, 2]]  # the three comparisons of three completions
     softplus = lambda x: math.log1p(math.exp(-x))  # -log sigmoid(x)  # noqa: E731
-    plain = ranked_loss(rewards, better, worse, torch.zeros(3))
+    plain = ranked_loss(better, worse, torch.zeros(3))
     assert plain.item() == pytest.approx((softplus(1.0) + softplus(1.5) + softplus(0.5)) / 3, abs=1e-6)
     margin = torch.tensor([2.0, 1.25, 0.5])
-    centred = ranked_loss(rewards, better, worse, margin, center=0.1)
+    centred = ranked_loss(better, worse, margin, center=0.1)
     by_hand = (softplus(1.0 - 2.0) + softplus(1.5 - 1.25) + softplus(0.5 - 0.5)) / 3 + 0.1 * (1.0 + 0.25 + 0.25) / 3
     assert centred.item() == pytest.approx(by_hand, abs=1e-6)
 

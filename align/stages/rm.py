@@ -62,31 +62,26 @@ class RankedCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        from trl.trainer.utils import pad
+
         sequences, pairs, margins = [], [], []
         for row in rows:
             offset = len(sequences)
-            sequences += row["sequence_ids"]
+            sequences += [torch.tensor(ids, dtype=torch.long) for ids in row["sequence_ids"]]
             pairs += [[offset + i, offset + j] for i, j in row["pairs"]]
             margins += row["margins"]
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for n, sequence in enumerate(sequences):
-            input_ids[n, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            attention_mask[n, :len(sequence)] = 1
         pair_index = torch.tensor(pairs, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "better": pair_index[:, 0],
-                "worse": pair_index[:, 1], "margin": torch.tensor(margins, dtype=torch.float32)}
+        return {"input_ids": pad(sequences, padding_value=self.pad_token_id),
+                "attention_mask": pad([torch.ones_like(ids) for ids in sequences]),
+                "better": pair_index[:, 0], "worse": pair_index[:, 1], "margin": torch.tensor(margins, dtype=torch.float32)}
 
 
-def ranked_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, margin: torch.Tensor,
-                center: float | None = None) -> torch.Tensor:
+def ranked_loss(better: torch.Tensor, worse: torch.Tensor, margin: torch.Tensor, center: float | None = None) -> torch.Tensor:
     """Mean over comparisons of -log sigmoid(r_better - r_worse - margin), plus TRL's centring term
-    (center x the mean squared sum of each comparison's two rewards): TRL's pair loss, on indices."""
-    gap = rewards[better] - rewards[worse]
-    loss = -torch.nn.functional.logsigmoid(gap - margin).mean()
+    (center x the mean squared sum of each comparison's two rewards): TRL's pair loss."""
+    loss = -torch.nn.functional.logsigmoid(better - worse - margin).mean()
     if center:
-        loss = loss + center * torch.mean((rewards[better] + rewards[worse]) ** 2)
+        loss = loss + center * torch.mean((better + worse) ** 2)
     return loss
 
 
@@ -107,7 +102,7 @@ def ranked_trainer():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             rewards = outputs.logits.squeeze(-1).float()
             better, worse = rewards[inputs["better"]], rewards[inputs["worse"]]
-            loss = ranked_loss(rewards, inputs["better"], inputs["worse"], inputs["margin"], self.args.center_rewards_coefficient)
+            loss = ranked_loss(better, worse, inputs["margin"], self.args.center_rewards_coefficient)
             if mode == "train":
                 self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
