@@ -189,6 +189,15 @@ class RMConfig(TrainStageConfig):
     )
 
 
+class PRMConfig(TrainStageConfig):
+    """A process reward model: a token classifier scoring each step of a solution."""
+
+    stage: Literal["prm"] = Field("prm", description="the stage type")
+    data: DataSpec = Field(description="stepwise rows: prompt, completions (a list of steps), labels (one per step: bool or a number in [0, 1])")
+    step_separator: str = Field("\n", min_length=1, description="what follows each step; a step's label sits on its last token")
+    last_step_only: bool = Field(False, description="train on each row's last label only: an outcome reward model from the same data")
+
+
 DPO_LOSSES = {
     "sigmoid": "sigmoid",
     "dpo": "sigmoid",
@@ -321,12 +330,19 @@ class JudgeQuestion(Closed):
         return [self.constitution] if self.constitution and Path(self.constitution).is_file() else []
 
 
+# How a process reward model's step scores become one score per solution (a sequence RM ignores it).
+RewardAggregate = Annotated[Literal["min", "prod", "last", "mean"], Field(
+    description="a process reward model's score for a solution from its steps' P(correct): min (the weakest step), "
+    "prod (all steps right), last or mean")]
+
+
 class OneReward(JudgeQuestion):
     """Exactly one reward source: a reward model, a python function or an AI judge."""
 
     reward_model: ModelSpec | None = Field(None, description="reward model: an `align rm` output or any 1-label sequence classifier")
     reward_fn: str | None = Field(None, description="MODULE:FUNCTION or FILE.py:FUNCTION returning one score per completion")
     reward_judge: JudgeSpec | None = Field(None, description="an AI judge rates each response 1-10 (direct RLAIF)")
+    reward_aggregate: RewardAggregate = "min"
 
     def _check_one_reward(self) -> None:
         if [self.reward_model, self.reward_fn, self.reward_judge].count(None) != 2:
@@ -494,6 +510,7 @@ class EvalConfig(JudgeQuestion, StageConfig):
     reward_models: list[ModelSpec] = Field(default_factory=list, description="reward models to score with (repeatable; any tokenizer)")
     reward_fns: list[str] = Field(default_factory=list, description="python scorers MODULE:FUNCTION or FILE.py:FUNCTION (repeatable; runs your code)")
     reward_judge: JudgeSpec | None = Field(None, description="an AI judge: rates samples 1-10, and compares with the reference in both orders")
+    reward_aggregate: RewardAggregate = "min"
     reference: str | None = Field(None, description="default: the model the stage started from (its manifest)")
     no_reference: bool = Field(False, description="skip KL and win rate")
     sampling: EvalSampling = Field(default_factory=EvalSampling, description="how samples are drawn")
@@ -537,6 +554,7 @@ class OnlineRLConfig(JudgeQuestion, StageConfig):
     reward_models: list[ModelSpec] = Field(default_factory=list, description="reward models (repeatable; any tokenizer)")
     reward_fns: list[str] = Field(default_factory=list, description="python scorers MODULE:FUNCTION or FILE.py:FUNCTION (repeatable; runs your code)")
     reward_judge: JudgeSpec | None = Field(None, description="an AI judge rates each completion 1-10 (direct RLAIF)")
+    reward_aggregate: RewardAggregate = "min"
     online: OnlineSpec = Field(default_factory=OnlineSpec, description="sampling and loss settings")
     train: OnlineTrain = Field(default_factory=OnlineTrain, description="optimiser, schedule and checkpoints")
 

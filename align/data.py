@@ -5,6 +5,8 @@ Formats follow TRL's documented dataset formats:
 - preference: `prompt` + `chosen` + `rejected` (strings or message lists), optional `margin`
 - ranked (reward models): `prompt` + `completions` (a list) + `scores` (one number per completion,
   higher is better): InstructGPT's K-wise comparisons, every pair of a prompt compared in one step
+- stepwise (process reward models): `prompt` + `completions` (a list of step strings) + `labels`
+  (one per step: true/false, or a number in [0, 1] for a soft label such as Math-Shepherd's)
 - prompt-only: `prompt`
 """
 
@@ -27,6 +29,7 @@ log = logging.getLogger("align")
 SFT_FORMATS = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
 PREFERENCE_FORMATS = {"preference": ("prompt", "chosen", "rejected")}
 RANKED_FORMATS = {"ranked": ("prompt", "completions", "scores")}
+STEPWISE_FORMATS = {"stepwise": ("prompt", "completions", "labels")}
 PROMPT_FORMATS = {"prompt-only": ("prompt",)}
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -197,8 +200,9 @@ def validate_rows(rows: list[dict], columns: tuple[str, ...], source: str) -> No
             if column not in row or row[column] is None:
                 raise DataError(f"{source}: row {index}: missing '{column}'")
             value = row[column]
-            if column in ("completions", "scores"):
-                _check_ranked(row, f"{source}: row {index}")
+            if column in ("completions", "scores", "labels"):  # checked with the column they pair with
+                if column != "completions":
+                    (_check_ranked if column == "scores" else _check_steps)(row, f"{source}: row {index}")
                 continue
             if column == "messages" and not is_messages(value):
                 raise DataError(
@@ -230,6 +234,21 @@ def _check_ranked(row: dict, where: str) -> None:
     for k, value in enumerate(scores):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
             raise DataError(f"{where}: score {k}: must be a finite number, got {value!r}")
+
+
+def _check_steps(row: dict, where: str) -> None:
+    """A stepwise row: at least one non-empty step string and one label per step, a bool or a number in [0, 1]."""
+    steps, labels = row["completions"], row["labels"]
+    if not isinstance(steps, list) or not steps:
+        raise DataError(f"{where}: 'completions' must be a list of step strings, got {steps!r:.60}")
+    for k, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            raise DataError(f"{where}: step {k}: must be a non-empty string, got {step!r:.60}")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise DataError(f"{where}: 'labels' must be a list with one label per step ({len(steps)}), got {labels!r:.60}")
+    for k, label in enumerate(labels):
+        if not isinstance(label, (bool, int, float)) or not 0 <= label <= 1:  # NaN fails the range too
+            raise DataError(f"{where}: label {k}: must be true/false or a number in [0, 1], got {label!r}")
 
 
 def is_messages(value: Any) -> bool:
@@ -301,6 +320,14 @@ def render_ids(tokenizer, messages_or_text, *, chat: bool, generation_prompt: bo
             )
         )
     return tokenizer(messages_or_text, add_special_tokens=True)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt: str | list, chat: bool) -> list[int]:
+    """Token ids of a prompt as a model continues it: with the chat template's assistant header when
+    `chat`, else the text with the tokenizer's special tokens (BOS)."""
+    if chat:
+        return render_ids(tokenizer, as_messages(prompt, "user"), chat=True, generation_prompt=True)
+    return render_ids(tokenizer, prompt, chat=False)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -456,6 +483,73 @@ def load_reward_data(spec: DataSpec, tokenizer, seed: int, min_gap: float = 0.0,
     report.rows_used = len(train)
     warn_report(report)
     return kind, report, train, evals
+
+
+def step_ids(tokenizer, prompt: str | list, steps: list[str], separator: str, chat: bool) -> tuple[list[int], list[int]]:
+    """(input_ids, the position of each step's label): the prompt's ids, then each step's ids and the
+    separator's, each tokenized alone; a step's label sits on the last token of its separator."""
+    ids = prompt_ids(tokenizer, prompt, chat)
+    separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
+    ends = []
+    for step in steps:
+        ids = ids + tokenizer(step, add_special_tokens=False)["input_ids"] + separator_ids
+        ends.append(len(ids) - 1)
+    return ids, ends
+
+
+def check_separator(tokenizer, separator: str) -> None:
+    """The separator must be tokens of its own that decode back to it."""
+    ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
+    if not ids or tokenizer.decode(ids) != separator:
+        raise DataError(f"step separator {separator!r} does not tokenize to tokens of its own that decode back to it "
+                        f"(got {ids}); choose another (the default is a newline)")
+
+
+def stepwise_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, report: DataReport, separator: str,
+                      last_step_only: bool = False) -> list[dict]:
+    """Stepwise rows tokenized for a process reward model: input_ids and one label per position, the
+    step's label (a float in [0, 1]) on the last token of each step's separator and -100 elsewhere.
+    A step that holds the separator would split differently when scored, so it is refused; over-long
+    rows keep the steps that fit (truncate) or are dropped."""
+    examples = []
+    for index, row in enumerate(rows, start=1):
+        for k, step in enumerate(row["completions"]):
+            if separator in step:
+                raise DataError(f"{spec.path}: row {index}: step {k} contains the step separator {separator!r}; "
+                                "split it into two steps or choose another separator (prm --step-separator)")
+        ids, ends = step_ids(tokenizer, row["prompt"], row["completions"], separator, chat)
+        labels = [float(label) for label in row["labels"]]
+        if last_step_only:
+            ends, labels = ends[-1:], labels[-1:]
+        if len(ids) > spec.max_length:
+            kept = [(end, label) for end, label in zip(ends, labels) if end < spec.max_length]
+            if spec.overlong == "drop" or not kept:
+                report.drop(f"longer than max_length={spec.max_length}" if spec.overlong == "drop"
+                            else f"no labelled step fits in max_length={spec.max_length}")
+                continue
+            ids, (ends, labels) = ids[:spec.max_length], zip(*kept)
+            report.truncated += 1
+        position_labels = [-100.0] * len(ids)
+        for end, label in zip(ends, labels):
+            position_labels[end] = label
+        examples.append({"input_ids": ids, "labels": position_labels})
+    return examples
+
+
+def load_stepwise_data(spec: DataSpec, tokenizer, seed: int, separator: str, last_step_only: bool = False):
+    """(report, train, eval) for a process reward model."""
+    check_separator(tokenizer, separator)
+    _, train_rows, eval_rows = load_split(spec, STEPWISE_FORMATS, seed)
+    chat = use_chat_template(tokenizer, spec, is_messages(train_rows[0]["prompt"]), spec.path)
+    report = DataReport(spec.path, format="stepwise", rows_read=len(train_rows) + len(eval_rows))
+    train = stepwise_examples(train_rows, tokenizer, chat, spec, report, separator, last_step_only)
+    # Held-out rows are scored on every step, --last-step-only or not: what a PRM is asked to do.
+    evals = stepwise_examples(eval_rows, tokenizer, chat, spec, report, separator)
+    if not train:
+        raise DataError(f"{spec.path}: no stepwise rows left after filtering ({report.dropped})")
+    report.rows_used = len(train)
+    warn_report(report)
+    return report, train, evals
 
 
 def warn_report(report: DataReport) -> None:

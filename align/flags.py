@@ -138,7 +138,8 @@ REWARD_JUDGE = (
     flag("reward_judge.chain_of_thought", "--judge-cot"), *JUDGE_QUESTION,
 )
 # Several reward sources at once (grpo, rloo, eval): every flag repeatable.
-REWARD_SOURCES = (flag("reward_models", "--reward-model"), flag("reward_fns", "--reward-fn"), *REWARD_JUDGE)
+REWARD_SOURCES = (flag("reward_models", "--reward-model"), flag("reward_fns", "--reward-fn"), *REWARD_JUDGE,
+                  flag("reward_aggregate", "--reward-aggregate"))
 
 SAMPLING = (
     flag("sampling.num_samples", "--num-samples", "-n"), flag("sampling.max_new_tokens", "--max-new-tokens"),

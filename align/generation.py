@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from align.config import SamplingSpec
-from align.data import as_messages, render_ids
+from align.data import prompt_ids
 
 
 @dataclass
@@ -24,13 +24,6 @@ class Completion:
     text: str
     token_ids: list[int]
     finished: bool  # the model ended the response itself (emitted EOS)
-
-
-def prompt_ids(tokenizer, prompt: Any, chat: bool) -> list[int]:
-    """Token ids of a prompt, with the chat template's assistant header when `chat`."""
-    if chat:
-        return render_ids(tokenizer, as_messages(prompt, "user"), chat=True, generation_prompt=True)
-    return render_ids(tokenizer, prompt, chat=False)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

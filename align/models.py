@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
+)
 
 from align import hub
 from align.config import LoraSpec, ModelSpec
@@ -194,7 +196,8 @@ def check_lora_possible(lora: LoraSpec) -> None:
 
 def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, kind: str = "causal", pad_token_id=None,
                dtype: torch.dtype | None = None, device: str | None = None):
-    """Load a causal LM (kind='causal') or a 1-output sequence classifier (kind='reward').
+    """Load a causal LM (kind='causal'), a 1-output sequence classifier (kind='reward') or a 2-label
+    token classifier (kind='process': a process reward model, label 1 = the step is correct).
 
     `lora` is given for a model that trains: LoRA on a frozen base, or (enabled=False) full
     fine-tuning, whose weights load in a dtype that can hold their updates (weights_dtype).
@@ -203,7 +206,7 @@ def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, ki
     trains_base = lora is not None and not lora.enabled
     lora = lora or LoraSpec(enabled=False)
     check_lora_possible(lora)
-    _check_architecture(source, spec, kind)
+    check_architecture(source, spec, kind)
     allow_pickle = pickle_allowed(spec)
     _check_weights_format(source, allow_pickle)
     kwargs = dict(dtype=dtype or weights_dtype(spec, trained=trains_base), trust_remote_code=spec.trust_remote_code,
@@ -217,19 +220,31 @@ def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, ki
     if kind == "reward":
         kwargs.update(num_labels=1, pad_token_id=pad_token_id)
         auto = AutoModelForSequenceClassification
+    elif kind == "process":
+        kwargs.update(num_labels=2, id2label=STEP_LABELS, label2id={v: k for k, v in STEP_LABELS.items()},
+                      pad_token_id=pad_token_id)
+        auto = AutoModelForTokenClassification
     else:
         auto = AutoModelForCausalLM
     model = _hub_guard(source, lambda local_only: auto.from_pretrained(source, local_files_only=local_only, **kwargs))
-    if kind == "reward":
-        float32_head(score_layer(model, source))
+    if kind == "process" and isinstance(getattr(model, "dropout", None), torch.nn.Dropout):
+        # No dropout before the head (transformers' default is 0.1), as a reward model's score layer has none.
+        model.dropout.p = model.config.classifier_dropout = 0.0
+    if kind != "causal":
+        float32_head(score_layer(model, source, outputs=2 if kind == "process" else 1))
     return model
 
 
-def score_layer(classifier, where: str):
-    """A sequence classifier's single linear score layer."""
+STEP_LABELS = {0: "incorrect", 1: "correct"}  # a process reward model's two labels per step
+
+
+def score_layer(classifier, where: str, outputs: int = 1):
+    """A classifier's linear score layer (one output: a reward model; two: a process reward model)."""
     head = getattr(classifier, "score", None) or getattr(classifier, "classifier", None)
-    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-        raise ModelError(f"{where}: must be a sequence classifier with a single linear score layer (one output)")
+    if not isinstance(head, torch.nn.Linear) or head.out_features != outputs:
+        kind = "sequence classifier with a single linear score layer (one output)" if outputs == 1 else \
+            "token classifier with a linear score layer of two labels (incorrect, correct)"
+        raise ModelError(f"{where}: must be a {kind}")
     return head
 
 
@@ -263,7 +278,7 @@ def _check_weights_format(source: str, allow_pickle: bool) -> None:
         )
 
 
-def _check_architecture(source: str, spec: ModelSpec, kind: str) -> None:
+def check_architecture(source: str, spec: ModelSpec, kind: str) -> None:
     if not Path(source).is_dir():
         return
     config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
@@ -294,7 +309,9 @@ def peft_config(lora: LoraSpec, *, kind: str = "causal"):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="SEQ_CLS" if kind == "reward" else "CAUSAL_LM",
+        task_type={"reward": "SEQ_CLS", "process": "TOKEN_CLS"}.get(kind, "CAUSAL_LM"),
+        # peft trains a classifier's head in full; its all-linear would also put LoRA on a token classifier's
+        exclude_modules=["score", "classifier"] if kind == "process" else None,
     )
 
 

@@ -13,7 +13,7 @@ from datasets import Dataset
 from align.config import OnlineRLConfig
 from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, last_text, load_split, use_chat_template, warn_report
 from align.judge import JudgeReward
-from align.rewards import RewardFunction, RewardModel
+from align.rewards import RewardFunction, reward_model
 from align.training import TrainerPlan, run_trainer
 
 
@@ -39,7 +39,7 @@ def _plan(config: OnlineRLConfig, tokenizer, trainer_cls, args_cls, method_setti
     chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0]["prompt"]), config.prompts.path)
     # TRL renders message lists with the chat template and leaves strings as they are.
     prompts = [as_messages(r["prompt"], "user") if chat else r["prompt"] for r in rows]
-    sources = [RewardModel(spec) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
+    sources = [reward_model(spec, config.reward_aggregate) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
     if config.reward_judge:
         sources.append(JudgeReward(config.reward_judge, config))
     rewards = [trl_reward(s, f"reward_{i}") for i, s in enumerate(sources)]

@@ -53,7 +53,7 @@ def _default(field) -> str:
         return "required"
     if isinstance(default, BaseModel):
         return "(block)"
-    return f"`{default!r}`" if not isinstance(default, str) else f"`{default}`"
+    return f"`{default!r}`" if not isinstance(default, str) or not default.isprintable() else f"`{default}`"
 
 
 def _describe(field) -> str:

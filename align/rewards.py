@@ -3,6 +3,9 @@
 - RewardModel: a 1-label sequence classifier (an `align rm` output, or any such model). It
   scores the rendered conversation with its own tokenizer and chat template, so it may use a
   different tokenizer and architecture than the policy.
+- ProcessRewardModel: a 2-label token classifier (an `align prm` output): a completion is split into
+  steps on the separator its manifest records, each step scored P(correct), and the step scores
+  aggregated (min, prod, last or mean) into the completion's score, in [0, 1].
 - RewardFunction: a user's Python function `f(prompts, completions) -> list[float]`, named as
   `module:function` or `path/to/file.py:function`. This runs the user's code.
 """
@@ -18,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from align.config import LoraSpec, ModelSpec
-from align.data import as_messages
+from align.data import as_messages, step_ids
 from align.errors import ConfigError, DataError, ModelError
 from align.models import load_model, load_tokenizer, resolve_model
 
@@ -43,6 +46,113 @@ class RewardModel:
         device = next(self.model.parameters()).device
         return score_in_batches(self.tokenizer, prompts, completions, self.batch_size, device,
                                 lambda batch: self.model(**batch).logits[:, 0].float().cpu())
+
+
+AGGREGATES = ("min", "prod", "last", "mean")
+
+
+class ProcessRewardModel:
+    def __init__(self, spec: ModelSpec, aggregate: str = "min", batch_size: int = 16, in_4bit: bool = False):
+        from align.checkpoints import read_manifest
+
+        if aggregate not in AGGREGATES:
+            raise ConfigError(f"reward aggregate {aggregate!r}: choose one of {', '.join(AGGREGATES)}")
+        source = resolve_model(spec)
+        self.tokenizer = load_tokenizer(spec, source, padding_side="right")
+        quantized = LoraSpec(enabled=True, qlora=True) if in_4bit else None
+        self.model = load_model(spec, source, quantized, kind="process", pad_token_id=self.tokenizer.pad_token_id).eval()
+        self.separator = (read_manifest(Path(source)) or {}).get("step_separator", "\n")
+        self.aggregate, self.batch_size = aggregate, batch_size
+        self.chat = bool(self.tokenizer.chat_template)
+        self.name = spec.path
+
+    def steps(self, completion: str) -> list[tuple[str, int]]:
+        """The completion's steps, each with the index in it one past its last character (empty pieces,
+        as between two separators, are not steps)."""
+        found, at = [], 0
+        for piece in completion.split(self.separator):
+            if piece.strip():
+                found.append((piece, at + len(piece)))
+            at += len(piece) + len(self.separator)
+        return found
+
+    @torch.no_grad()
+    def step_scores(self, prompts: list, completions: list[str]) -> list[torch.Tensor]:
+        """Each completion's step scores, P(correct) per step in order ((0,) for a completion with none)."""
+        device = next(self.model.parameters()).device
+        rows = [step_ids(self.tokenizer, prompt, [text for text, _ in self.steps(completion)], self.separator, self.chat)
+                for prompt, completion in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start:start + self.batch_size]
+            ids = [torch.tensor(row_ids, dtype=torch.long) for row_ids, _ in batch]
+            input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+            mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+            probs = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().softmax(-1)[..., 1]
+            scores += [probs[n, ends].cpu() for n, (_, ends) in enumerate(batch)]
+        return scores
+
+    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        return torch.stack([aggregate_steps(steps, self.aggregate) for steps in self.step_scores(prompts, completions)])
+
+
+def aggregate_steps(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """One score for a solution from its steps' (Let's Verify Step by Step uses the product; min is
+    the weakest step). A solution with no steps scores 0."""
+    if not len(scores):
+        return torch.tensor(0.0)
+    return {"min": scores.min, "prod": scores.prod, "last": lambda: scores[-1], "mean": scores.mean}[how]()
+
+
+def step_metrics(scores: list[torch.Tensor], labels: list[list[float]]) -> dict:
+    """A process reward model's step scores against step labels (a label above 0.5 is a correct step):
+    step accuracy (P(correct) > 0.5 when the step is correct), first-error-step accuracy (the first
+    step scored below 0.5 is the first wrong one, or neither has one) and the AUROC of the scores."""
+    right = first_right = 0
+    flat_scores, flat_correct = [], []
+    for row_scores, row_labels in zip(scores, labels):
+        correct = torch.tensor([float(label) > 0.5 for label in row_labels])
+        predicted = row_scores > 0.5
+        right += int((predicted == correct).sum())
+        first_right += int(_first_wrong(predicted) == _first_wrong(correct))
+        flat_scores.append(row_scores)
+        flat_correct.append(correct)
+    steps = sum(len(row) for row in labels)
+    return {"step_accuracy": right / steps, "first_error_accuracy": first_right / len(labels),
+            "auroc": auroc(torch.cat(flat_scores), torch.cat(flat_correct)), "steps": steps, "count": len(labels)}
+
+
+def _first_wrong(correct: torch.Tensor) -> int:
+    wrong = (~correct).nonzero()
+    return int(wrong[0]) if len(wrong) else len(correct)
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """The chance a random positive scores above a random negative (ties count half): the
+    Mann-Whitney U statistic over the two counts. None when one class is absent."""
+    pos, neg = scores[positive], scores[~positive]
+    if not len(pos) or not len(neg):
+        return None
+    above = (pos[:, None] > neg[None, :]).double().sum() + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
+    return (above / (len(pos) * len(neg))).item()
+
+
+def reward_model(spec: ModelSpec, aggregate: str = "min", batch_size: int = 16, in_4bit: bool = False):
+    """The reward model at spec: a process reward model (a token classifier, as `align prm` writes)
+    or a sequence classifier."""
+    if is_process_reward_model(resolve_model(spec), spec):
+        return ProcessRewardModel(spec, aggregate, batch_size, in_4bit)
+    return RewardModel(spec, batch_size=batch_size, in_4bit=in_4bit)
+
+
+def is_process_reward_model(source: str, spec: ModelSpec) -> bool:
+    return any(a.endswith("ForTokenClassification") for a in _architectures(spec, source))
+
+
+def _architectures(spec: ModelSpec, source: str) -> list[str]:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code).architectures or []
 
 
 def score_in_batches(tokenizer, prompts: list, completions: list[str], batch_size: int, device, score) -> torch.Tensor:
@@ -71,13 +181,11 @@ def render_for_reward(tokenizer, prompt: Any, completion: str) -> str:
 
 
 def _require_classifier(spec: ModelSpec, source: str) -> None:
-    from transformers import AutoConfig
-
-    architectures = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code).architectures or []
+    architectures = _architectures(spec, source)
     if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise ModelError(
-            f"{spec.path}: is a {architectures[0]}, not a reward model (a sequence classifier with one score); "
-            "train one with `align rm`, or pass a python scorer with --reward-fn"
+            f"{spec.path}: is a {architectures[0]}, not a reward model (a sequence classifier with one score, or a "
+            "process reward model); train one with `align rm` or `align prm`, or pass a python scorer with --reward-fn"
         )
 
 
@@ -89,7 +197,7 @@ def load_reward(config, batch_size: int = 16, in_4bit: bool = False, conversatio
         from align.judge import JudgeReward
 
         return JudgeReward(config.reward_judge, config)
-    reward = RewardModel(config.reward_model, batch_size=batch_size, in_4bit=in_4bit)
+    reward = reward_model(config.reward_model, config.reward_aggregate, batch_size=batch_size, in_4bit=in_4bit)
     if conversational and not reward.chat:
         raise DataError(
             f"{config.reward_model.path}: the prompts are conversations but the reward model's tokenizer has no chat "

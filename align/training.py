@@ -25,7 +25,7 @@ from align.checkpoints import CHECKPOINTS, append_metrics, latest_checkpoint, pr
 from align.config import TrainStageConfig
 from align.data import DataReport
 from align.errors import ConfigError, TrainingError
-from align.models import check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
+from align.models import check_architecture, check_lora_possible, count_parameters, load_model, load_tokenizer, peft_config, resolve_model, save_stage_model
 from align.precision import compute_dtype
 
 log = logging.getLogger("align")
@@ -56,6 +56,7 @@ def run_trainer(config, plan: Callable[[Any, str], TrainerPlan], padding_side: s
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(config.model, source, padding_side=padding_side)
     stage = plan(tokenizer, source)
+    check_architecture(source, config.model, stage.model_kind)  # a reward model given as a policy: before the output
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
 
     model = load_model(config.model, source, config.lora, kind=stage.model_kind, pad_token_id=tokenizer.pad_token_id)

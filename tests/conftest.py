@@ -80,6 +80,21 @@ def pairs_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
 
 
+def stepwise_rows(count: int) -> list[dict]:
+    """Solutions of three steps, each step "good" (correct) or "bad": what a PRM can learn on the tiny model."""
+    rows = []
+    for i in range(count):
+        labels = [bool((i >> k) & 1) or k == 2 and i % 3 == 0 for k in range(3)]
+        steps = [f"step {k + 1} {'good' if ok else 'bad'}" for k, ok in enumerate(labels)]
+        rows.append({"prompt": f"Solve problem {i}.", "completions": steps, "labels": labels})
+    return rows
+
+
+@pytest.fixture
+def steps_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "steps.jsonl", stepwise_rows(16))
+
+
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(5)])

@@ -146,3 +146,16 @@ def test_ranked_reward_model_on_two_processes_matches_one(align, tiny_model, tmp
     AutoModelForSequenceClassification.from_pretrained(two)
     for key in ("loss", "mean_reward", "min_reward", "max_reward"):
         assert_same_curve(one, two, key)
+
+
+def test_prm_on_two_processes_matches_one(align, steps_file, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    args = ["prm", "-m", "tiny", "-d", steps_file, "--max-steps", "3", *NO_DROPOUT]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert align(*args, "-o", one, "--batch-size", "4").code == 0
+    result = align(*args, "-o", two, "--batch-size", "2", "--num-processes", "2")
+    assert result.code == 0, result.err
+    AutoModelForTokenClassification.from_pretrained(two)
+    assert_same_curve(one, two, "loss")
+    assert curve(one, "step_accuracy") == curve(two, "step_accuracy")  # counts summed over the processes

@@ -1,7 +1,7 @@
 """SIGKILL a real `align` process at a step chosen at random, then `--resume`: the result equals an
 uninterrupted run with the same seed.
 
-Bitwise on CPU for every training stage (sft, rm, dpo, ppo, grpo, rloo): every checkpoint holds
+Bitwise on CPU for every training stage (sft, rm, prm, dpo, ppo, grpo, rloo): every checkpoint holds
 the weights, optimizer, scheduler, RNG states and data position (PPO: also the value head, the
 KL controller and the reward moments; its rollouts are seeded per row and update), and every
 stage seeds itself before building its model, so the resumed run repeats the same arithmetic.
@@ -87,9 +87,9 @@ def straight_and_resumed(align, tmp_path, stage: str, args: list[str]):
     return straight, killed, step
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
-def test_trainer_stages_resume_bitwise_after_sigkill(align, sft_file, pairs_file, tmp_path, stage):
-    data = sft_file if stage == "sft" else pairs_file
+@pytest.mark.parametrize("stage", ["sft", "rm", "prm", "dpo"])
+def test_trainer_stages_resume_bitwise_after_sigkill(align, sft_file, pairs_file, steps_file, tmp_path, stage):
+    data = {"sft": sft_file, "prm": steps_file}.get(stage, pairs_file)
     args = [stage, "-m", "tiny", "-d", data, "--max-steps", STEPS, "--batch-size", "4", *SAVE_EVERY]
     straight, killed, step = straight_and_resumed(align, tmp_path, stage, args)
     a, b = weights(straight), weights(killed)

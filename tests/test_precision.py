@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from conftest import assert_clean_failure, write_jsonl
 
 DTYPES = ["float32", "bfloat16", "float16"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
-STAGES = ["sft", "rm", "dpo", "ppo", "grpo", "rloo"]
+STAGES = ["sft", "rm", "prm", "dpo", "ppo", "grpo", "rloo"]
 
 
 def refusal(dtype: str, precision: str, lora: bool) -> str | None:
@@ -26,11 +26,12 @@ def refusal(dtype: str, precision: str, lora: bool) -> str | None:
 
 
 def stage_args(stage, out, files):
-    sft, pairs, prompts, scorers = files
+    sft, pairs, steps, prompts, scorers = files
     fn = ["--reward-fn", f"{scorers}:share_of_e"]
     return {
         "sft": ["sft", "-m", "tiny", "-d", sft, "-o", out, "--max-steps", "1"],
         "rm": ["rm", "-m", "tiny", "-d", pairs, "-o", out, "--max-steps", "1"],
+        "prm": ["prm", "-m", "tiny", "-d", steps, "-o", out, "--max-steps", "1"],
         "dpo": ["dpo", "-m", "tiny", "-d", pairs, "-o", out, "--max-steps", "1"],
         "ppo": ["ppo", "-m", "tiny", "-p", prompts, "-o", out, *fn, "--episodes", "8", "--batch-size", "8",
                 "--max-new-tokens", "4", "--ppo-epochs", "1"],
@@ -42,8 +43,8 @@ def stage_args(stage, out, files):
 
 
 @pytest.fixture
-def matrix_files(sft_file, pairs_file, prompts_file, reward_file):
-    return sft_file, pairs_file, prompts_file, reward_file
+def matrix_files(sft_file, pairs_file, steps_file, prompts_file, reward_file):
+    return sft_file, pairs_file, steps_file, prompts_file, reward_file
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -71,7 +72,7 @@ def test_precision_matrix(align, stage, matrix_files, tiny_model, tmp_path, monk
                 logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
                 numbers = [v for row in logged for v in row.values() if isinstance(v, float)]
                 assert numbers and all(math.isfinite(v) for v in numbers), (dtype, precision, lora)
-                auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+                auto = {"rm": AutoModelForSequenceClassification, "prm": AutoModelForTokenClassification}.get(stage, AutoModelForCausalLM)
                 loaded = auto.from_pretrained(out)
                 assert all(torch.isfinite(p).all() for p in loaded.parameters())
                 ran.append((dtype, precision, lora))

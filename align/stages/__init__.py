@@ -84,6 +84,15 @@ _ENTRIES = (
         reads="pairs", curves=(LOSS_CURVES, ("accuracy", "eval_accuracy"), ("margin", "eval_margin")),
     ),
     Stage(
+        "prm", schema.PRMConfig,
+        "Process reward model (Let's Verify Step by Step): a token classifier scoring each step of a solution, trained on "
+        "stepwise rows: prompt, completions (the steps), labels (one per step: true/false or a number in [0, 1]).\n\n"
+        "A step's score is P(correct) on the last token of the separator after it; the output loads with "
+        "AutoModelForTokenClassification and is used anywhere a reward model goes.",
+        (*TRAINER, flag("step_separator", "--step-separator"), flag("last_step_only", "--last-step-only")),
+        curves=(LOSS_CURVES, ("step_accuracy", "eval_step_accuracy"), ("first_error_accuracy", "eval_first_error_accuracy")),
+    ),
+    Stage(
         "dpo", schema.DPOConfig,
         "Direct preference optimisation (TRL DPOTrainer) on prompt/chosen/rejected pairs.",
         (*TRAINER, flag("dpo.beta", "--beta"), flag("dpo.loss", "--loss"), flag("dpo.label_smoothing", "--label-smoothing"),
@@ -100,7 +109,7 @@ _ENTRIES = (
          flag("ppo.micro_batch_size", "--micro-batch-size"), flag("ppo.ppo_epochs", "--ppo-epochs"),
          flag("ppo.max_new_tokens", "--max-new-tokens"), flag("ppo.temperature", "--temperature"),
          flag("ppo.kl_coef", "--kl-coef"), flag("ppo.target_kl", "--target-kl"), *REWARD_JUDGE,
-         flag("value_model", "--value-model"), flag("ppo.eval_every", "--eval-every"),
+         flag("reward_aggregate", "--reward-aggregate"), flag("value_model", "--value-model"), flag("ppo.eval_every", "--eval-every"),
          flag("train.learning_rate", "--learning-rate", "--lr"), flag("train.lr_scheduler", "--lr-scheduler"),
          flag("train.warmup_ratio", "--warmup-ratio"), flag("train.max_steps", "--max-steps"),
          flag("train.gradient_checkpointing", "--gradient-checkpointing"), flag("train.save_steps", "--save-steps"),
@@ -148,7 +157,7 @@ _ENTRIES = (
         "Writes best.jsonl (-> align sft), pairs.jsonl with margins (-> align rm / dpo) and samples.jsonl; the "
         "manifest has the mean sample and best scores and the best-of-n policy's KL bound, log n - (n-1)/n.",
         (MODEL, PROMPTS, OUTPUT, flag("reward_model.path", "--reward-model"), flag("reward_fn", "--reward-fn"),
-         *REWARD_JUDGE, *SAMPLING, flag("sampling.top_p", "--top-p"), flag("min_gap", "--min-gap"),
+         *REWARD_JUDGE, flag("reward_aggregate", "--reward-aggregate"), *SAMPLING, flag("sampling.top_p", "--top-p"), flag("min_gap", "--min-gap"),
          flag("model.dtype", "--dtype")),
         output_help="Output directory (best.jsonl, pairs.jsonl, samples.jsonl).",
         trains=False, writes={"sft": "best.jsonl", "pairs": "pairs.jsonl"},

@@ -28,13 +28,13 @@ from transformers import AutoConfig
 
 from align.checkpoints import atomic_write_text, prepare_output_file, read_manifest, write_manifest
 from align.config import EvalConfig, ModelSpec
-from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, as_messages, is_messages, last_text, load_split, use_chat_template
+from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, STEPWISE_FORMATS, as_messages, is_messages, last_text, load_split, use_chat_template
 from align.errors import ConfigError
 from align.generation import completion_logprobs, prompt_ids, sample, sample_statistics
 from align.judge import JudgeReward
 from align.losses import kl_penalty
 from align.models import load_model, load_tokenizer, resolve_model
-from align.rewards import RewardFunction, RewardModel
+from align.rewards import ProcessRewardModel, RewardFunction, reward_model, step_metrics
 
 log = logging.getLogger("align")
 
@@ -42,9 +42,10 @@ log = logging.getLogger("align")
 def run(config: EvalConfig) -> Path:
     out, started = Path(config.output), time.time()
     source = resolve_model(config.model)
-    is_reward_model = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(source).architectures or [])
+    is_reward_model = any(a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+                          for a in AutoConfig.from_pretrained(source).architectures or [])
     reference = None if (config.no_reference or is_reward_model) else _reference(config)
-    rewards = [RewardModel(spec) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
+    rewards = [reward_model(spec, config.reward_aggregate) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
     if config.reward_judge:
         rewards.append(JudgeReward(config.reward_judge, config))
     prepare_output_file(out, overwrite=config.overwrite)
@@ -154,10 +155,16 @@ def _pairs(config: EvalConfig) -> list[dict]:
 
 
 def _reward_model_accuracy(config: EvalConfig, source: str) -> dict:
+    """A reward model's pairwise accuracy on preference pairs (a process reward model's by its
+    aggregate of each side's steps), or a process reward model's step metrics on stepwise rows."""
     if not config.pairs:
         raise ConfigError(f"{config.model.path}: is a reward model; evaluate it with --pairs FILE")
-    reward = RewardModel(config.model)
-    rows = _pairs(config)
+    reward = reward_model(config.model, config.reward_aggregate)
+    process = isinstance(reward, ProcessRewardModel)
+    kind, rows, _ = load_split(config.pairs, {**PREFERENCE_FORMATS, **(STEPWISE_FORMATS if process else {})}, 0)
+    if kind == "stepwise":
+        scores = reward.step_scores([r["prompt"] for r in rows], [reward.separator.join(r["completions"]) for r in rows])
+        return step_metrics(scores, [r["labels"] for r in rows])
     chosen = reward([r["prompt"] for r in rows], [last_text(r["chosen"]) for r in rows])
     rejected = reward([r["prompt"] for r in rows], [last_text(r["rejected"]) for r in rows])
     return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(), "count": len(rows)}

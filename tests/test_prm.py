@@ -1,0 +1,211 @@
+"""Process reward models: the step loss and metrics by hand, the tokenisation contract, training,
+loading with transformers, and scoring anywhere a reward model goes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import assert_clean_failure, stepwise_rows, write_jsonl
+
+IGNORE = -100.0
+
+
+def test_step_loss_by_hand():
+    from align.stages.prm import step_loss
+
+    logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [0.0, 0.0], [3.0, -3.0]]])
+    labels = torch.tensor([[1.0, 0.0, 0.25, IGNORE]])
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731  log P(label 1) of logits (0, x)
+    by_hand = -(log_sigmoid(2.0) + log_sigmoid(1.0) + 0.25 * log_sigmoid(0.0) + 0.75 * log_sigmoid(0.0)) / 3
+    assert step_loss(logits, labels).item() == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_step_counts_by_hand():
+    from align.stages.prm import step_counts
+
+    # Row 1: steps right, wrong, wrong; predicted right, right, wrong -> 2 of 3 steps, first error
+    # found at step 2 vs 1: missed. Row 2 (one padded position): right, right; predicted right, right.
+    right, wrong = [0.0, 1.0], [1.0, 0.0]
+    logits = torch.tensor([[right, right, wrong], [right, right, wrong]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.9, IGNORE]])
+    assert step_counts(logits, labels).tolist() == [4, 5, 1, 2]
+
+
+def test_rows_become_the_documented_ids_and_labels(tiny_model):
+    from align.config import DataSpec, ModelSpec
+    from align.data import DataReport, stepwise_examples
+    from align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSpec(path="tiny"), str(tiny_model))
+    rows = [{"prompt": "Add 2 and 3.", "completions": ["2 + 3 = 5", "so 5"], "labels": [True, 0.5]}]
+    spec = DataSpec(path="x.jsonl")
+    [example] = stepwise_examples(rows, tokenizer, True, spec, DataReport("x"), "\n")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Add 2 and 3."}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    expected = list(prompt) + encode("2 + 3 = 5") + encode("\n") + encode("so 5") + encode("\n")
+    assert example["input_ids"] == expected
+    ends = [len(prompt) + len(encode("2 + 3 = 5")) + len(encode("\n")) - 1, len(expected) - 1]
+    assert [i for i, label in enumerate(example["labels"]) if label != IGNORE] == ends
+    assert [example["labels"][i] for i in ends] == [1.0, 0.5]
+    [last] = stepwise_examples(rows, tokenizer, True, spec, DataReport("x"), "\n", last_step_only=True)
+    assert [i for i, label in enumerate(last["labels"]) if label != IGNORE] == ends[1:]
+    # Too long: the steps that fit are kept with their labels.
+    short = DataSpec(path="x.jsonl", max_length=ends[0] + 2)
+    report = DataReport("x")
+    [cut] = stepwise_examples(rows, tokenizer, True, short, report, "\n")
+    assert len(cut["input_ids"]) == ends[0] + 2 and [i for i, v in enumerate(cut["labels"]) if v != IGNORE] == ends[:1]
+    assert report.truncated == 1
+
+
+def test_aggregates_and_auroc_by_hand():
+    from align.rewards import aggregate_steps, auroc, step_metrics
+
+    steps = torch.tensor([0.9, 0.5, 0.8])
+    assert aggregate_steps(steps, "min").item() == pytest.approx(0.5)
+    assert aggregate_steps(steps, "prod").item() == pytest.approx(0.36)
+    assert aggregate_steps(steps, "last").item() == pytest.approx(0.8)
+    assert aggregate_steps(steps, "mean").item() == pytest.approx(2.2 / 3)
+    assert aggregate_steps(torch.tensor([]), "min").item() == 0.0  # no steps: not a correct solution
+    # Positives 0.9, 0.4; negatives 0.4, 0.1: pairs above 0.9>0.4, 0.9>0.1, 0.4>0.1, one tie (0.4, 0.4).
+    assert auroc(torch.tensor([0.9, 0.4, 0.4, 0.1]), torch.tensor([True, True, False, False])) == pytest.approx(3.5 / 4)
+    metrics = step_metrics([torch.tensor([0.9, 0.7, 0.2]), torch.tensor([0.6, 0.3])], [[True, False, False], [1.0, 0.8]])
+    assert metrics["step_accuracy"] == pytest.approx(3 / 5)
+    assert metrics["first_error_accuracy"] == 0.0  # row 1: first error at 2 vs 1; row 2: at 1 vs none
+    assert metrics["steps"] == 5 and metrics["count"] == 2
+
+
+@pytest.fixture(scope="module")
+def trained_prm(tmp_path_factory, tiny_model):
+    """A PRM trained on the tiny model until it tells good steps from bad (held-out rows)."""
+    from typer.testing import CliRunner
+
+    from align.cli import app
+
+    tmp = tmp_path_factory.mktemp("prm")
+    train = write_jsonl(tmp / "train.jsonl", stepwise_rows(32))
+    held_out = write_jsonl(tmp / "test.jsonl", stepwise_rows(40)[32:])
+    out = tmp / "prm"
+    result = CliRunner().invoke(app, ["-q", "prm", "-m", "tiny", "-d", str(train), "--eval-data", str(held_out), "-o", str(out),
+                                      "--epochs", "6", "--batch-size", "8", "--lr", "5e-3", "--eval-steps", "24"])
+    assert result.exit_code == 0, result.output
+    return out, held_out
+
+
+def test_prm_learns_the_steps_and_loads_as_a_token_classifier(trained_prm):
+    from transformers import AutoModelForTokenClassification
+
+    out, _ = trained_prm
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in logged if "loss" in row]
+    assert len(losses) == 24 and sum(losses[-4:]) < 0.5 * sum(losses[:4])
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["completed"] and manifest["step_separator"] == "\n" and manifest["stage"] == "prm"
+    assert manifest["metrics"]["eval_step_accuracy"] >= 0.9
+    model = AutoModelForTokenClassification.from_pretrained(out)
+    assert model.config.num_labels == 2 and model.config.id2label == {0: "incorrect", 1: "correct"}
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_prm_scores_follow_the_contract_read_with_plain_transformers(trained_prm):
+    """ProcessRewardModel's step scores are P(label 1) at each separator's last token, read from the
+    checkpoint with transformers alone; its eval on stepwise rows and pairs uses them."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from align.config import ModelSpec
+    from align.rewards import ProcessRewardModel, reward_model
+
+    out, held_out = trained_prm
+    prm = reward_model(ModelSpec(path=str(out)), aggregate="prod")
+    assert isinstance(prm, ProcessRewardModel) and prm.separator == "\n"
+    completion = "step 1 good\nstep 2 bad\n\nstep 3 good\n"  # an empty piece is no step
+    assert [text for text, _ in prm.steps(completion)] == ["step 1 good", "step 2 bad", "step 3 good"]
+    [scores] = prm.step_scores(["Solve problem 7."], [completion])
+
+    tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForTokenClassification.from_pretrained(out).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Solve problem 7."}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    ends = []
+    for step in ["step 1 good", "step 2 bad", "step 3 good"]:
+        ids = list(ids) + tokenizer(step, add_special_tokens=False)["input_ids"] + tokenizer("\n", add_special_tokens=False)["input_ids"]
+        ends.append(len(ids) - 1)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, ends].softmax(-1)[:, 1]
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert scores[1] < 0.5 < min(scores[0], scores[2])  # it learnt the bad step
+    assert prm(["Solve problem 7."], [completion]).item() == pytest.approx(expected.prod().item(), abs=1e-5)
+
+
+def test_eval_on_a_prm_reports_step_metrics_and_pairwise_accuracy(align, trained_prm, tmp_path):
+    out, held_out = trained_prm
+    result = align("eval", "-m", out, "--pairs", held_out, "-o", tmp_path / "steps.json")
+    assert result.code == 0, result.err
+    steps = json.loads((tmp_path / "steps.json").read_text())["pairs"]
+    assert steps["count"] == 8 and steps["steps"] == 24
+    assert steps["step_accuracy"] >= 0.9 and steps["auroc"] >= 0.9 and steps["first_error_accuracy"] >= 0.75
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"Solve problem {i}.", "chosen": "step 1 good\nstep 2 good", "rejected": "step 1 good\nstep 2 bad"} for i in range(4)
+    ])
+    result = align("eval", "-m", out, "--pairs", pairs, "-o", tmp_path / "pairs.json", "--reward-aggregate", "min")
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "pairs.json").read_text())["pairs"]["accuracy"] == 1.0
+
+
+def test_best_of_n_picks_by_the_prm(align, trained_prm, tmp_path):
+    from align.config import ModelSpec
+    from align.rewards import reward_model
+
+    out, _ = trained_prm
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Solve problem {i}."} for i in range(3)])
+    result = align("best-of-n", "-m", "tiny", "-p", prompts, "--reward-model", out, "-n", "3", "--max-new-tokens", "6",
+                   "-o", tmp_path / "bon", "--reward-aggregate", "mean")
+    assert result.code == 0, result.err
+    samples = [json.loads(line) for line in (tmp_path / "bon" / "samples.jsonl").read_text().splitlines()]
+    prm = reward_model(ModelSpec(path=str(out)), aggregate="mean")
+    expected = prm([s["prompt"] for s in samples], [s["completion"] for s in samples])
+    assert torch.allclose(torch.tensor([s["score"] for s in samples]), expected, atol=1e-5)
+    assert all(0.0 <= s["score"] <= 1.0 for s in samples)
+
+
+def test_a_prm_is_not_a_policy_and_a_policy_is_not_a_prm(align, trained_prm, tiny_model, prompts_file, sft_file, tmp_path):
+    out, held_out = trained_prm
+    assert_clean_failure(align("sft", "-m", out, "-d", sft_file, "-o", tmp_path / "sft"), 4, "TokenClassification",
+                         "not a causal language model")
+    assert not (tmp_path / "sft").exists()
+    assert_clean_failure(align("best-of-n", "-m", "tiny", "-p", prompts_file, "--reward-model", tiny_model, "-n", "2",
+                               "-o", tmp_path / "bon"), 4, "not a reward model", "align prm")
+
+
+@pytest.mark.parametrize("rows, needles", [
+    ([{"prompt": "p", "completions": ["a", "b"], "labels": [True]}], ["row 1", "one label per step (2)"]),
+    ([{"prompt": "p", "completions": ["a"], "labels": [1.5]}], ["row 1", "label 0", "[0, 1]", "1.5"]),
+    ([{"prompt": "p", "completions": ["a"], "labels": ["yes"]}], ["row 1", "label 0", "'yes'"]),
+    ([{"prompt": "p", "completions": ["a", " "], "labels": [True, False]}], ["row 1", "step 1", "non-empty"]),
+    ([{"prompt": "p", "completions": ["a\nb"], "labels": [True]}], ["row 1", "step 0", "contains the step separator"]),
+])
+def test_bad_stepwise_rows_are_one_line(align, tiny_model, tmp_path, rows, needles):
+    data = write_jsonl(tmp_path / "steps.jsonl", [{"prompt": "ok", "completions": ["x"], "labels": [False]}, *rows])
+    needles = [n.replace("row 1", "row 2") for n in needles]
+    assert_clean_failure(align("prm", "-m", "tiny", "-d", data, "-o", tmp_path / "out"), 3, "steps.jsonl", *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_separator_that_is_not_tokens_of_its_own_is_refused(align, tiny_model, steps_file, tmp_path):
+    from align.data import check_separator
+    from align.errors import DataError
+
+    class Merging:  # a tokenizer whose separator comes back changed (as a normalising tokenizer's does)
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1]}
+
+        def decode(self, ids):
+            return " "
+
+    with pytest.raises(DataError, match="does not tokenize to tokens of its own"):
+        check_separator(Merging(), "\n")
+    result = align("prm", "-m", "tiny", "-d", steps_file, "-o", tmp_path / "out", "--step-separator", "")
+    assert result.code == 2 and not (tmp_path / "out").exists()
