@@ -70,9 +70,9 @@ class Plan:
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
     rs_rounds: int = 2
     rs_samples: int = 4
-    dpo_betas: tuple[float, ...] = (0.1, 0.03, 0.3)
+    dpo_betas: tuple[float, ...] = (0.1, 0.3, 0.03)
     dpo_epochs: float = 2.0
-    ppo_kl_coefs: tuple[float, ...] = (0.05, 0.02, 0.1)
+    ppo_kl_coefs: tuple[float, ...] = (0.05, 0.1, 0.02)
     ppo_episodes: int = 1024
     ppo_gold: bool = True
     grpo_steps: int = 64  # GRPO optimizer steps of 8 completions (2 prompts x 4)
@@ -215,10 +215,9 @@ def arms_recipe(plan: Plan) -> dict:
     ]
     for round_ in range(1, plan.rs_rounds + 1):
         stages += rejection_sampling(round_)
-    for beta in plan.dpo_betas[1:]:
-        stages += dpo(beta)
-    for kl in plan.ppo_kl_coefs[1:]:
-        stages += ppo(f"ppo-kl{kl}", kl, reward_from="rm")
+    # The sweeps, interleaved and towards lower KL first (the main arms ran at KL 13-17): a stopped run has both methods.
+    for kl, beta in itertools.zip_longest(plan.ppo_kl_coefs[1:], plan.dpo_betas[1:]):
+        stages += (ppo(f"ppo-kl{kl}", kl, reward_from="rm") if kl else []) + (dpo(beta) if beta else [])
     if plan.grpo_steps:
         stages += [
             {"name": "grpo", "stage": "grpo", "reward_from": "rm", "prompts": "data/train_prompts.jsonl", "loss_type": "dapo",
