@@ -30,6 +30,7 @@ SFT_FORMATS = {"messages": ("messages",), "prompt-completion": ("prompt", "compl
 PREFERENCE_FORMATS = {"preference": ("prompt", "chosen", "rejected")}
 RANKED_FORMATS = {"ranked": ("prompt", "completions", "scores")}
 STEPWISE_FORMATS = {"stepwise": ("prompt", "completions", "labels")}
+IGNORE_LABEL = -100.0  # a stepwise example's label at a position that does not end a step
 PROMPT_FORMATS = {"prompt-only": ("prompt",)}
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -200,9 +201,10 @@ def validate_rows(rows: list[dict], columns: tuple[str, ...], source: str) -> No
             if column not in row or row[column] is None:
                 raise DataError(f"{source}: row {index}: missing '{column}'")
             value = row[column]
-            if column in ("completions", "scores", "labels"):  # checked with the column they pair with
-                if column != "completions":
-                    (_check_ranked if column == "scores" else _check_steps)(row, f"{source}: row {index}")
+            if column == "completions":  # checked with the column it pairs with: scores or labels
+                continue
+            if column in LIST_CHECKS:
+                LIST_CHECKS[column](row, f"{source}: row {index}")
                 continue
             if column == "messages" and not is_messages(value):
                 raise DataError(
@@ -249,6 +251,9 @@ def _check_steps(row: dict, where: str) -> None:
     for k, label in enumerate(labels):
         if not isinstance(label, (bool, int, float)) or not 0 <= label <= 1:  # NaN fails the range too
             raise DataError(f"{where}: label {k}: must be true/false or a number in [0, 1], got {label!r}")
+
+
+LIST_CHECKS = {"scores": _check_ranked, "labels": _check_steps}  # ranked and stepwise rows' list columns
 
 
 def is_messages(value: Any) -> bool:
@@ -508,7 +513,7 @@ def check_separator(tokenizer, separator: str) -> None:
 def stepwise_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, report: DataReport, separator: str,
                       last_step_only: bool = False) -> list[dict]:
     """Stepwise rows tokenized for a process reward model: input_ids and one label per position, the
-    step's label (a float in [0, 1]) on the last token of each step's separator and -100 elsewhere.
+    step's label (a float in [0, 1]) on the last token of each step's separator and IGNORE_LABEL elsewhere.
     A step that holds the separator would split differently when scored, so it is refused; over-long
     rows keep the steps that fit (truncate) or are dropped."""
     examples = []
@@ -529,7 +534,7 @@ def stepwise_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, r
                 continue
             ids, (ends, labels) = ids[:spec.max_length], zip(*kept)
             report.truncated += 1
-        position_labels = [-100.0] * len(ids)
+        position_labels = [IGNORE_LABEL] * len(ids)
         for end, label in zip(ends, labels):
             position_labels[end] = label
         examples.append({"input_ids": ids, "labels": position_labels})

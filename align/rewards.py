@@ -82,14 +82,16 @@ class ProcessRewardModel:
         device = next(self.model.parameters()).device
         rows = [step_ids(self.tokenizer, prompt, [text for text, _ in self.steps(completion)], self.separator, self.chat)
                 for prompt, completion in zip(prompts, completions)]
+        from trl.trainer.utils import pad
+
         scores = []
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
             ids = [torch.tensor(row_ids, dtype=torch.long) for row_ids, _ in batch]
-            input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
-            mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
-            probs = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().softmax(-1)[..., 1]
-            scores += [probs[n, ends].cpu() for n, (_, ends) in enumerate(batch)]
+            logits = self.model(input_ids=pad(ids, padding_value=self.tokenizer.pad_token_id).to(device),
+                                attention_mask=pad([torch.ones_like(i) for i in ids]).to(device)).logits
+            probs = logits.float().softmax(-1)[..., 1].cpu()  # one copy per batch, as RewardModel returns its scores
+            scores += [probs[n, ends] for n, (_, ends) in enumerate(batch)]
         return scores
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:

@@ -194,10 +194,13 @@ def shared_reward_adapter(reward_path: str, policy_source: str, qlora: bool) -> 
     adapter = Path(reward_path) / "adapter"
     config = adapter / "adapter_config.json"
     manifest = Path(reward_path) / "align.json"
-    if not (config.is_file() and manifest.is_file()) or json.loads(manifest.read_text()).get("stage") != "rm":
+    if not (config.is_file() and manifest.is_file()):
+        return None
+    record = json.loads(manifest.read_text())
+    if record.get("stage") != "rm":
         return None  # a process reward model (align prm) scores steps: it loads as a model of its own
     base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
-    trained_4bit = json.loads(manifest.read_text()).get("config", {}).get("lora", {}).get("qlora", False)
+    trained_4bit = record.get("config", {}).get("lora", {}).get("qlora", False)
     same = Path(base).exists() and Path(base).resolve() == Path(policy_source).resolve() and trained_4bit == qlora
     return adapter if same else None
 

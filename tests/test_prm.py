@@ -209,3 +209,15 @@ def test_a_separator_that_is_not_tokens_of_its_own_is_refused(align, tiny_model,
         check_separator(Merging(), "\n")
     result = align("prm", "-m", "tiny", "-d", steps_file, "-o", tmp_path / "out", "--step-separator", "")
     assert result.code == 2 and not (tmp_path / "out").exists()
+
+
+def test_ppo_scores_with_a_prm_trained_on_its_own_base(align, trained_prm, ppo_prompts, tmp_path):
+    """A PRM trained as LoRA on the policy's base is not taken for a shared-base reward adapter (that
+    reads one score per sequence): it loads as a model of its own and scores in [0, 1]."""
+    out, _ = trained_prm
+    result = align("ppo", "-m", "tiny", "-p", ppo_prompts, "--reward-model", out, "--episodes", "8", "--batch-size", "8",
+                   "--max-new-tokens", "6", "--reward-aggregate", "prod", "-o", tmp_path / "ppo")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "ppo" / "align.json").read_text())
+    assert manifest["reward_on_shared_base"] is False and manifest["value_init"] == "scratch"
+    assert 0.0 <= manifest["metrics"]["score"] <= 1.0

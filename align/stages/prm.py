@@ -22,10 +22,9 @@ import torch
 from datasets import Dataset
 
 from align.config import PRMConfig
+from align.data import IGNORE_LABEL as IGNORE
 from align.data import load_stepwise_data
 from align.training import TrainerPlan, run_trainer
-
-IGNORE = -100.0  # the label of a position that is not the end of a step
 
 
 def run(config: PRMConfig) -> Path:
