@@ -393,6 +393,46 @@ class LabelConfig(JudgeQuestion, StageConfig):
         return self
 
 
+class StepSampling(SamplingSpec):
+    """Sampling for label-steps: the solutions to label, and the rollouts from each of their steps."""
+
+    num_samples: PositiveInt = Field(4, description="solutions sampled per prompt, each split into steps and labelled")
+    max_new_tokens: PositiveInt = Field(256, description="longest solution (and longest rollout from a step)")
+    temperature: PositiveFloat = Field(1.0, description="sampling temperature of solutions and rollouts")
+    batch_size: PositiveInt = Field(32, description="sequences per generation batch")
+
+
+class LabelStepsConfig(StageConfig):
+    """Step labels without humans (Math-Shepherd): each step of a policy's solutions labelled by whether
+    rollouts from it reach the right answer, or by a function that checks each step."""
+
+    stage: Literal["label-steps"] = Field("label-steps", description="the stage type")
+    prompts: DataSpec = Field(description="problems: a 'prompt' column, and any columns the answer function reads (say 'answer')")
+    answer_fn: str | None = Field(
+        None, description="MODULE:FUNCTION or FILE.py:FUNCTION, f(prompts, completions, **columns) -> list[bool]: "
+        "does each completed solution reach the right final answer"
+    )
+    step_fn: str | None = Field(
+        None, description="or f(prompts, steps, **columns) -> one list of labels (bool or number in [0, 1]) per solution: "
+        "checks each step itself, nothing rolled out"
+    )
+    rollouts: PositiveInt = Field(8, description="completions rolled out from each step to estimate its label")
+    labels: Literal["hard", "soft"] = Field(
+        "hard", description="hard: a step is correct when any rollout from it reaches the answer; soft: the share that do"
+    )
+    step_separator: str = Field("\n", min_length=1, description="what ends each step (as `align prm` reads the output)")
+    sampling: StepSampling = Field(default_factory=StepSampling, description="how solutions and rollouts are sampled")
+
+    def data_files(self) -> list[str]:
+        return [self.prompts.path]
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelStepsConfig:
+        if (self.answer_fn is None) == (self.step_fn is None):
+            raise ValueError("give one checker: --answer-fn (rollouts from each step, Math-Shepherd) or --step-fn (checks each step)")
+        return self
+
+
 class PPOSpec(Closed):
     """PPO's rollout, reward-shaping and update settings (InstructGPT's RL step)."""
 

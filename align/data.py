@@ -502,6 +502,17 @@ def step_ids(tokenizer, prompt: str | list, steps: list[str], separator: str, ch
     return ids, ends
 
 
+def split_steps(text: str, separator: str) -> list[tuple[str, int]]:
+    """A solution's steps, each with the index in `text` one past its last character. Empty pieces
+    (as between two separators, or after the last one) are not steps."""
+    found, at = [], 0
+    for piece in text.split(separator):
+        if piece.strip():
+            found.append((piece, at + len(piece)))
+        at += len(piece) + len(separator)
+    return found
+
+
 def check_separator(tokenizer, separator: str) -> None:
     """The separator must be tokens of its own that decode back to it."""
     ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []

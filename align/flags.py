@@ -78,7 +78,7 @@ class Flag:
             if not self.off:
                 return None  # an on-only flag: its absence is the default
             return self.names[0].lstrip("-") if default else self.off.lstrip("-")
-        return str(default)
+        return repr(default) if isinstance(default, str) and not default.isprintable() else str(default)  # "\\n", not a line break
 
 
 def flag(key: str, *names: str, help: str = "", off: str = "") -> Flag:

@@ -103,16 +103,21 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prompts: list[Any], sampling: SamplingSpec, chat: bool, progress=None) -> list[list[Completion]]:
-    """`sampling.num_samples` completions per prompt, in prompt order.
+    """`sampling.num_samples` completions per prompt, in prompt order (see sample_ids)."""
+    return sample_ids(model, tokenizer, [prompt_ids(tokenizer, p, chat) for p in prompts], sampling, progress)
+
+
+@torch.no_grad()
+def sample_ids(model, tokenizer, inputs: list[list[int]], sampling: SamplingSpec, progress=None) -> list[list[Completion]]:
+    """`sampling.num_samples` completions continuing each token-id input, in input order.
 
     Each batch is seeded from (seed, batch index), so a run is reproducible for a given batch size.
     """
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
-    requests = [(i, prompt_ids(tokenizer, p, chat)) for i, p in enumerate(prompts) for _ in range(sampling.num_samples)]
-    results: list[list[Completion]] = [[] for _ in prompts]
+    requests = [(i, ids) for i, ids in enumerate(inputs) for _ in range(sampling.num_samples)]
+    results: list[list[Completion]] = [[] for _ in inputs]
     settings = dict(
         do_sample=sampling.temperature > 0, max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature if sampling.temperature > 0 else 1.0,

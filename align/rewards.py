@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from align.config import LoraSpec, ModelSpec
-from align.data import as_messages, step_ids
+from align.data import as_messages, split_steps, step_ids
 from align.errors import ConfigError, DataError, ModelError
 from align.models import load_model, load_tokenizer, resolve_model
 
@@ -67,14 +67,8 @@ class ProcessRewardModel:
         self.name = spec.path
 
     def steps(self, completion: str) -> list[tuple[str, int]]:
-        """The completion's steps, each with the index in it one past its last character (empty pieces,
-        as between two separators, are not steps)."""
-        found, at = [], 0
-        for piece in completion.split(self.separator):
-            if piece.strip():
-                found.append((piece, at + len(piece)))
-            at += len(piece) + len(self.separator)
-        return found
+        """The completion's steps, each with the index in it one past its last character."""
+        return split_steps(completion, self.separator)
 
     @torch.no_grad()
     def step_scores(self, prompts: list, completions: list[str]) -> list[torch.Tensor]:
@@ -236,17 +230,17 @@ class RewardFunction:
         return ""
 
 
-def load_function(reference: str) -> Callable:
-    """`package.module:function` or `path/to/file.py:function` -> the function."""
+def load_function(reference: str, what: str = "reward function") -> Callable:
+    """`package.module:function` or `path/to/file.py:function` -> the function (`what` names it in errors)."""
     module_name, sep, attribute = reference.rpartition(":")
     if not sep or not module_name or not attribute:
-        raise ConfigError(f"reward function {reference!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+        raise ConfigError(f"{what} {reference!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
-                raise ConfigError(f"reward function {reference!r}: file {path} not found")
-            spec = importlib.util.spec_from_file_location(f"align_user_reward_{path.stem}", path)
+                raise ConfigError(f"{what} {reference!r}: file {path} not found")
+            spec = importlib.util.spec_from_file_location(f"align_user_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
@@ -254,8 +248,8 @@ def load_function(reference: str) -> Callable:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"reward function {reference!r}: importing it failed ({exc.__class__.__name__}: {exc})") from None
+        raise ConfigError(f"{what} {reference!r}: importing it failed ({exc.__class__.__name__}: {exc})") from None
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise ConfigError(f"reward function {reference!r}: {module_name} has no function {attribute!r}")
+        raise ConfigError(f"{what} {reference!r}: {module_name} has no function {attribute!r}")
     return function

@@ -18,7 +18,8 @@ RUN_OPTIONS = {"config", "stage", "set_", "resume", "overwrite", "num_processes"
 REQUIRED = {"model.path": "m", "output": "out", "data.path": "d.jsonl", "prompts.path": "p.jsonl"}
 EXTRA = {"label": {"judge": "j", "pairs.path": "pairs.jsonl", "question": "q"}, "ppo": {"reward_fn": "r.py:f", "question": "q"},
          "grpo": {"reward_fns": ["r.py:f"], "question": "q"}, "rloo": {"reward_fns": ["r.py:f"], "question": "q"},
-         "eval": {"question": "q", "prompts.path": "p.jsonl"}, "best-of-n": {"reward_fn": "r.py:f", "question": "q"}}
+         "eval": {"question": "q", "prompts.path": "p.jsonl"}, "best-of-n": {"reward_fn": "r.py:f", "question": "q"},
+         "label-steps": {"answer_fn": "a.py:f"}}
 
 
 def _commands() -> dict[str, click.Command]:

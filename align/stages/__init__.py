@@ -152,6 +152,17 @@ _ENTRIES = (
         trains=False,
     ),
     Stage(
+        "label-steps", schema.LabelStepsConfig,
+        "Step labels without humans (Math-Shepherd): a policy's solutions split into steps, each step labelled by whether "
+        "rollouts from it reach the right answer (--answer-fn), or by a function that checks each step (--step-fn).\n\n"
+        "Writes stepwise rows (prompt, completions = the steps, labels) ready for `align prm`.",
+        (flag("model.path", "--policy", "-m", help="the policy whose solutions are labelled: local dir, stage output or built-in name"),
+         PROMPTS, OUTPUT, flag("answer_fn", "--answer-fn"), flag("step_fn", "--step-fn"),
+         flag("rollouts", "--rollouts"), flag("labels", "--labels"), flag("step_separator", "--step-separator"), *SAMPLING,
+         flag("model.dtype", "--dtype")),
+        output=".jsonl", output_help="Output JSONL of stepwise rows (prompt, completions, labels).", trains=False,
+    ),
+    Stage(
         "best-of-n", schema.BestOfNConfig,
         "Rejection sampling: n samples per prompt, scored by one reward; the best kept for SFT, best vs worst as pairs.\n\n"
         "Writes best.jsonl (-> align sft), pairs.jsonl with margins (-> align rm / dpo) and samples.jsonl; the "
