@@ -464,6 +464,10 @@ class PPOSpec(Closed):
     eval_every: PositiveInt | None = Field(None, description="score held-out prompts every N updates")
     score_batch_size: PositiveInt = Field(16, description="responses per reward-model batch")
     reward_in_4bit: bool = Field(False, description="load a separate reward model in 4-bit NF4 (bitsandbytes)")
+    process_rewards: Literal["dense", "final"] = Field(
+        "dense", description="with a process reward model: dense puts each step's score on the response token that ends the "
+        "step; final scores the whole response once, aggregated as reward_aggregate says"
+    )
 
 
 class PPOConfig(OneReward, StageConfig):

@@ -213,6 +213,19 @@ def row_seed(seed: int, step: int, row: int) -> int:
     return (seed * 1_000_003 + step) * 1_000_033 + row
 
 
+def token_ends(tokenizer, tokens: list[int], char_ends: list[int]) -> list[int]:
+    """For each character offset e in the decoded text of `tokens` (one past a character), the index
+    of the token whose decoding reaches it: where a piece of text that ends at e ends in tokens."""
+    if not char_ends:
+        return []
+    lengths, reach = [], max(char_ends)
+    for index in range(len(tokens)):
+        lengths.append(len(tokenizer.decode(tokens[:index + 1], skip_special_tokens=True)))
+        if lengths[-1] >= reach:
+            break
+    return [next((i for i, length in enumerate(lengths) if length >= end), len(lengths) - 1) for end in char_ends]
+
+
 def sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt + response as one (B, P + T) batch; positions count real tokens only (left padding)."""
     input_ids = torch.cat([rollout.query, rollout.response], dim=1)

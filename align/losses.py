@@ -84,10 +84,14 @@ def shaped_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -kl_coef * KL on every response token, plus the score on the last one.
 
-    scores (B,), kl and mask (B, T). Returns (rewards, non_score_rewards), both (B, T).
-    InstructGPT eq. 2 (Ouyang et al. 2022), per token as in Ziegler et al. 2019.
+    scores (B,), or (B, T) for dense rewards (a process reward model's step scores, each on the
+    token that ends its step), added where they stand; kl and mask (B, T). Returns (rewards,
+    non_score_rewards), both (B, T). InstructGPT eq. 2 (Ouyang et al. 2022), per token as in
+    Ziegler et al. 2019.
     """
     non_score = -kl_coef * kl * mask
+    if scores.dim() == 2:
+        return non_score + scores.to(non_score.device) * mask, non_score
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # (B,)
     rewards = non_score.clone()
     rewards[torch.arange(len(scores), device=rewards.device), last] += scores.to(rewards.device)
@@ -192,7 +196,15 @@ class RunningMoments:
         self.mean, self.var, self.count = 0.0, 1.0, 1e-24
 
     def update(self, x: torch.Tensor) -> None:
-        batch_mean, batch_var, batch_count = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        self.update_batch(x.numel(), x.mean().item(), x.var(unbiased=False).item())
+
+    def update_sums(self, count: float, total: float, total_squares: float) -> None:
+        """The same update from a batch's count, sum and sum of squares (which add up over processes)."""
+        if count:
+            mean = total / count
+            self.update_batch(count, mean, max(total_squares / count - mean**2, 0.0))
+
+    def update_batch(self, batch_count: float, batch_mean: float, batch_var: float) -> None:
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean += delta * batch_count / total

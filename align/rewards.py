@@ -70,12 +70,17 @@ class ProcessRewardModel:
         """The completion's steps, each with the index in it one past its last character."""
         return split_steps(completion, self.separator)
 
-    @torch.no_grad()
     def step_scores(self, prompts: list, completions: list[str]) -> list[torch.Tensor]:
         """Each completion's step scores, P(correct) per step in order ((0,) for a completion with none)."""
+        return [scores for scores, _ in self.scored_steps(prompts, completions)]
+
+    @torch.no_grad()
+    def scored_steps(self, prompts: list, completions: list[str]) -> list[tuple[torch.Tensor, list[int]]]:
+        """Each completion's step scores with where each step ends in it (one past its last character)."""
         device = next(self.model.parameters()).device
-        rows = [step_ids(self.tokenizer, prompt, [text for text, _ in self.steps(completion)], self.separator, self.chat)
-                for prompt, completion in zip(prompts, completions)]
+        split = [self.steps(completion) for completion in completions]
+        rows = [step_ids(self.tokenizer, prompt, [text for text, _ in steps], self.separator, self.chat)
+                for prompt, steps in zip(prompts, split)]
         from trl.trainer.utils import pad
 
         scores = []
@@ -86,7 +91,7 @@ class ProcessRewardModel:
                                 attention_mask=pad([torch.ones_like(i) for i in ids]).to(device)).logits
             probs = logits.float().softmax(-1)[..., 1].cpu()  # one copy per batch, as RewardModel returns its scores
             scores += [probs[n, ends] for n, (_, ends) in enumerate(batch)]
-        return scores
+        return [(row_scores, [end for _, end in steps]) for row_scores, steps in zip(scores, split)]
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
         return torch.stack([aggregate_steps(steps, self.aggregate) for steps in self.step_scores(prompts, completions)])

@@ -76,6 +76,23 @@ def test_shaped_rewards_put_the_score_on_the_last_real_token():
     assert rewards[0].tolist() == approx([-0.05, 1.9, 0.0])
 
 
+def test_dense_rewards_stand_where_they_are_put():
+    # Process rewards .9 on token 0 and .4 on token 2, plus the same KL penalty; the masked token gets nothing.
+    scores = torch.tensor([[0.9, 0.0, 0.4, 7.0]])
+    rewards, non_score = losses.shaped_rewards(scores, t([0.1, 0.2, 0.3, 0.4]), t([1, 1, 1, 0.0]), kl_coef=0.5)
+    assert non_score[0].tolist() == approx([-0.05, -0.1, -0.15, 0.0])
+    assert rewards[0].tolist() == approx([0.85, -0.1, 0.25, 0.0])
+
+
+def test_running_moments_from_sums_match_the_batch_update():
+    x = torch.tensor([1.0, 2.0, 4.0, 7.0])
+    by_batch, by_sums = losses.RunningMoments(), losses.RunningMoments()
+    by_batch.update(x)
+    by_sums.update_sums(4, 14.0, 70.0)  # mean 3.5, var 70/4 - 3.5^2 = 5.25
+    assert (by_sums.mean, by_sums.var) == approx((3.5, 5.25))
+    assert (by_batch.mean, by_batch.var) == approx((3.5, 5.25))
+
+
 def test_whitening():
     # [1,2,3,4]: mean 2.5, unbiased var 5/3, std 1.290994
     x = losses.masked_whiten(t([1, 2, 3, 4.0]), t([1, 1, 1, 1.0]))

@@ -216,8 +216,76 @@ def test_ppo_scores_with_a_prm_trained_on_its_own_base(align, trained_prm, ppo_p
     reads one score per sequence): it loads as a model of its own and scores in [0, 1]."""
     out, _ = trained_prm
     result = align("ppo", "-m", "tiny", "-p", ppo_prompts, "--reward-model", out, "--episodes", "8", "--batch-size", "8",
-                   "--max-new-tokens", "6", "--reward-aggregate", "prod", "-o", tmp_path / "ppo")
+                   "--max-new-tokens", "6", "--reward-aggregate", "prod", "--process-rewards", "final", "-o", tmp_path / "ppo")
     assert result.code == 0, result.err
     manifest = json.loads((tmp_path / "ppo" / "align.json").read_text())
     assert manifest["reward_on_shared_base"] is False and manifest["value_init"] == "scratch"
+    assert manifest["dense_process_rewards"] is False
     assert 0.0 <= manifest["metrics"]["score"] <= 1.0
+
+
+def test_token_ends_find_the_token_that_ends_each_piece(tiny_model):
+    from align.config import ModelSpec
+    from align.generation import token_ends
+    from align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSpec(path="tiny"), str(tiny_model))
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    first, newline, second = encode("2 + 3 = 5"), encode("\n"), encode("so 5")
+    tokens = first + newline + second + [tokenizer.eos_token_id]
+    # "2 + 3 = 5" ends at character 9, "so 5" at 14: the last token of each piece (never the EOS after them).
+    assert token_ends(tokenizer, tokens, [9, 14]) == [len(first) - 1, len(first) + len(newline) + len(second) - 1]
+    assert token_ends(tokenizer, tokens, []) == []
+
+
+def test_dense_process_rewards_by_hand(tiny_model):
+    """Each step's score on the token that ends it; a response that never ended pays the EOS penalty on its last token."""
+    from align.config import ModelSpec
+    from align.data import split_steps
+    from align.generation import Rollout
+    from align.models import load_tokenizer
+    from align.stages.ppo import _step_rewards
+
+    tokenizer = load_tokenizer(ModelSpec(path="tiny"), str(tiny_model))
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    class StepScores:  # a PRM that scores the steps it is shown 0.9, 0.4, ... (as ProcessRewardModel splits them)
+        def scored_steps(self, prompts, completions):
+            return [(torch.tensor([0.9, 0.4, 0.3][:len(steps)]) if len(steps) > 1 else torch.tensor([0.3]),
+                     [end for _, end in steps]) for steps in (split_steps(c, "\n") for c in completions)]
+
+    first, newline, second, single = encode("2 + 3 = 5"), encode("\n"), encode("so 5"), encode("7 bad")
+    finished_row = first + newline + second + [tokenizer.eos_token_id]
+    width = len(finished_row)
+    unfinished_row = single + [tokenizer.pad_token_id] * (width - len(single))
+    response = torch.tensor([finished_row, unfinished_row])
+    mask = torch.tensor([[1] * width, [1] * len(single) + [0] * (width - len(single))])
+    rollout = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), response, mask,
+                      torch.zeros(2, width), torch.tensor([True, False]))
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(response.tolist(), mask.sum(1).tolist())]
+    assert texts == ["2 + 3 = 5\nso 5", "7 bad"]
+    rewards, placed = _step_rewards(StepScores(), tokenizer, ["p", "p"], texts, rollout, eos_penalty=0.25)
+    expected = torch.zeros(2, width)
+    expected[0, len(first) - 1] = 0.9
+    expected[0, len(first) + len(newline) + len(second) - 1] = 0.4
+    expected[1, len(single) - 1] = 0.3 - 0.25
+    assert torch.allclose(rewards, expected)
+    assert placed.tolist() == (expected != 0).tolist()
+
+
+def test_ppo_with_dense_process_rewards_sums_the_step_scores(align, trained_prm, ppo_prompts, tmp_path):
+    """The logged score of each sampled response is the sum of the PRM's scores of its steps."""
+    from align.config import ModelSpec
+    from align.rewards import ProcessRewardModel
+
+    out, _ = trained_prm
+    result = align("ppo", "-m", "tiny", "-p", ppo_prompts, "--reward-model", out, "--episodes", "16", "--batch-size", "8",
+                   "--max-new-tokens", "12", "--set", "ppo.sample_every=1", "-o", tmp_path / "ppo")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "ppo" / "align.json").read_text())
+    assert manifest["dense_process_rewards"] is True
+    samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
+    prm = ProcessRewardModel(ModelSpec(path=str(out)))
+    sums = [float(s.sum()) for s in prm.step_scores([s["prompt"] for s in samples], [s["completion"] for s in samples])]
+    assert sum(1 for s in prm.step_scores([x["prompt"] for x in samples], [x["completion"] for x in samples]) if len(s) > 1)
+    assert [s["score"] for s in samples] == pytest.approx(sums, abs=1e-4)

@@ -6,7 +6,8 @@ One update (the numbered steps in run()):
                  pass (in bf16/fp16 they are recomputed: see _sampling_is_exact)
   2. score       the reward on prompt + response text, normalised and clipped if asked
   3. advantages  reference log-probs and values (one forward each, on response positions only); the
-                 per-token KL penalty, the score on the last token; GAE advantages, whitened
+                 per-token KL penalty, the score on the last token (a process reward model's step
+                 scores on the tokens that end the steps); GAE advantages, whitened
   4. update      ppo_epochs over shuffled mini-batches: clipped policy loss, clipped value loss
   5. log, save   the schedules' steps, metrics (held-out scores when due), samples, a checkpoint
 The math lives in align/losses.py; the models (one shared base with LoRA) in align/roles.py.
@@ -38,7 +39,7 @@ from align.errors import ConfigError, DataError, TrainingError
 from align.generation import ModelInputs, Rollout, model_inputs, prompt_ids, response_logits, response_values, sample_rollout
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.memory import peak_memory_mb
-from align.rewards import RewardModel, load_reward
+from align.rewards import ProcessRewardModel, RewardModel, load_reward
 from align.roles import Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
 from align.precision import autocast, compute_dtype, grad_scaler, weights_dtype
 from align.training import check_tracker
@@ -159,6 +160,7 @@ def run(config: PPOConfig) -> Path:
     run = Session(config, out, roles, tokenizer, prompts, held_out, reward, updates, global_batch, _tracker(config, out))
     baseline = _baseline(run, first)
 
+    dense = isinstance(reward, ProcessRewardModel) and ppo.process_rewards == "dense"
     metrics: dict[str, float] = {}
     progress = tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO))
     for step in progress:
@@ -171,9 +173,16 @@ def run(config: PPOConfig) -> Path:
         # 2. score: the reward on the decoded text, normalised over every process's scores
         completions = _decode(tokenizer, rollout)
         with _compute(config, roles):  # a reward model scores in the compute precision too
-            raw_scores = _score(reward, [prompts.raw[i] for i in picked], completions, rollout.finished, ppo.missing_eos_penalty)
-            all_scores = distributed.gather(raw_scores)
-            scores = _normalise(raw_scores, all_scores, state.moments, ppo)
+            asked = [prompts.raw[i] for i in picked]
+            if dense:  # (B, T): each step's score where the step ends; the logged score is their sum
+                step_rewards, placed = _step_rewards(reward, tokenizer, asked, completions, rollout, ppo.missing_eos_penalty)
+                raw_scores = step_rewards.sum(1)
+                all_scores = distributed.gather(raw_scores)
+                scores = _normalise_steps(step_rewards, placed, state.moments, ppo)
+            else:
+                raw_scores = _score(reward, asked, completions, rollout.finished, ppo.missing_eos_penalty)
+                all_scores = distributed.gather(raw_scores)
+                scores = _normalise(raw_scores, all_scores, state.moments, ppo)
             # 3. advantages: reference and value passes, the KL penalty, GAE
             batch = _score_batch(roles, rollout, scores, ppo, state.kl_controller.value, recompute=not _sampling_is_exact(config))
         scored = time.perf_counter()
@@ -193,7 +202,7 @@ def run(config: PPOConfig) -> Path:
     write_manifest(
         out, config=config, metrics={**metrics, **baseline, "peak_memory_mb": peak_memory_mb()}, started=started,
         data=asdict(report), lora=config.lora.enabled,
-        reward=getattr(reward, "name", ""), reward_on_shared_base=shared_reward is not None, value_init=value_source or "scratch",
+        reward=getattr(reward, "name", ""), dense_process_rewards=dense, reward_on_shared_base=shared_reward is not None, value_init=value_source or "scratch",
     )
     return out
 
@@ -388,6 +397,42 @@ def _score(reward, prompts: list, completions: list[str], finished: torch.Tensor
     if eos_penalty:
         scores = scores - eos_penalty * (~finished).float()
     return scores
+
+
+def _step_rewards(reward: ProcessRewardModel, tokenizer, prompts: list, completions: list[str], rollout: Rollout,
+                  eos_penalty: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense process rewards, (B, T): each step's score on the response token that ends the step (found
+    by decoding the response's tokens), 0 elsewhere; a response that never ends has eos_penalty taken
+    off its last token. With them, (B, T) bool: where a reward stands."""
+    rewards, placed = torch.zeros(rollout.response.shape), torch.zeros(rollout.response.shape, dtype=torch.bool)
+    lengths = rollout.response_mask.sum(1).tolist()
+    tokens = rollout.response.tolist()
+    for row, (scores, ends) in enumerate(reward.scored_steps(prompts, completions)):
+        if not torch.isfinite(scores).all():
+            raise TrainingError(f"the process reward model returned {scores.tolist()} for completion {completions[row]!r}; "
+                                "training stopped")
+        at = torch.tensor(generation.token_ends(tokenizer, tokens[row][:lengths[row]], ends), dtype=torch.long)
+        rewards[row].index_add_(0, at, scores.float())
+        placed[row, at] = True
+    if eos_penalty:
+        unfinished = (~rollout.finished.cpu()).nonzero().flatten()
+        last = (rollout.response_mask.sum(1) - 1).clamp(min=0).cpu()[unfinished]
+        rewards[unfinished, last] -= eos_penalty
+        placed[unfinished, last] = True
+    return rewards, placed
+
+
+def _normalise_steps(rewards: torch.Tensor, placed: torch.Tensor, moments: losses.RunningMoments, ppo: PPOSpec) -> torch.Tensor:
+    """Dense rewards normalised and clipped as scores are, reward by reward: the running moments are
+    those of every process's rewards where they stand."""
+    if ppo.reward_norm:
+        values = rewards[placed].double()
+        moments.update_sums(*distributed.all_sum(torch.stack([values.new_tensor(len(values)), values.sum(),
+                                                              (values**2).sum()])).tolist())
+        rewards = torch.where(placed, (rewards - moments.mean) / moments.std, rewards)
+    if ppo.reward_clip:
+        rewards = rewards.clamp(-ppo.reward_clip, ppo.reward_clip)
+    return rewards
 
 
 def _normalise(scores: torch.Tensor, all_scores: torch.Tensor, moments: losses.RunningMoments, ppo: PPOSpec) -> torch.Tensor:
