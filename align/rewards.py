@@ -61,8 +61,11 @@ class ProcessRewardModel:
         self.tokenizer = load_tokenizer(spec, source, padding_side="right")
         quantized = LoraSpec(enabled=True, qlora=True) if in_4bit else None
         self.model = load_model(spec, source, quantized, kind="process", pad_token_id=self.tokenizer.pad_token_id).eval()
-        self.separator = (read_manifest(Path(source)) or {}).get("step_separator", "\n")
-        self.aggregate, self.batch_size = aggregate, batch_size
+        manifest = read_manifest(Path(source)) or {}
+        self.separator = manifest.get("step_separator", "\n")
+        # Trained on last labels only (--last-step-only): an outcome model, read at the last step alone.
+        self.outcome_only = bool(manifest.get("last_step_only"))
+        self.aggregate, self.batch_size = ("last" if self.outcome_only else aggregate), batch_size
         self.chat = bool(self.tokenizer.chat_template)
         self.name = spec.path
 

@@ -289,3 +289,19 @@ def test_ppo_with_dense_process_rewards_sums_the_step_scores(align, trained_prm,
     sums = [float(s.sum()) for s in prm.step_scores([s["prompt"] for s in samples], [s["completion"] for s in samples])]
     assert sum(1 for s in prm.step_scores([x["prompt"] for x in samples], [x["completion"] for x in samples]) if len(s) > 1)
     assert [s["score"] for s in samples] == pytest.approx(sums, abs=1e-4)
+
+
+def test_an_outcome_model_is_read_at_its_last_step_and_gets_no_dense_rewards(align, steps_file, ppo_prompts, tmp_path):
+    from align.config import ModelSpec
+    from align.rewards import ProcessRewardModel
+
+    orm = tmp_path / "orm"
+    assert align("prm", "-m", "tiny", "-d", steps_file, "-o", orm, "--last-step-only", "--max-steps", "2").code == 0
+    model = ProcessRewardModel(ModelSpec(path=str(orm)), aggregate="min")
+    assert model.outcome_only and model.aggregate == "last"
+    [steps] = model.step_scores(["Solve problem 1."], ["step 1 good\nstep 2 bad"])
+    assert model(["Solve problem 1."], ["step 1 good\nstep 2 bad"]).item() == pytest.approx(steps[-1].item())
+    result = align("ppo", "-m", "tiny", "-p", ppo_prompts, "--reward-model", orm, "--episodes", "8", "--batch-size", "8",
+                   "--max-new-tokens", "6", "-o", tmp_path / "ppo")
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "ppo" / "align.json").read_text())["dense_process_rewards"] is False

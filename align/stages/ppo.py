@@ -160,7 +160,7 @@ def run(config: PPOConfig) -> Path:
     run = Session(config, out, roles, tokenizer, prompts, held_out, reward, updates, global_batch, _tracker(config, out))
     baseline = _baseline(run, first)
 
-    dense = isinstance(reward, ProcessRewardModel) and ppo.process_rewards == "dense"
+    dense = isinstance(reward, ProcessRewardModel) and not reward.outcome_only and ppo.process_rewards == "dense"
     metrics: dict[str, float] = {}
     progress = tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO))
     for step in progress:
