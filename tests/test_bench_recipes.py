@@ -1,5 +1,5 @@
-"""The sentiment benchmark's recipes are valid align recipes (their stages, keys and values), so a
-typo in bench/sentiment.py fails here, not an hour into a run."""
+"""The benchmarks' recipes are valid align recipes (their stages, keys and values), so a
+typo in bench/sentiment.py or bench/arith.py fails here, not an hour into a run."""
 
 from __future__ import annotations
 
@@ -30,3 +30,38 @@ def test_sentiment_recipes_validate(align, tmp_path, monkeypatch, plan):
     assert sum(n.startswith("dpo-b") for n in names) == len(chosen.dpo_betas)
     assert sum(n.startswith("ppo-kl") for n in names) == len(chosen.ppo_kl_coefs)
     assert sum(n.startswith("rs-samples-") for n in names) == chosen.rs_rounds
+
+
+def test_arith_checkers_by_hand():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from data import arith_tasks as tasks
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    prompt = tasks.INSTRUCTION.format(problem="Start with 7. Add 5. Multiply by 2. Subtract 3.")
+    right = ["7 + 5 = 12", "12 * 2 = 24", "24 - 3 = 21", "Answer: 21"]
+    assert tasks.solution_steps(7, [("Add", 5), ("Multiply by", 2), ("Subtract", 3)]) == right
+    assert tasks.right_steps([prompt], [right]) == [[True] * 4]
+    # One step off by 2, carried on: that step and every later one is wrong, and so is the answer.
+    twin = tasks.solution_steps(7, [("Add", 5), ("Multiply by", 2), ("Subtract", 3)], wrong_at=1, off=2)
+    assert twin == ["7 + 5 = 12", "12 * 2 = 26", "26 - 3 = 23", "Answer: 23"]
+    assert tasks.step_labels(prompt, twin) == [True, False, False, False]
+    assert tasks.step_labels(prompt, right + ["more"]) == [True] * 4 + [False]
+    assert tasks.right_answer([prompt] * 3, ["\n".join(right), "\n".join(twin), "21"]) == [True, False, False]
+
+
+def test_the_arith_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
+    """Every stage of bench/arith.py (sft, label-steps both ways, prm/orm, eval pairs, dense-PRM and ORM PPO) and its tables."""
+    import json
+    import subprocess
+
+    out = tmp_path / "arith.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "arith.py"), "--smoke", "--work", str(tmp_path / "work"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["stages_finished"] == "14 of 14"
+    assert set(results["best_of_n"]) == {"majority vote", "PRM min", "PRM prod", "ORM", "PRM-MS min", "PRM-MS prod",
+                                         "oracle (any right)"}
+    assert set(results["ppo"]) == {"ppo-prm", "ppo-orm"} and set(results["pairwise"]) == {"prm", "orm"}
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -177,3 +177,14 @@ def test_a_reward_model_is_not_a_policy(align, problems, checkers, tmp_path):
     result = align("label-steps", "--policy", prm, "-p", problems, "-o", out, "--answer-fn", f"{checkers}:even_e")
     assert_clean_failure(result, 4, "TokenClassification", "not a causal language model")
     assert not out.exists()
+
+
+def test_one_step_solutions_need_no_rollouts(align, problems, checkers, tmp_path):
+    """With a separator the tiny model never writes, every solution is one step: labelled by the answer alone."""
+    out = tmp_path / "steps.jsonl"
+    result = align("label-steps", "--policy", "tiny", "-p", problems, "-o", out, "-n", "2", "--rollouts", "3",
+                   "--max-new-tokens", "4", "--step-separator", "\n\n\n", "--answer-fn", f"{checkers}:even_e")
+    assert result.code == 0, result.err
+    rows = read_rows(out)
+    assert rows and all(len(r["completions"]) == 1 and r["labels"] == [r["correct"]] for r in rows)
+    assert json.loads(out.with_name(out.name + ".align.json").read_text())["metrics"]["rollouts"] == 0

@@ -165,6 +165,8 @@ class Checker:
         return [[bool(x) if _is_bool(x) else float(x) for x in value] for value in values]
 
     def _call(self, rows: list[dict], completions: list, numbers: list[int]) -> list:
+        if not completions:  # say, no solution of a chunk had a step to roll out from
+            return []
         try:
             values = self._apply(rows, completions)
         except Exception as exc:  # the user's code: say where it fails, not their traceback

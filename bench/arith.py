@@ -1,0 +1,337 @@
+"""Process supervision on CPU: Let's Verify Step by Step's Figure 3 (accuracy against N) on multi-step arithmetic.
+
+The task (bench/data/arith_tasks.py): "Start with 7. Add 5. Multiply by 2. Subtract 3.", worked one
+step a line, then "Answer: 21"; exact checkers for each step and for the answer.
+
+1. `align sft`: SmolLM2-135M-Instruct fine-tuned on clean solutions, briefly, so that its samples at
+   temperature 1 are right only part of the time (the policy every later part samples from).
+2. `align label-steps` on the policy's own samples: exact step labels (--step-fn) on training
+   problems, Math-Shepherd labels (--answer-fn, rollouts from every step) on fewer, and exact
+   labels on 16 samples of every held-out problem (the best-of-N pools).
+3. `align prm` from the policy: a PRM on exact labels, an ORM on the same rows' last labels
+   (--last-step-only: is the answer right), and a PRM on Math-Shepherd labels.
+4. Best-of-N on held-out problems for N = 1..16 (disjoint groups of each pool): majority vote over
+   final answers, ORM, PRM (min and prod), and the oracle (any right); the PRMs' step AUROC against
+   exact labels; `align eval --pairs` on correct-vs-one-wrong-step twins (pairwise accuracy).
+5. `align ppo` from the policy with the PRM's dense step rewards against PPO with the ORM, the
+   same budget; `align eval` accuracy of each at temperature 1.
+
+    pip install -e .[bench]
+    python bench/arith.py            # bench/results/arith.json + .png
+    python bench/arith.py --table    # tabulate what has finished; run nothing
+
+Rerunning skips finished stages (align run's own skip rule), so a run that was stopped continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from data import arith_tasks as tasks  # noqa: E402
+
+from align.checkpoints import is_complete, read_manifest  # noqa: E402
+from align.stages import STAGES  # noqa: E402
+
+CHECKS = HERE / "data" / "arith_tasks.py"
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str = "arith"
+    model: str = "smollm2-135m-instruct"
+    max_new_tokens: int = 64
+    sft_problems: int = 1000
+    sft_steps: int = 120
+    operations: tuple[int, ...] = (3, 4)
+    prm_problems: int = 256  # exact labels: 4 samples each
+    ms_problems: int = 48  # Math-Shepherd labels: 2 samples each, `rollouts` from every step
+    rollouts: int = 4
+    test_problems: int = 96  # 16 samples each: the best-of-N pools
+    best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
+    prm_epochs: float = 2.0
+    ppo_episodes: int = 256
+
+
+PLAN = Plan()
+# Every stage on the tiny built-in model, in a minute: what CI runs to keep this script working.
+SMOKE = replace(PLAN, name="arith-smoke", model="tiny", max_new_tokens=16, sft_problems=16, sft_steps=2, prm_problems=4,
+                ms_problems=2, rollouts=2, test_problems=4, best_of=(1, 2, 4), prm_epochs=1.0, ppo_episodes=16)
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def prepare_data(work: Path, plan: Plan) -> None:
+    """Disjoint problem sets (SFT, PRM labels, Math-Shepherd labels, PPO, test) and the test's twin pairs."""
+    rng = random.Random(0)
+    sizes = {"sft": plan.sft_problems, "prm": plan.prm_problems, "ms": plan.ms_problems, "ppo": 128,
+             "test": plan.test_problems}
+    seen: set[str] = set()
+    sets: dict[str, list] = {}
+    for split, size in sizes.items():
+        sets[split] = []
+        while len(sets[split]) < size:
+            text, ops, start = tasks.problem(rng, rng.choice(plan.operations))
+            if text not in seen:
+                seen.add(text)
+                sets[split].append((tasks.INSTRUCTION.format(problem=text), ops, start))
+    data = work / "data"
+    write_jsonl(data / "sft.jsonl", [{"prompt": p, "completion": "\n".join(tasks.solution_steps(start, ops))}
+                                      for p, ops, start in sets["sft"]])
+    for split in ("prm", "ms", "ppo", "test"):
+        write_jsonl(data / f"{split}_prompts.jsonl", [{"prompt": p} for p, _, _ in sets[split]])
+    pairs = []  # a right solution above its twin with one step off by 1 to 3 (carried on after)
+    for p, ops, start in sets["test"]:
+        wrong_at = rng.randrange(len(ops))
+        off = rng.choice([-3, -2, -1, 1, 2, 3])
+        pairs.append({"prompt": p, "chosen": "\n".join(tasks.solution_steps(start, ops)),
+                      "rejected": "\n".join(tasks.solution_steps(start, ops, wrong_at, off))})
+    write_jsonl(data / "test_pairs.jsonl", pairs)
+
+
+def recipe(plan: Plan) -> dict:
+    answer, steps_fn = f"{CHECKS}:right_answer", f"{CHECKS}:right_steps"
+    solving = {"max_new_tokens": plan.max_new_tokens, "temperature": 1.0, "batch_size": 64}
+
+    def label(name: str, prompts: str, samples: int, seed: int, **checker) -> dict:
+        return {"name": name, "stage": "label-steps", "from": "sft", "prompts": f"data/{prompts}_prompts.jsonl", **checker,
+                "sampling": {**solving, "num_samples": samples, "seed": seed}}
+
+    def prm(name: str, data_from: str, **extra) -> dict:
+        return {"name": name, "stage": "prm", "from": "sft", "data_from": data_from, **extra,
+                "train": {"epochs": plan.prm_epochs, "batch_size": 8, "learning_rate": 1.0e-3, "lr_scheduler": "linear"}}
+
+    def ppo(name: str, reward: str) -> list[dict]:
+        return [
+            {"name": name, "stage": "ppo", "from": "sft", "reward_from": reward, "prompts": "data/ppo_prompts.jsonl",
+             "train": {"batch_size": 16, "learning_rate": 1.0e-4, "lr_scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 4},
+             "ppo": {"episodes": plan.ppo_episodes, "mini_batches": 2, "ppo_epochs": 1, "max_new_tokens": plan.max_new_tokens,
+                     "temperature": 1.0, "kl_coef": 0.05, "whiten_advantages": True, "sample_every": 4}},
+            evaluate(f"eval-{name}", name),
+        ]
+
+    def evaluate(name: str, arm: str) -> dict:
+        return {"name": name, "stage": "eval", "from": arm, "prompts": "data/test_prompts.jsonl",  # KL to what it started from
+                "reward_fns": [f"{CHECKS}:answer_reward"], "sampling": {**solving, "num_samples": 2, "seed": 7}}
+
+    stages = [
+        {"name": "sft", "stage": "sft", "data": "data/sft.jsonl",
+         "train": {"max_steps": plan.sft_steps, "batch_size": 8, "learning_rate": 1.0e-3, "lr_scheduler": "cosine",
+                   "warmup_ratio": 0.05}},
+        evaluate("eval-sft", "sft"),
+        label("steps-prm", "prm", 4, 1, step_fn=steps_fn),
+        label("steps-test", "test", max(plan.best_of), 2, step_fn=steps_fn),
+        prm("prm", "steps-prm"),
+        prm("orm", "steps-prm", last_step_only=True),
+        {"name": "pairs-prm", "stage": "eval", "from": "prm", "pairs": "data/test_pairs.jsonl"},
+        {"name": "pairs-orm", "stage": "eval", "from": "orm", "pairs": "data/test_pairs.jsonl"},
+        label("steps-ms", "ms", 2, 3, answer_fn=answer, rollouts=plan.rollouts),
+        prm("prm-ms", "steps-ms"),
+        *ppo("ppo-prm", "prm"),
+        *ppo("ppo-orm", "orm"),
+    ]
+    return {"name": plan.name, "output_dir": "runs", "model": plan.model, "lora": LORA,
+            "data": {"max_length": 256, "eval_fraction": 0.0}, "stages": stages}
+
+
+def align_run(config: dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    print("$ align run", path, "--resume", flush=True)
+    subprocess.run([sys.executable, "-m", "align", "run", str(path), "--resume"], check=True, cwd=path.parent)
+
+
+def seconds(runs: Path, name: str, kind: str) -> float:
+    return read_manifest(STAGES[kind].output_path(runs, name))["duration_s"]
+
+
+def pools(runs: Path) -> dict[str, list[dict]]:
+    """The held-out problems' 16 solutions each, in sampling order, with their exact step labels."""
+    by_prompt: dict[str, list[dict]] = {}
+    for row in read_jsonl(runs / "steps-test.jsonl"):
+        row["correct"] = tasks.right_answer([row["prompt"]], ["\n".join(row["completions"])])[0]
+        by_prompt.setdefault(row["prompt"] if isinstance(row["prompt"], str) else json.dumps(row["prompt"]), []).append(row)
+    return by_prompt
+
+
+def score_pools(runs: Path, by_prompt: dict[str, list[dict]], models: list[str]) -> None:
+    """Each solution's step scores by each reward model, stored on the rows."""
+    from align.config import ModelSpec
+    from align.rewards import ProcessRewardModel
+
+    rows = [row for solutions in by_prompt.values() for row in solutions]
+    texts = ["\n".join(row["completions"]) for row in rows]
+    for name in models:
+        scorer = ProcessRewardModel(ModelSpec(path=str(runs / name)), batch_size=32)
+        for row, scores in zip(rows, scorer.step_scores([row["prompt"] for row in rows], texts)):
+            row[name] = scores.tolist()
+
+
+def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -> dict[str, dict[int, float]]:
+    """Accuracy of each selection method at each N: the mean over disjoint groups of N of each pool."""
+    import math
+
+    def answer(row) -> int | None:
+        return tasks.final_answer("\n".join(row["completions"]))
+
+    pickers = {
+        "majority vote": None,
+        **{"ORM" if m == "orm" else f"{m.upper()} {how}": (m, how) for m in models for how in (("last",) if m == "orm" else ("min", "prod"))},
+    }
+    curves: dict[str, dict[int, float]] = {name: {} for name in [*pickers, "oracle (any right)"]}
+    for n in plan.best_of:
+        hits: dict[str, list[bool]] = {name: [] for name in curves}
+        for solutions in by_prompt.values():
+            for g in range(len(solutions) // n):
+                group = solutions[g * n:(g + 1) * n]
+                hits["oracle (any right)"].append(any(r["correct"] for r in group))
+                for name, picker in pickers.items():
+                    if picker is None:  # the most common final answer; ties to the first sampled
+                        votes = Counter(a for a in map(answer, group) if a is not None)
+                        top = votes.most_common(1)[0][0] if votes else None
+                        hits[name].append(top is not None and any(r["correct"] and answer(r) == top for r in group))
+                        continue
+                    model, how = picker
+                    value = (lambda s: s[-1]) if how == "last" else min if how == "min" else math.prod
+                    pick = max(group, key=lambda r: value(r[model]) if r[model] else 0.0)
+                    hits[name].append(bool(pick["correct"]))
+        for name in curves:
+            curves[name][n] = statistics.fmean(hits[name])
+    return curves
+
+
+def step_auroc(by_prompt: dict[str, list[dict]], models: list[str], ms_rows: list[dict] | None) -> dict:
+    """Each PRM's steps' AUROC against exact labels on the held-out pools (and the Math-Shepherd labels'
+    own agreement with the exact ones on the rows they were made for)."""
+    import torch
+
+    from align.rewards import step_metrics
+
+    rows = [row for solutions in by_prompt.values() for row in solutions]
+    out = {m: step_metrics([torch.tensor(r[m]) for r in rows], [r["labels"] for r in rows]) for m in models if m != "orm"}
+    if ms_rows:
+        exact = [tasks.step_labels(r["prompt"], r["completions"]) for r in ms_rows]
+        out["math-shepherd labels vs exact"] = step_metrics([torch.tensor([float(x) for x in r["labels"]]) for r in ms_rows], exact)
+    return out
+
+
+def collect(work: Path, plan: Plan, config: dict) -> dict:
+    runs = work / "runs"
+    kinds = {s["name"]: s["stage"] for s in config["stages"]}
+    done = {name: kind for name, kind in kinds.items() if is_complete(STAGES[kind].output_path(runs, name))}
+    cost = {name: round(seconds(runs, name, kind), 1) for name, kind in done.items()}
+    results: dict = {"plan": plan.__dict__, "stage_seconds": cost, "stages_finished": f"{len(done)} of {len(kinds)}"}
+    if "eval-sft" in done:
+        results["policy_accuracy"] = json.loads((runs / "eval-sft.json").read_text())[f"reward/{CHECKS}:answer_reward/mean"]
+    if "steps-test" in done:
+        by_prompt = pools(runs)
+        models = [m for m in ("prm", "orm", "prm-ms") if m in done]
+        score_pools(runs, by_prompt, models)
+        results["best_of_n"] = best_of_n(by_prompt, plan, models)
+        ms_rows = read_jsonl(runs / "steps-ms.jsonl") if "steps-ms" in done else None
+        results["step_auroc"] = step_auroc(by_prompt, models, ms_rows)
+        results["pool_accuracy"] = statistics.fmean(r["correct"] for s in by_prompt.values() for r in s)
+    results["pairwise"] = {m: json.loads((runs / f"pairs-{m}.json").read_text())["pairs"]
+                           for m in ("prm", "orm") if f"pairs-{m}" in done}
+    results["ppo"] = {}
+    for arm in ("ppo-prm", "ppo-orm"):
+        if f"eval-{arm}" in done:
+            metrics = json.loads((runs / f"eval-{arm}.json").read_text())
+            results["ppo"][arm] = {"accuracy": metrics[f"reward/{CHECKS}:answer_reward/mean"],
+                                   "start_accuracy": metrics[f"reward/{CHECKS}:answer_reward/reference_mean"],
+                                   "kl": metrics["kl"], "length": metrics["response_length"], "minutes": cost[arm] / 60}
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (name, curve), marker in zip(results.get("best_of_n", {}).items(), "os^vDPX*"):
+        ns = sorted(int(n) for n in curve)
+        ax.plot(ns, [100 * curve[n] for n in ns], marker=marker, label=name,
+                linestyle=":" if name.startswith("oracle") else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N = solutions per problem (log scale)")
+    ax.set_ylabel("% of held-out problems solved")
+    ax.set_title("Best-of-N on multi-step arithmetic, SmolLM2-135M")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(results: dict) -> str:
+    curves = results.get("best_of_n", {})
+    if not curves:
+        return "(no best-of-N pools yet)"
+    ns = sorted(int(n) for n in next(iter(curves.values())))
+    lines = ["| selection | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
+    for name, curve in curves.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * curve[n]:.1f}" for n in ns) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", help="work dir (data, recipe, stage outputs); default runs/arith")
+    parser.add_argument("--table", action="store_true", help="tabulate and plot the stages finished so far; run nothing")
+    parser.add_argument("--out", help="results JSON (the plot beside it); default bench/results/arith.json")
+    parser.add_argument("--smoke", action="store_true", help="every stage on the tiny built-in model, in a minute (CI runs it)")
+    args = parser.parse_args()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        sys.exit(f"bench/arith.py needs {error.name}: pip install -e '.[bench]'")
+    plan = SMOKE if args.smoke else PLAN
+    work = Path(args.work or f"runs/{plan.name}").resolve()
+    out = Path(args.out or HERE / "results" / f"{plan.name}.json")
+    started = time.time()
+    config = recipe(plan)
+    if not args.table:
+        prepare_data(work, plan)
+        align_run(config, work / "arms.yaml")
+    results = {**collect(work, plan, config), "this_invocation_seconds": round(time.time() - started, 1)}
+    results["total_stage_minutes"] = round(sum(results["stage_seconds"].values()) / 60, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot(results, out.with_suffix(".png"))
+
+    if "policy_accuracy" in results:
+        print(f"\npolicy (SFT) accuracy at temperature 1: {results['policy_accuracy']:.3f}; "
+              f"pools: {results.get('pool_accuracy', float('nan')):.3f}")
+    print(table(results))
+    for name, metrics in results.get("step_auroc", {}).items():
+        print(f"{name}: step AUROC {metrics['auroc']}, step accuracy {metrics['step_accuracy']:.3f}, "
+              f"first-error accuracy {metrics['first_error_accuracy']:.3f} ({metrics['steps']} steps)")
+    for name, pairs in results["pairwise"].items():
+        print(f"{name}: correct above its one-wrong-step twin in {pairs['accuracy']:.3f} of {pairs['count']} pairs")
+    for arm, a in results["ppo"].items():
+        print(f"{arm}: accuracy {a['start_accuracy']:.3f} -> {a['accuracy']:.3f}, KL {a['kl']:.2f}, {a['minutes']:.1f} min")
+    print(f"all stages {results['total_stage_minutes']} minutes ({results['stages_finished']} stages finished); {out}")
+
+
+if __name__ == "__main__":
+    main()
