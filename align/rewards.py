@@ -216,26 +216,35 @@ class RewardFunction:
         self.name = reference
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        try:
-            values = self.fn(prompts, completions)
-        except Exception as exc:  # the user's code: report, don't crash with their traceback
-            raise ConfigError(f"reward function {self.name} raised {exc.__class__.__name__}: {exc}{self._culprit(prompts, completions)}") from None
-        values = list(values) if not isinstance(values, list) else values
-        if len(values) != len(completions):
-            raise ConfigError(f"reward function {self.name} returned {len(values)} values for {len(completions)} completions")
+        values = call_user(
+            f"reward function {self.name}", lambda pairs: self.fn([p for p, _ in pairs], [c for _, c in pairs]),
+            list(zip(prompts, completions)), lambda pair: f"prompt {str(pair[0])[:60]!r}, completion {pair[1][:60]!r}")
         for row, value in enumerate(values):
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"reward function {self.name} returned {value!r} for row {row}; expected a finite number")
         return torch.tensor(values, dtype=torch.float32)
 
-    def _culprit(self, prompts: list, completions: list[str]) -> str:
-        """Which completion the function fails on, found by calling it on each alone."""
-        for prompt, completion in zip(prompts, completions):
-            try:
-                self.fn([prompt], [completion])
-            except Exception:
-                return f" (first on prompt {str(prompt)[:60]!r}, completion {completion[:60]!r})"
-        return ""
+
+def call_user(name: str, call: Callable[[list], Any], items: list, describe: Callable[[Any], str]) -> list:
+    """`call(items)`, the user's code, as a list of one value per item. When it raises, the error
+    names the first item it fails on alone (`describe(item)`); a wrong number of values is an error too."""
+    try:
+        values = call(items)
+    except Exception as exc:  # the user's code: report, don't crash with their traceback
+        culprit = next((f" (first on {describe(item)})" for item in items if _fails(call, item)), "")
+        raise ConfigError(f"{name} raised {exc.__class__.__name__}: {exc}{culprit}") from None
+    values = list(values) if not isinstance(values, list) else values
+    if len(values) != len(items):
+        raise ConfigError(f"{name} returned {len(values)} values for {len(items)} completions")
+    return values
+
+
+def _fails(call: Callable[[list], Any], item: Any) -> bool:
+    try:
+        call([item])
+    except Exception:
+        return True
+    return False
 
 
 def load_function(reference: str, what: str = "reward function") -> Callable:

@@ -34,7 +34,7 @@ from align.data import PROMPT_FORMATS, check_separator, is_messages, load_split,
 from align.errors import ConfigError
 from align.generation import row_seed, sample, sample_ids
 from align.models import check_architecture, load_model, load_tokenizer, resolve_model
-from align.rewards import load_function
+from align.rewards import call_user, load_function
 
 log = logging.getLogger("align")
 
@@ -100,7 +100,7 @@ def _label_chunk(model, tokenizer, rows: list[dict], first_row: int, config: Lab
         return [], counts
     owners = [rows[i] for i, _, _ in items]
     numbers = [first_row + i + 1 for i, _, _ in items]
-    extra: dict[str, Any] = {}
+    verdicts: dict[str, list] = {}  # with --answer-fn: each solution's `correct` and each step's `reached`
     if config.step_fn:
         labels = checker.step_labels(owners, [steps for _, _, steps in items], numbers)
     else:
@@ -117,14 +117,12 @@ def _label_chunk(model, tokenizer, rows: list[dict], first_row: int, config: Lab
         for index, (n, _) in enumerate(starts):
             reached[n].append(sum(reached_flat[index * config.rollouts:(index + 1) * config.rollouts]))
         labels = [[_label(r, config.rollouts, config.labels) for r in hits] + [float(ok)] for hits, ok in zip(reached, correct)]
-        extra = {"correct": correct, "reached": [hits + [None] for hits in reached]}
+        verdicts = {"correct": correct, "reached": [hits + [None] for hits in reached]}
         counts.update(rollouts=len(texts), correct=sum(correct))
     out = []
     for n, (i, _, steps) in enumerate(items):
-        row = {"prompt": rows[i]["prompt"], "completions": steps, "labels": labels[n]}
-        if extra:
-            row.update(correct=extra["correct"][n], reached=extra["reached"][n])
-        out.append(row)
+        out.append({"prompt": rows[i]["prompt"], "completions": steps, "labels": labels[n],
+                    **{key: values[n] for key, values in verdicts.items()}})
         counts.update(solutions=1, steps=len(steps), label_sum=float(sum(labels[n])),
                       steps_correct=sum(float(label) > 0.5 for label in labels[n]))
     return out, counts
@@ -167,28 +165,14 @@ class Checker:
     def _call(self, rows: list[dict], completions: list, numbers: list[int]) -> list:
         if not completions:  # say, no solution of a chunk had a step to roll out from
             return []
-        try:
-            values = self._apply(rows, completions)
-        except Exception as exc:  # the user's code: say where it fails, not their traceback
-            raise ConfigError(f"{self.what} {self.name} raised {exc.__class__.__name__}: {exc}{self._culprit(rows, completions, numbers)}") from None
-        values = list(values) if not isinstance(values, list) else values
-        if len(values) != len(completions):
-            raise ConfigError(f"{self.what} {self.name} returned {len(values)} values for {len(completions)} completions")
-        return values
+        return call_user(f"{self.what} {self.name}", self._apply, list(zip(rows, completions, numbers)),
+                         lambda item: f"prompt row {item[2]}: {str(item[1])[:60]!r}")
 
-    def _apply(self, rows: list[dict], completions: list) -> Any:
+    def _apply(self, items: list[tuple[dict, Any, int]]) -> Any:
+        rows = [row for row, _, _ in items]
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
         kwargs = columns if self.all_columns else {key: value for key, value in columns.items() if key in self.named}
-        return self.fn([row["prompt"] for row in rows], completions, **kwargs)
-
-    def _culprit(self, rows: list[dict], completions: list, numbers: list[int]) -> str:
-        """The first prompt row the function fails on, found by calling it on each alone."""
-        for row, completion, number in zip(rows, completions, numbers):
-            try:
-                self._apply([row], [completion])
-            except Exception:
-                return f" (first on prompt row {number}: {str(completion)[:60]!r})"
-        return ""
+        return self.fn([row["prompt"] for row in rows], [completion for _, completion, _ in items], **kwargs)
 
 
 def _is_bool(value: Any) -> bool:
