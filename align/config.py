@@ -228,6 +228,7 @@ class DPOSpec(Closed):
     )
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(0.0, description="share of labels assumed flipped (robust/cDPO, exo_pair, aot)")
     precompute_ref_log_probs: bool = Field(False, description="compute the reference log-probs once before training")
+    pair_rows: bool = Field(True, description="run each pair as one row (prompt, chosen, rejected): the prompt is computed once; false: TRL's two rows")
 
     @property
     def trl_loss_type(self) -> str:

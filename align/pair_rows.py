@@ -1,0 +1,141 @@
+"""One row per preference pair: the prompt is computed once for chosen and rejected.
+
+TRL's DPOTrainer runs each pair as two rows, prompt + chosen and prompt + rejected, each padded
+to the longer, and projects every position of both through the output layer (on devices without
+Triton). Here each pair is one row, prompt + chosen + rejected, with an attention mask that keeps
+rejected from seeing chosen and position ids that restart rejected where the prompt ends, so it
+reads exactly the context it reads in its own row. Only the positions that predict a response
+token go through the output layer. The log-probs come back in TRL's two-row layout, so its loss
+code (every loss type, every metric) runs unchanged on them; they equal the two-row log-probs up
+to float rounding (tests/test_pair_rows.py).
+
+Installed on the model's forward (`install`): a call that is not a DPO batch of pairs sharing
+their prompts, or a model this does not cover, goes to TRL's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+
+# Decoder families whose forward takes position ids and a ready 4-D attention mask as given, with
+# no sliding window or logit scaling to honour. Others keep TRL's two-row forward.
+FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "granite"}
+SCALED = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def supported(model) -> bool:
+    """Whether this model's pairs can share one row (see FAMILIES)."""
+    config = model.config
+    if config.model_type not in FAMILIES or getattr(config, "_attn_implementation", "sdpa") not in {"sdpa", "eager"}:
+        return False
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        return False
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
+        return False
+    return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in SCALED)
+
+
+@dataclass
+class PairRows:
+    """A batch of pairs as one row each, and where each response token's log-prob comes from."""
+
+    input_ids: torch.Tensor  # (B, N)
+    position_ids: torch.Tensor  # (B, N)
+    allowed: torch.Tensor  # (B, 1, N, N) bool: query q may attend to key k
+    source: tuple[torch.Tensor, torch.Tensor]  # (row, index) in the packed batch of the hidden state predicting ...
+    target: tuple[torch.Tensor, torch.Tensor]  # ... (row, position - 1) of TRL's (2B, T - 1) log-prob layout
+    tokens: torch.Tensor  # the predicted token ids, in the same order
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int) -> PairRows | None:
+    """TRL's batch (chosen rows, then rejected rows; right-padded; labels -100 outside responses)
+    as one row per pair, or None when it is not such a batch (odd rows, differing prompts, an
+    empty prompt or response, a gap in a response)."""
+    rows = input_ids.size(0)
+    if rows % 2 or attention_mask is None or attention_mask.dim() != 2:
+        return None
+    pairs = rows // 2
+    lengths = attention_mask.sum(1).tolist()
+    scored = labels != -100
+    starts = scored.int().argmax(1).tolist()  # the first response position (0 when none: refused below)
+    counts = scored.sum(1).tolist()
+    segments, packed_ids, positions = [], [], []
+    source_row, source_index, target_row, target_index, tokens = [], [], [], [], []
+    for i in range(pairs):
+        c, r = i, i + pairs
+        p, lc, lr = starts[c], lengths[c], lengths[r]
+        if (p < 1 or starts[r] != p or counts[c] != lc - p or counts[r] != lr - p or lc <= p or lr <= p
+                or not torch.equal(input_ids[c, :p], input_ids[r, :p])):
+            return None
+        packed_ids.append(torch.cat([input_ids[c, :lc], input_ids[r, p:lr]]))
+        positions.append(torch.cat([torch.arange(lc), torch.arange(p, lr)]))
+        segments.append(torch.tensor([0] * p + [1] * (lc - p) + [2] * (lr - p)))
+        # chosen token t is predicted from packed index t - 1 (chosen sits where it sat in its own row);
+        # rejected token t from the prompt's last token when t == p, else from packed index lc + t - 1 - p
+        chosen_t = torch.arange(p, lc)
+        rejected_t = torch.arange(p, lr)
+        source_row += [i] * ((lc - p) + (lr - p))
+        source_index += (chosen_t - 1).tolist() + torch.where(rejected_t == p, p - 1, lc + rejected_t - 1 - p).tolist()
+        target_row += [c] * (lc - p) + [r] * (lr - p)
+        target_index += (chosen_t - 1).tolist() + (rejected_t - 1).tolist()
+        tokens.append(torch.cat([input_ids[c, p:lc], input_ids[r, p:lr]]))
+    width = max(len(ids) for ids in packed_ids)
+    device = input_ids.device
+    ids = torch.full((pairs, width), pad_id, dtype=input_ids.dtype)
+    pos = torch.zeros((pairs, width), dtype=torch.long)
+    seg = torch.full((pairs, width), -1, dtype=torch.long)
+    for i, (row, at, kind) in enumerate(zip(packed_ids, positions, segments)):
+        ids[i, : len(row)], pos[i, : len(row)], seg[i, : len(row)] = row.cpu(), at, kind
+    seg = seg.to(device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    query, key = seg[:, :, None], seg[:, None, :]
+    allowed = causal & (query >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding attends to itself: no empty softmax row
+    as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return PairRows(ids.to(device), pos.to(device), allowed[:, None], (as_index(source_row), as_index(source_index)),
+                    (as_index(target_row), as_index(target_index)), torch.cat(tokens).to(device))
+
+
+def install(model, outputs: tuple[str, ...]) -> bool:
+    """Route `model(..., labels=, fused_lm_head=True)` calls on DPO batches through one row per
+    pair; anything else goes to the forward TRL installed. Returns whether it was installed."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput, _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    if not supported(model):
+        return False
+    fallback = model.forward
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        rows = None
+        if fused_lm_head and not args and labels is not None and input_ids is not None and set(kwargs) <= {"input_ids", "attention_mask", "use_cache"}:
+            rows = pack(input_ids, mask, labels, pad_id)
+        if rows is None:
+            return fallback(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        allowed = rows.allowed
+        if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            dtype = self.get_input_embeddings().weight.dtype
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        hidden = self.base_model(input_ids=rows.input_ids, attention_mask=allowed, position_ids=rows.position_ids,
+                                 use_cache=False).last_hidden_state
+        head = self.get_output_embeddings()
+        picked = hidden[rows.source].to(head.weight.device)
+        per_token = ChunkedLogProbFunction.apply(picked, head.weight, head.bias, rows.tokens.to(head.weight.device), 1.0,
+                                                 _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+        shape = (input_ids.size(0), input_ids.size(1) - 1)
+        label_mask = torch.zeros(shape, dtype=torch.bool, device=picked.device)
+        label_mask[rows.target] = True
+        # index_put into zeros keeps every value connected to the graph, as TRL's masked_scatter does
+        fields = [None if x is None else x.new_zeros(shape).index_put(rows.target, x) for x in per_token]
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = fields
+        loss = -log_probs.sum() / label_mask.sum().clamp(min=1)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=label_mask)
+
+    model.forward = types.MethodType(forward, model)
+    return True
