@@ -113,7 +113,9 @@ def install(model, outputs: tuple[str, ...]) -> bool:
     def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         rows = None
-        if fused_lm_head and not args and labels is not None and input_ids is not None and set(kwargs) <= {"input_ids", "attention_mask", "use_cache"}:
+        # PEFT passes inputs_embeds, return_dict and the like as None; anything else set is not TRL's pair batch
+        other = {k for k, v in kwargs.items() if v is not None and k not in {"input_ids", "attention_mask", "use_cache"}}
+        if fused_lm_head and not args and not other and labels is not None and input_ids is not None:
             rows = pack(input_ids, mask, labels, pad_id)
         if rows is None:
             return fallback(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)

@@ -106,9 +106,11 @@ def test_models_it_does_not_cover_keep_trls_forward():
     assert not pair_rows.install(gemma, OUTPUTS)
 
 
-def test_dpo_trains_the_same_with_one_row_or_two(align, pairs_file, tmp_path):
+def test_dpo_trains_the_same_with_one_row_or_two(align, pairs_file, tmp_path, monkeypatch):
     from align.checkpoints import METRICS, read_records
 
+    packed, original = [], pair_rows.pack
+    monkeypatch.setattr(pair_rows, "pack", lambda *a: packed.append(original(*a) is not None) or original(*a))
     curves = {}
     for name, flag in (("one", "true"), ("two", "false")):
         out = tmp_path / name
@@ -117,6 +119,8 @@ def test_dpo_trains_the_same_with_one_row_or_two(align, pairs_file, tmp_path):
         assert result.code == 0, result.err
         curves[name] = [(r["loss"], r["rewards/margins"]) for r in read_records(out / METRICS) if "rewards/margins" in r]
     assert len(curves["one"]) == 3
+    # every policy and reference forward of the first run (3 steps x 2) went through one row per pair
+    assert len(packed) == 6 and all(packed), packed
     assert curves["one"][-1][1] > curves["one"][0][1]  # it learns: the margin grows
     for (loss_one, margin_one), (loss_two, margin_two) in zip(curves["one"], curves["two"]):
         assert abs(loss_one - loss_two) < 1e-4 and abs(margin_one - margin_two) < 1e-4
