@@ -100,7 +100,7 @@ class TrainSpec(Closed):
     eval_steps: PositiveInt | None = Field(None, description="evaluate on the eval data every N steps (default: save_steps)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, about 30% slower")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="compute precision (autocast): auto = bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU"
+        "auto", description="compute precision (autocast): auto = bf16 on GPUs and CPUs that have it (AMX, AVX512-BF16), fp16 on other GPUs, else fp32"
     )
     report_to: Literal["none", "tensorboard", "trackio", "wandb", "mlflow"] = Field("none", description="experiment tracker for the metrics")
 

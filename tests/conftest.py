@@ -23,6 +23,8 @@ def _isolated_cache(tmp_path_factory):
     if "ALIGN_CACHE" not in os.environ:
         os.environ["ALIGN_CACHE"] = str(tmp_path_factory.mktemp("align-cache"))
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # `auto` precision is bf16 on CPUs with bf16 units: pin fp32 so figures do not depend on the machine
+    os.environ.setdefault("ALIGN_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -117,6 +117,23 @@ def test_auto_on_a_gpu_without_bfloat16_trains_float32_weights_under_fp16(monkey
         check_precision(ModelSpec(path="m", dtype="bfloat16"), "fp32", trains_base=False)
 
 
+def test_auto_on_a_cpu_is_bf16_where_it_has_bf16_units_and_fp32_elsewhere(monkeypatch):
+    from align.precision import compute_dtype, weights_dtype
+    from align.config import ModelSpec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ALIGN_CPU_BF16", "1")
+    for amx, avx512_bf16, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert compute_dtype("auto") == expected
+        assert compute_dtype("fp32") == torch.float32  # asked for: kept
+    monkeypatch.setenv("ALIGN_CPU_BF16", "0")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert compute_dtype("auto") == torch.float32
+    assert weights_dtype(ModelSpec(path="m")) == torch.float32  # weights stay float32 on a CPU: autocast only
+
+
 def test_ppo_in_fp16_scales_its_losses(align, ppo_prompts, reward_file, tmp_path, monkeypatch):
     from align.stages import ppo
 
