@@ -65,3 +65,20 @@ def test_the_arith_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
                                          "oracle (any right)"}
     assert set(results["ppo"]) == {"ppo-prm", "ppo-orm"} and set(results["pairwise"]) == {"prm", "orm"}
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_dpo_benchmark_runs_both_trainers_on_the_same_tokens(tmp_path):
+    """bench/dpo_vs_trl.py on the tiny model: stock TRL and align read the same tokens per step and
+    their loss curves agree (the same objective), and the ratios are written."""
+    import json
+    import subprocess
+
+    out = tmp_path / "dpo.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "dpo_vs_trl.py"), "--model", "tiny", "--steps", "3", "--runs", "1",
+                           "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    run = results["runs"][0]
+    assert results["same_tokens"] and len(run["trl"]["losses"]) == len(run["align"]["losses"]) == 3
+    assert results["largest_loss_gap"] < 0.01
+    assert run["speedup_wall"] > 0 and run["memory_ratio"] > 0
