@@ -322,8 +322,10 @@ def peft_config(lora: LoraSpec, *, kind: str = "causal"):
 def save_stage_model(trained, tokenizer, out: Path, spec: ModelSpec, source: str, lora: LoraSpec, *, kind: str = "causal") -> None:
     """Write a directly loadable full model to `out` (adapter kept in out/adapter when LoRA was used).
 
-    LoRA adapters are merged into a freshly loaded full-precision base, so QLoRA outputs are
-    not merged into (and degraded by) 4-bit weights. In a multi-process run the main process writes.
+    LoRA adapters are merged in float32: into the trained model's own weights when they are float32
+    on the host (the trained model is merged away: the stage must be done with it), otherwise into a
+    freshly loaded float32 base, so QLoRA and 16-bit outputs are not merged into (and degraded by)
+    their low-precision weights. In a multi-process run the main process writes.
     """
     from align import distributed
 
@@ -339,12 +341,24 @@ def save_stage_model(trained, tokenizer, out: Path, spec: ModelSpec, source: str
     # Only the trained model's own adapter: PPO keeps its value adapter on the same base.
     trained.save_pretrained(adapter_dir, selected_adapters=["default"])
     tokenizer.save_pretrained(adapter_dir)
-    # Merge in float32 on the host, beside (not on top of) the trained model on the GPU: merging into
-    # 16-bit weights would drop the adapter's small deltas. Then save in the dtype asked for.
-    base = load_model(spec, source, kind=kind, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32, device="cpu")
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    if _merges_in_place(trained, lora):
+        # float32 weights on the host, one adapter: merging into them gives the same numbers as into a
+        # fresh float32 base, without a second model in memory (0.5 GB for SmolLM2). The stage is done with it.
+        merged = trained.merge_and_unload()
+    else:
+        # Merge in float32 on the host, beside (not on top of) the trained model on the GPU: merging into
+        # 16-bit (or 4-bit) weights would drop the adapter's small deltas. Then save in the dtype asked for.
+        base = load_model(spec, source, kind=kind, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32, device="cpu")
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     saved = torch.float32 if spec.dtype == "auto" and lora.qlora else weights_dtype(spec)
     merged.to(saved).save_pretrained(out)
+
+
+def _merges_in_place(trained, lora: LoraSpec) -> bool:
+    """Whether a trained LoRA model can be merged into its own weights: not QLoRA, only the one
+    adapter (PPO's value and reward adapters may share the base), every weight float32 on the host."""
+    return (not lora.qlora and list(getattr(trained, "peft_config", {})) == ["default"]
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in trained.parameters()))
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -37,3 +37,48 @@ def test_merge_bad_input(align, lora_sft, tiny_model, tmp_path):
     assert_clean_failure(align("merge", "-m", tiny_model, "-o", tmp_path / "x"), 4, "no LoRA adapter here")
     assert_clean_failure(align("merge", "-m", lora_sft, "-o", tmp_path / "y", "--push-to-hub", "me/model"), 5, "unreachable")
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("kind", ["causal", "reward"])
+def test_a_stage_merges_into_its_own_float32_weights_exactly_as_into_a_fresh_base(tiny_model, tmp_path, monkeypatch, kind):
+    """The in-place merge (no second model in memory) writes the same bytes as loading a float32 base."""
+    from peft import get_peft_model
+
+    from align import models
+    from align.config import LoraSpec, ModelSpec
+
+    spec, lora = ModelSpec(path=str(tiny_model)), LoraSpec(r=4)
+    tokenizer = models.load_tokenizer(spec, str(tiny_model))
+
+    def trained():
+        torch.manual_seed(0)
+        model = get_peft_model(models.load_model(spec, str(tiny_model), lora, kind=kind, pad_token_id=tokenizer.pad_token_id),
+                               models.peft_config(lora, kind=kind))
+        for name, p in model.named_parameters():  # an adapter (and a reward head) that moved
+            if p.requires_grad:
+                p.data.add_(torch.randn_like(p) * 0.1)
+        return model
+
+    in_place, fresh = tmp_path / "in-place", tmp_path / "fresh"
+    model = trained()
+    assert models._merges_in_place(model, lora)
+    models.save_stage_model(model, tokenizer, in_place, spec, str(tiny_model), lora, kind=kind)
+    monkeypatch.setattr(models, "_merges_in_place", lambda *_: False)
+    models.save_stage_model(trained(), tokenizer, fresh, spec, str(tiny_model), lora, kind=kind)
+    a, b = load_file(in_place / "model.safetensors"), load_file(fresh / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(tiny_model / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in base if k in a)  # the adapter is in the weights
+
+
+def test_a_model_with_two_adapters_or_a_4bit_base_is_merged_into_a_fresh_base():
+    from types import SimpleNamespace
+
+    from align.config import LoraSpec
+    from align.models import _merges_in_place
+
+    one = SimpleNamespace(peft_config={"default": 0}, parameters=lambda: [torch.zeros(1)])
+    assert _merges_in_place(one, LoraSpec())
+    assert not _merges_in_place(SimpleNamespace(peft_config={"default": 0, "value": 0}, parameters=one.parameters), LoraSpec())
+    assert not _merges_in_place(one, LoraSpec(qlora=True))
+    assert not _merges_in_place(SimpleNamespace(peft_config={"default": 0}, parameters=lambda: [torch.zeros(1, dtype=torch.bfloat16)]), LoraSpec())
