@@ -5,7 +5,9 @@
 
 The same model, pairs (recipes/data/pairs.jsonl), steps, batch (8 pairs), learning rate, beta and
 LoRA (r16, alpha 32, all linear layers). TRL runs as it ships (gradient checkpointing on, bf16
-autocast where the device has it); align with its defaults. Each run is a whole process, one at
+autocast: accelerate turns it on for every CPU, so on a CPU without bf16 units (no AMX or
+AVX512-BF16) TRL emulates bf16 and takes several times longer; the bench says so when it
+starts); align with its defaults (fp32 on such a CPU). Each run is a whole process, one at
 a time; wall time is the process's, train time the training loop's, peak memory the process's
 peak RSS (os.wait4). Both loss curves are printed: the objective is the same, so they must
 agree within bf16 noise. Results: bench/results/dpo_vs_trl.json.
@@ -80,6 +82,11 @@ def main() -> None:
 
     model = ensure_builtin(args.model)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    from align.precision import cpu_has_bf16
+
+    if not torch.cuda.is_available() and not cpu_has_bf16():
+        print("note: this CPU has no bf16 units (AMX, AVX512-BF16): stock TRL's bf16 autocast is emulated here and "
+              "runs several times slower; align's auto precision is fp32", file=sys.stderr)
     runs = []
     for i in range(args.runs):
         trl = run_trl(model, args, args.work / f"trl-{i}")
