@@ -342,9 +342,7 @@ def save_stage_model(trained, tokenizer, out: Path, spec: ModelSpec, source: str
     trained.save_pretrained(adapter_dir, selected_adapters=["default"])
     tokenizer.save_pretrained(adapter_dir)
     if _merges_in_place(trained, lora):
-        # float32 weights on the host, one adapter: merging into them gives the same numbers as into a
-        # fresh float32 base, without a second model in memory (0.5 GB for SmolLM2). The stage is done with it.
-        merged = trained.merge_and_unload()
+        merged = trained.merge_and_unload()  # the same numbers as a fresh float32 base, without a second model
     else:
         # Merge in float32 on the host, beside (not on top of) the trained model on the GPU: merging into
         # 16-bit (or 4-bit) weights would drop the adapter's small deltas. Then save in the dtype asked for.

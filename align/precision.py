@@ -50,8 +50,11 @@ def cpu_has_bf16() -> bool:
     suite sets it, so its pinned figures do not depend on the machine."""
     import os
 
-    if os.environ.get("ALIGN_CPU_BF16", "1") == "0":
-        return False
+    return os.environ.get("ALIGN_CPU_BF16", "1") != "0" and cpu_bf16_units()
+
+
+def cpu_bf16_units() -> bool:
+    """Whether this CPU has AMX or AVX512-BF16, whatever ALIGN_CPU_BF16 says."""
     try:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:  # a torch without these probes: assume no
