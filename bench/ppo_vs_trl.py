@@ -24,11 +24,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 import torch
 import transformers
 
 from align.checkpoints import METRICS, read_manifest, read_records
+from align.precision import cpu_bf16_units
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -88,10 +90,25 @@ def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precisio
     if result.returncode:
         sys.exit(f"align run failed:\n{result.stderr[-3000:]}")
     rows = [r for r in read_records(out / METRICS) if "time_train" in r]
-    seconds = sum(r["time_generate"] + r["time_score"] + r["time_train"] for r in rows)
+    phases = {phase: sum(r[f"time_{phase}"] for r in rows) for phase in ("generate", "score", "train")}
     manifest = read_manifest(out)
-    return {"train_seconds": seconds, "episodes": args.episodes, "peak_memory_mb": manifest["metrics"]["peak_memory_mb"],
+    return {"train_seconds": sum(phases.values()), "episodes": args.episodes, "phases": phases,
+            "peak_memory_mb": manifest["metrics"]["peak_memory_mb"],
             "mean_response_length": sum(r["response_length"] for r in rows) / len(rows)}
+
+
+RUNS = {"trl": "TRL 1.5.0 PPOTrainer", "full": "align ppo --no-lora", "lora": "align ppo (LoRA)",
+        "trl_bf16": "TRL 1.5.0, bf16", "full_bf16": "align --no-lora, bf16"}
+
+
+def run_setting(name: str, python: Path, policy: Path, reward: Path, args, work: Path) -> dict:
+    bf16 = name.endswith("_bf16")
+    if name.startswith("trl"):
+        return run_trl(python, policy, reward, args, work, bf16=bf16)
+    # Matched ("full"): like TRL here (gradient_accumulation_steps=1), one forward/backward over the
+    # whole batch. "lora" keeps align's defaults (LoRA, micro-batches of ppo.micro_batch_size).
+    return run_align(policy, reward, args, work, lora=name == "lora", precision="bf16" if bf16 else "fp32",
+                     micro_batch=None if name == "lora" else args.batch_size)
 
 
 def main() -> None:
@@ -100,42 +117,41 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--response-length", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=2, help="times each setting runs (interleaved), to show the noise")
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these settings (default: all; the bf16 "
+                        "rows only where the device has bf16 units)")
     parser.add_argument("--venv", type=Path, default=HERE / ".venv-trl-1.5.0")
     parser.add_argument("--work", type=Path, default=HERE / ".work")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     python = trl_venv(args.venv)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    names = args.only or [n for n in RUNS if not n.endswith("_bf16") or (not cuda and cpu_bf16_units())]
+    if not args.only and not cuda and not cpu_bf16_units():
+        print("note: this CPU has no bf16 units (AVX512-BF16/AMX): the bf16 rows are skipped (both tools would emulate bf16)")
     results = {"device": device, "settings": vars(args) | {"venv": str(args.venv), "work": str(args.work)}, "models": {}}
     for model in args.models:
         policy, reward = prepare(model, args.work)
-        trl = run_trl(python, policy, reward, args, args.work / model)
-        trl_bf16 = trl if torch.cuda.is_available() else run_trl(python, policy, reward, args, args.work / model, bf16=True)
-        # Matched: like TRL here (gradient_accumulation_steps=1), one forward/backward over the whole batch.
-        full = run_align(policy, reward, args, args.work / model, lora=False, micro_batch=args.batch_size)
-        lora = run_align(policy, reward, args, args.work / model, lora=True)  # align's defaults
-        fast = run_align(policy, reward, args, args.work / model, lora=False, precision="bf16", micro_batch=args.batch_size)
-        runs = (("trl", trl), ("full", full), ("lora", lora), ("trl_bf16", trl_bf16), ("full_bf16", fast))
-        eps = {name: r["episodes"] / r["train_seconds"] for name, r in runs}
-        results["models"][model] = {
-            "trl_1.5.0": trl, "align_full": full, "align_lora": lora, "trl_1.5.0_bf16": trl_bf16, "align_full_bf16": fast,
-            "episodes_per_second": eps,
-            "speedup_full_vs_trl": eps["full"] / eps["trl"],
-            "memory_ratio_full_vs_trl": full["peak_memory_mb"] / trl["peak_memory_mb"],
-            "memory_ratio_lora_vs_trl": lora["peak_memory_mb"] / trl["peak_memory_mb"],
-            "speedup_full_bf16_vs_trl_bf16": eps["full_bf16"] / eps["trl_bf16"],
-            "memory_ratio_full_bf16_vs_trl_bf16": fast["peak_memory_mb"] / trl_bf16["peak_memory_mb"],
-        }
-        r = results["models"][model]
-        print(f"\n{model} on {device}: {args.episodes} episodes, batch {args.batch_size}, {args.response_length} new tokens")
-        print(f"  {'':22} {'episodes/s':>10} {'peak MB':>9}")
-        rows = (("TRL 1.5.0 PPOTrainer", "trl_1.5.0"), ("align ppo --no-lora", "align_full"), ("align ppo (LoRA)", "align_lora"),
-                ("TRL 1.5.0, bf16", "trl_1.5.0_bf16"), ("align --no-lora, bf16", "align_full_bf16"))
-        for name, key in rows:
-            print(f"  {name:22} {r[key]['episodes'] / r[key]['train_seconds']:10.2f} {r[key]['peak_memory_mb']:9.0f}")
-        print(f"  speed-up (full vs TRL): {r['speedup_full_vs_trl']:.2f}x   memory: full {r['memory_ratio_full_vs_trl']:.2f}x, "
-              f"LoRA {r['memory_ratio_lora_vs_trl']:.2f}x of TRL; bf16 vs bf16: {r['speedup_full_bf16_vs_trl_bf16']:.2f}x, "
-              f"memory {r['memory_ratio_full_bf16_vs_trl_bf16']:.2f}x")
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for _ in range(args.runs):  # interleaved, so a slow spell of the machine hits both tools
+            for name in names:
+                runs[name].append(run_setting(name, python, policy, reward, args, args.work / model))
+        eps = {name: [r["episodes"] / r["train_seconds"] for r in rs] for name, rs in runs.items()}
+        r = results["models"][model] = {"runs": runs, "episodes_per_second": eps}
+        for ours, theirs in (("full", "trl"), ("lora", "trl"), ("full_bf16", "trl_bf16")):
+            if ours in eps and theirs in eps:  # ratio of medians; each run's own ratio shows the noise
+                r[f"speedup_{ours}_vs_{theirs}"] = median(eps[ours]) / median(eps[theirs])
+                r[f"memory_{ours}_vs_{theirs}"] = median(x["peak_memory_mb"] for x in runs[ours]) / median(x["peak_memory_mb"] for x in runs[theirs])
+        print(f"\n{model} on {device}: {args.episodes} episodes, batch {args.batch_size}, {args.response_length} new tokens, {args.runs} runs each")
+        print(f"  {'':22} {'episodes/s (each run)':>24} {'peak MB':>9}  seconds: generate / score / train")
+        for name in names:
+            phases = ["   " + " / ".join(f"{x['phases'][k]:5.1f}" for k in ("generate", "score", "train")) if "phases" in x else "" for x in runs[name]]
+            print(f"  {RUNS[name]:22} {'  '.join(f'{e:6.3f}' for e in eps[name]):>24} {median(x['peak_memory_mb'] for x in runs[name]):9.0f}"
+                  f"  {' |'.join(p for p in phases if p)}")
+        for key, value in r.items():
+            if key.startswith(("speedup_", "memory_")):
+                print(f"  {key}: {value:.2f}x")
     (HERE / "results").mkdir(exist_ok=True)
     path = HERE / "results" / "ppo_vs_trl.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

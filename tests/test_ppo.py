@@ -398,3 +398,72 @@ def test_ppo_golden_curve(align, reward_file, tmp_path):
     rows = metrics(out)
     for key, expected in GOLDEN.items():
         assert [r[key] for r in rows] == pytest.approx(expected, rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["shared-base", "full"])
+def test_the_scoring_value_pass_is_the_first_mini_batchs_value_training_pass(tiny_model, tmp_path, lora):
+    """_score_batch back-propagates the first mini-batch's value loss as it computes the values:
+    the value gradients are those a separate value forward and backward gives on the same rows
+    (how the update did it before), the update then runs no value forward for that mini-batch,
+    and rows outside it still get values, returns and advantages."""
+    from align.config import PPOConfig
+    from align.generation import model_inputs, response_values, sample_rollout
+    from align.models import load_tokenizer
+    from align.roles import build_roles
+    from align.stages import ppo
+
+    config = PPOConfig.model_validate({
+        "model": {"path": "tiny"}, "output": str(tmp_path / "out"), "prompts": {"path": "unused.jsonl"}, "reward_fn": "unused.py:f",
+        "lora": {"enabled": lora, "r": 4, "dropout": 0.0}, "train": {"batch_size": 6},
+        "ppo": {"episodes": 6, "mini_batches": 2, "ppo_epochs": 2, "micro_batch_size": 2, "max_new_tokens": 6,
+                "whiten_advantages": False}})
+    tokenizer = load_tokenizer(config.model, str(tiny_model), padding_side="left")
+    torch.manual_seed(0)
+    roles = build_roles(config.model, str(tiny_model), config.lora, None, tokenizer.pad_token_id)
+    roles.train(False)
+    state = ppo._optimisation(config, roles, 1)
+    prompts = [tokenizer(f"prompt number {i}").input_ids for i in range(6)]
+    rollout = sample_rollout(roles.policy, tokenizer, prompts, 6, 1.0, list(range(6)))
+    scores = torch.linspace(-1, 1, 6)
+    value_params = {n: p for n, p in state.params.items() if "value" in n}
+    assert value_params
+
+    value_forwards = []
+    original = ppo.response_values
+    ppo.response_values = lambda *a: value_forwards.append(a[2].shape[0]) or original(*a)
+    try:
+        batch = ppo._score_batch(roles, rollout, scores, config, state, step=0, recompute=False)
+    finally:
+        ppo.response_values = original
+    assert value_forwards == [2, 1, 3]  # the first mini-batch in micro-batches of 2 + 1 rows with gradients, the other 3 rows at once
+    assert [len(idx) for idx, _ in batch.first_mini_batch] == [2, 1] and len(batch.first_value_stats) == 2
+    reused = {n: p.grad.clone() for n, p in value_params.items()}
+    assert any(g.abs().sum() > 0 for g in reused.values())  # (LoRA A matrices get none while B is still 0)
+
+    # The pre-reuse way: a fresh value forward and backward on each micro-batch, against the batch's values and returns.
+    for p in state.params.values():
+        p.grad = None
+    inputs = model_inputs(rollout)
+    for (idx, weight), stats in zip(batch.first_mini_batch, batch.first_value_stats):
+        with roles.valuing() as body:
+            values = original(body, roles.value_head, *inputs.rows(idx))
+            loss, _ = ppo.losses.value_loss(values, batch.values[idx], batch.returns[idx], batch.mask[idx], config.ppo.clip_range_value)
+            (weight * config.ppo.vf_coef * loss).backward()
+        assert stats["value_loss"] == pytest.approx(loss.item(), rel=1e-6)
+    for name, grad in reused.items():
+        torch.testing.assert_close(value_params[name].grad, grad, rtol=1e-5, atol=1e-7, msg=name)
+    expected_advantages, expected_returns = ppo.losses.gae(*ppo.losses.shaped_rewards(scores, batch.token_kl, batch.mask, config.ppo.kl_coef)[:1],
+                                                           batch.values, batch.mask, config.ppo.gamma, config.ppo.lam)
+    assert torch.equal(batch.advantages, expected_advantages) and torch.equal(batch.returns, expected_returns)
+    with torch.no_grad(), roles.valuing() as body:  # every row's values, the first mini-batch's and the rest's
+        torch.testing.assert_close(batch.values, original(body, roles.value_head, *inputs) * batch.mask, rtol=1e-5, atol=1e-6)
+
+    calls = []
+    ppo.response_values = lambda *a: calls.append(a[2].shape[0]) or original(*a)
+    try:
+        for p in state.params.values():
+            p.grad = None
+        ppo._update(roles, state, batch, config, step=0, out=tmp_path)
+    finally:
+        ppo.response_values = original
+    assert calls == [2, 1] + [2, 1] * 2  # epoch 0: only the second mini-batch; epoch 1: both

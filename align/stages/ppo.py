@@ -67,6 +67,10 @@ class Batch:
     returns: torch.Tensor  # (B, T) advantages + values: the value function's targets
     token_kl: torch.Tensor  # (B, T) the per-token KL estimate the penalty is made of
     non_score_reward: torch.Tensor  # (B, T) -kl_coef * token_kl: the penalty part of the rewards
+    # The first mini-batch of the first epoch, as (rows, loss weight) micro-batches, and each one's
+    # value-loss stats: its value pass (forward and backward) already ran in _score_batch.
+    first_mini_batch: list[tuple[torch.Tensor, float]]
+    first_value_stats: list[dict[str, float]]
 
 
 @dataclass
@@ -184,7 +188,7 @@ def run(config: PPOConfig) -> Path:
                 all_scores = distributed.gather(raw_scores)
                 scores = _normalise(raw_scores, all_scores, state.moments, ppo)
             # 3. advantages: reference and value passes, the KL penalty, GAE
-            batch = _score_batch(roles, rollout, scores, ppo, state.kl_controller.value, recompute=not _sampling_is_exact(config))
+            batch = _score_batch(roles, rollout, scores, config, state, step, recompute=not _sampling_is_exact(config))
         scored = time.perf_counter()
         # 4. update: ppo_epochs over shuffled mini-batches
         train_stats = _update(roles, state, batch, config, step, out)
@@ -445,27 +449,57 @@ def _normalise(scores: torch.Tensor, all_scores: torch.Tensor, moments: losses.R
     return scores
 
 
-@torch.no_grad()
-def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, ppo: PPOSpec, kl_coef: float, recompute: bool) -> Batch:
-    """Steps 3 of an update: everything the PPO losses need, computed once before the epochs."""
-    inputs = model_inputs(rollout)
-    mask = rollout.response_mask.float()
+def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, config: PPOConfig, state: Optimisation, step: int,
+                 recompute: bool) -> Batch:
+    """Step 3 of an update: everything the PPO losses need, computed once before the epochs.
+
+    The value pass doubles as the value model's training pass for the first mini-batch: the weights
+    have not moved yet, so the values it computes are the old values exactly. For each micro-batch
+    of that mini-batch the values are computed with gradients, their rows' returns (GAE is per row)
+    and value loss follow, and the loss is back-propagated at once; that mini-batch's update then
+    runs only the policy pass. The same gradients, one value forward fewer per update."""
+    ppo, inputs, mask = config.ppo, model_inputs(rollout), rollout.response_mask.float()
 
     def logprobs(role) -> torch.Tensor:
         with role as model:
             return losses.token_logprobs(response_logits(model, *inputs), rollout.response, ppo.temperature)
 
-    old_logprobs = logprobs(roles.acting()) * mask if recompute else rollout.logprobs  # see _sampling_is_exact
-    ref_logprobs = logprobs(roles.referencing())
-    with roles.valuing() as value_body:
-        values = response_values(value_body, roles.value_head, *inputs) * mask
-    token_kl = losses.kl_penalty(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
-    rewards, non_score_reward = losses.shaped_rewards(scores, token_kl, mask, kl_coef)
-    advantages, returns = losses.gae(rewards, values, mask, ppo.gamma, ppo.lam)
+    with torch.no_grad():
+        old_logprobs = logprobs(roles.acting()) * mask if recompute else rollout.logprobs  # see _sampling_is_exact
+        ref_logprobs = logprobs(roles.referencing())
+        token_kl = losses.kl_penalty(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
+        rewards, non_score_reward = losses.shaped_rewards(scores, token_kl, mask, state.kl_controller.value)
+    values, advantages, returns = torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask)
+    first = _mini_batches(config, mask, step, epoch=0)[0]
+    stats = [_value_pass(roles, inputs.rows(idx), mask[idx], rewards[idx], weight, config, state.scaler, values, advantages,
+                         returns, idx) for idx, weight in first]
+    rest = torch.ones(len(mask), dtype=torch.bool)
+    rest[torch.cat([idx for idx, _ in first])] = False
+    if rest.any():  # the other mini-batches' rows: values only
+        idx = rest.nonzero().flatten()
+        with torch.no_grad(), roles.valuing() as value_body, _compute(config, roles):
+            values[idx] = response_values(value_body, roles.value_head, *inputs.rows(idx)) * mask[idx]
+        advantages[idx], returns[idx] = losses.gae(rewards[idx], values[idx], mask[idx], ppo.gamma, ppo.lam)
     if ppo.whiten_advantages:
         advantages = losses.masked_whiten(advantages, mask, total=distributed.all_sum)  # over the global batch
     return Batch(inputs, rollout.response, mask, old_logprobs, ref_logprobs, values, advantages, returns, token_kl,
-                 non_score_reward)
+                 non_score_reward, first, stats)
+
+
+def _value_pass(roles: Roles, inputs: ModelInputs, mask: torch.Tensor, rewards: torch.Tensor, weight: float,
+                config: PPOConfig, scaler, values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+                idx: torch.Tensor) -> dict[str, float]:
+    """One micro-batch's values (written into `values`, with its rows' GAE into `advantages` and
+    `returns`) and its value loss, scaled by `weight`, back-propagated. Returns the loss's stats."""
+    ppo = config.ppo
+    with roles.valuing() as value_body, _compute(config, roles):
+        new = response_values(value_body, roles.value_head, *inputs)
+        old = new.detach() * mask
+        row_advantages, row_returns = losses.gae(rewards, old, mask, ppo.gamma, ppo.lam)
+        vf_loss, vf_stats = losses.value_loss(new, old, row_returns, mask, ppo.clip_range_value)
+        scaler.scale(weight * ppo.vf_coef * vf_loss).backward()
+    values[idx], advantages[idx], returns[idx] = old, row_advantages, row_returns
+    return {key: float(value.detach()) for key, value in {"value_loss": vf_loss, **vf_stats}.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,17 +516,18 @@ def _update(roles: Roles, state: Optimisation, batch: Batch, config: PPOConfig, 
     weights are shares of the global mini-batch's tokens, so the step is the one a single
     process would take on the union. In fp16 the losses are scaled (`scaler`); a step whose
     scaled gradients overflowed is skipped and the scale lowered, as torch.amp does."""
-    ppo, size = config.ppo, batch.response.shape[0]
+    ppo = config.ppo
     optimizer, scaler, params = state.optimizer, state.scaler, state.params
-    step_size = size // ppo.mini_batches
     stats: dict[str, list[float]] = defaultdict(list)
     for epoch in range(ppo.ppo_epochs):
-        generator = torch.Generator().manual_seed(generation.row_seed(config.train.seed, step, epoch) + distributed.rank())
-        order, epoch_kl = torch.randperm(size, generator=generator), []
-        for start in range(0, size, step_size):
+        epoch_kl = []
+        mini_batches = [batch.first_mini_batch, *_mini_batches(config, batch.mask, step, epoch)[1:]] if epoch == 0 else (
+            _mini_batches(config, batch.mask, step, epoch))
+        for number, micro_batches in enumerate(mini_batches):
             totals: dict[str, float] = defaultdict(float)
-            for idx, weight in _micro_batches(order[start:start + step_size], batch.mask, ppo.micro_batch_size):
-                for key, value in _accumulate_gradients(roles, batch, idx, weight, config, scaler).items():
+            for i, (idx, weight) in enumerate(micro_batches):
+                done = batch.first_value_stats[i] if epoch == number == 0 else None  # see _score_batch
+                for key, value in _accumulate_gradients(roles, batch, idx, weight, config, scaler, done).items():
                     totals[key] += weight * value
             distributed.average_gradients(params.values())
             scaler.unscale_(optimizer)
@@ -524,6 +559,14 @@ def _all_finite(tensors) -> bool:
     return bool(torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors])).all())
 
 
+def _mini_batches(config: PPOConfig, mask: torch.Tensor, step: int, epoch: int) -> list[list[tuple[torch.Tensor, float]]]:
+    """An epoch's shuffled mini-batches of this process's rows, each as its micro-batches."""
+    size = len(mask)
+    generator = torch.Generator().manual_seed(generation.row_seed(config.train.seed, step, epoch) + distributed.rank())
+    order, step_size = torch.randperm(size, generator=generator), size // config.ppo.mini_batches
+    return [_micro_batches(order[start:start + step_size], mask, config.ppo.micro_batch_size) for start in range(0, size, step_size)]
+
+
 def _micro_batches(rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, float]]:
     """A mini-batch's rows in chunks of `size`, each with its loss weight: its response tokens x
     world size / the global mini-batch's tokens (one process's weights sum to 1 when it runs alone)."""
@@ -534,11 +577,12 @@ def _micro_batches(rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[tu
     return [(chunk, float(count) * scale) for chunk, count in zip(chunks, tokens)]
 
 
-def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight: float, config: PPOConfig, scaler) -> dict[str, float]:
+def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight: float, config: PPOConfig, scaler,
+                          value_done: dict[str, float] | None = None) -> dict[str, float]:
     """Forward and backward one micro-batch with its losses scaled by `weight` (and the fp16 loss
-    scale); returns its own
-    (unweighted) losses and stats. The policy and value losses are back-propagated separately
-    because, on a shared base, each needs its own adapter switched on."""
+    scale); returns its own (unweighted) losses and stats. The policy and value losses are
+    back-propagated separately because, on a shared base, each needs its own adapter switched on.
+    `value_done`: the stats of its value pass, when that already ran (see _score_batch)."""
     ppo, mask, inputs = config.ppo, batch.mask[idx], batch.inputs.rows(idx)
     with roles.acting() as policy, _compute(config, roles):
         logits = response_logits(policy, *inputs)
@@ -552,12 +596,14 @@ def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight:
             with torch.no_grad():
                 entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / ppo.temperature), mask)
     del logits, logprobs  # free before the value pass, which can then reuse the memory
-    with roles.valuing() as value_body, _compute(config, roles):
-        values = response_values(value_body, roles.value_head, *inputs)
-        vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, ppo.clip_range_value)
-        scaler.scale(weight * ppo.vf_coef * vf_loss).backward()
-    named = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}
-    return {key: float(value.detach()) for key, value in named.items()}
+    named = {"policy_loss": pg_loss, "entropy": entropy, **pg_stats}
+    if value_done is None:
+        with roles.valuing() as value_body, _compute(config, roles):
+            values = response_values(value_body, roles.value_head, *inputs)
+            vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, ppo.clip_range_value)
+            scaler.scale(weight * ppo.vf_coef * vf_loss).backward()
+        named.update(value_loss=vf_loss, **vf_stats)
+    return {key: float(value.detach()) for key, value in named.items()} | (value_done or {})
 
 
 # ---------------------------------------------------------------------------------------------
