@@ -455,6 +455,10 @@ class PPOSpec(Closed):
     clip_range: PositiveFloat = Field(0.2, description="PPO's ratio clip epsilon for the policy loss")
     clip_range_value: PositiveFloat = Field(0.2, description="clip range for the value loss around the old values")
     vf_coef: PositiveFloat = Field(0.1, description="weight of the value loss")
+    value_head_on_policy: bool = Field(
+        False, description="put the value head on the policy's own trunk: one model instead of two, both losses train it "
+        "(faster and lighter; InstructGPT and TRL keep a separate value model)"
+    )
     entropy_coef: Annotated[float, Field(ge=0)] = Field(0.0, description="weight of an entropy bonus (0: entropy only logged)")
     whiten_advantages: bool = Field(True, description="normalise advantages to mean 0, std 1 over the batch")
     reward_norm: bool = Field(False, description="normalise scores by their running mean and std")
@@ -495,6 +499,9 @@ class PPOConfig(OneReward, StageConfig):
                 f"the rollout batch ({batch}) must split evenly into {minis} mini-batches; "
                 f"use --mini-batches {', '.join(map(str, divisors))}, or change --batch-size"
             )
+        if self.ppo.value_head_on_policy and self.value_model:
+            raise ValueError("--value-model names a separate value model, --value-head-on-policy puts the value head on "
+                             "the policy itself: pick one")
         if self.ppo.episodes < batch:
             raise ValueError(f"--episodes ({self.ppo.episodes}) is smaller than one rollout batch ({batch})")
         if self.train.grad_accum != 1:

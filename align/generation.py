@@ -287,6 +287,19 @@ def response_values(value_body, head, *inputs) -> torch.Tensor:
     return head(response_hidden(value_body, *inputs)).squeeze(-1)  # (B, T), float32 (the head is)
 
 
+def response_logits_and_values(causal_lm, head, input_ids, attention_mask, position_ids, prompt_width: int,
+                               length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """response_logits and, from the same forward pass, the value head on the model's own last hidden
+    states (read where its body hands them to the output layer): (B, T, V), (B, T)."""
+    seen = []
+    hook = body(causal_lm).register_forward_hook(lambda module, args, output: seen.append(output.last_hidden_state))
+    try:
+        logits = response_logits(causal_lm, input_ids, attention_mask, position_ids, prompt_width, length)
+    finally:
+        hook.remove()
+    return logits, head(seen[0][:, prompt_width - 1: prompt_width - 1 + length]).squeeze(-1)
+
+
 def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Logits with the tokens outside the top-p nucleus at -inf: the filter sampling applied
     (transformers' own TopPLogitsWarper, so the two cannot drift apart). (..., V)."""

@@ -5,6 +5,8 @@ LoRA (default), one frozen base in memory (4-bit with QLoRA):
     value      = base + adapter "value" + a scalar head
     reference  = base with adapters disabled
 Full fine-tuning (--no-lora): separate policy, frozen reference and value models.
+With ppo.value_head_on_policy the value is the policy itself plus the scalar head (no "value"
+adapter, no value model): one forward pass gives both the logits and the values.
 
 Besides models.py, the only module that touches peft.
 """
@@ -33,6 +35,7 @@ class Roles:
     value_model: nn.Module | None  # None: the value is an adapter on the policy's base
     reference: nn.Module | None  # None: the policy with its adapters disabled
     checkpointing: bool = False  # train.gradient_checkpointing: recompute each layer in the backward pass
+    value_on_policy: bool = False  # ppo.value_head_on_policy: the head reads the policy's own hidden states
 
     @property
     def device(self) -> torch.device:
@@ -40,7 +43,8 @@ class Roles:
 
     @property
     def shared_base(self) -> bool:
-        return self.value_model is None
+        """LoRA: policy, reference (and value, unless on the policy) are adapters on one base."""
+        return self.reference is None
 
     @contextmanager
     def acting(self):
@@ -52,7 +56,10 @@ class Roles:
     @contextmanager
     def valuing(self):
         """The value function's body (returns hidden states)."""
-        if self.shared_base:
+        if self.value_on_policy:
+            with self.acting() as policy:
+                yield body(policy)
+        elif self.shared_base:
             self.policy.set_adapter(VALUE)
             yield body(self.policy)
             self.policy.set_adapter(POLICY)
@@ -120,8 +127,9 @@ def hidden_size(config, where: str) -> int:
 
 
 def build_roles(spec: ModelSpec, source: str, lora: LoraSpec, value_source: str | None, pad_token_id: int,
-                gradient_checkpointing: bool = False) -> Roles:
-    """Load the PPO roles; `value_source` is a sequence classifier to initialise the value from, if any.
+                gradient_checkpointing: bool = False, value_on_policy: bool = False) -> Roles:
+    """Load the PPO roles; `value_source` is a sequence classifier to initialise the value from, if any
+    (with value_on_policy, only its score layer: the head's start).
 
     The value head is float32 whatever the base's dtype (see models.float32_head)."""
     policy = load_model(spec, source, lora)
@@ -132,11 +140,15 @@ def build_roles(spec: ModelSpec, source: str, lora: LoraSpec, value_source: str 
         if lora.qlora:  # what peft asks of a 4-bit base: float32 norms and embeddings, input grads
             policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
         policy = get_peft_model(policy, peft_config(lora), adapter_name=POLICY)
-        policy.add_adapter(VALUE, peft_config(lora))
-        policy.set_adapter(POLICY)
-        head = float32_head(nn.Linear(width, 1).to(next(policy.parameters()).device))
-        _init_head(head, value_source, spec, pad_token_id, width)
-        roles = Roles(policy=policy, value_head=head, value_model=None, reference=None)
+        if not value_on_policy:
+            policy.add_adapter(VALUE, peft_config(lora))
+            policy.set_adapter(POLICY)
+        roles = Roles(policy=policy, value_head=_new_head(value_source, width, policy), value_model=None, reference=None,
+                      value_on_policy=value_on_policy)
+    elif value_on_policy:
+        reference = load_model(spec, source, dtype=policy.dtype).eval().requires_grad_(False)
+        roles = Roles(policy=policy, value_head=_new_head(value_source, width, policy), value_model=None, reference=reference,
+                      value_on_policy=True)
     else:
         # The reference in the policy's own dtype, so that the two agree exactly before the first step.
         reference = load_model(spec, source, dtype=policy.dtype).eval().requires_grad_(False)
@@ -150,26 +162,30 @@ def build_roles(spec: ModelSpec, source: str, lora: LoraSpec, value_source: str 
     return roles
 
 
-def _init_head(head: nn.Linear, value_source: str | None, spec: ModelSpec, pad_token_id: int, width: int) -> None:
-    """Start the value head from the reward model's score layer when the widths match, else at 0.
+def _new_head(value_source: str | None, width: int, policy: nn.Module) -> nn.Linear:
+    """A float32 value head on the policy's device, started from the reward model's score layer
+    when the widths match, else at 0.
 
     Only that layer is read from the checkpoint: loading the whole reward model again would
     briefly double its memory.
     """
+    head = float32_head(nn.Linear(width, 1).to(next(policy.parameters()).device))
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     if value_source is None:
-        return
+        return head
     weight, bias = _read_score_layer(Path(value_source))
     if weight.shape != (1, width):
         raise ModelError(
-            f"{value_source}: its score layer is {tuple(weight.shape)}, the policy's width is {width}; with LoRA the "
-            "value shares the policy's base, so its head can only start from a model of the same width (or use --no-lora)"
+            f"{value_source}: its score layer is {tuple(weight.shape)}, the policy's width is {width}; the value head "
+            "sits on the policy's hidden states (LoRA or --value-head-on-policy), so it can only start from a model of "
+            "the same width (or use --no-lora without --value-head-on-policy)"
         )
     with torch.no_grad():
         head.weight.copy_(weight.float())
         if bias is not None:
             head.bias.copy_(bias.float())
+    return head
 
 
 def _read_score_layer(source: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -265,7 +281,8 @@ def same_vocabulary(a, b) -> bool:
 
 
 def save_value(roles: Roles, out: Path) -> None:
-    """Keep the value function (adapter + head, or full model) for resuming or further training."""
+    """Keep the value function (adapter + head, full model + head, or the head alone when it sits on
+    the policy, which is saved as the stage's model) for further training."""
     from safetensors.torch import save_file
 
     from align import distributed
@@ -273,8 +290,8 @@ def save_value(roles: Roles, out: Path) -> None:
     if not distributed.is_main():
         return
     out.mkdir(parents=True, exist_ok=True)
-    if roles.shared_base:
+    if roles.shared_base and not roles.value_on_policy:
         roles.policy.save_pretrained(out, selected_adapters=[VALUE])
-    else:
+    elif roles.value_model is not None:
         roles.value_model.save_pretrained(out)
     save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()}, out / "value_head.safetensors")

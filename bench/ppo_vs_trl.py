@@ -2,11 +2,13 @@
 
     python bench/ppo_vs_trl.py                      # tiny model and SmolLM2-135M
     python bench/ppo_vs_trl.py --models tiny --episodes 64
+    python bench/ppo_vs_trl.py --models smollm2-135m-instruct --only trl full --runs 2
 
 Matched settings for both: the same policy, reward model (also the value model's start),
 prompts, rollout batch, response length and temperature; one PPO epoch, one mini-batch, full
 fine-tuning, float32, one forward/backward pass over the whole batch. align additionally runs in
-its default LoRA mode (one shared base, micro-batches of 4 rows) for memory. Both also run with
+its default LoRA mode (one shared base, micro-batches of 4 rows) for memory, and with the value
+head on the policy's own trunk (--value-head-on-policy: one model fewer, so not matched). Both also run with
 bf16 compute (align: train.precision=bf16; TRL: bf16=True, which autocasts its training forward
 pass only): the faster setting on a CPU with AVX512-BF16. On a GPU both always load bf16
 weights and compute in bf16, so the float32 and bf16 rows measure the same thing there.
@@ -73,9 +75,10 @@ def run_trl(python: Path, policy: Path, reward: Path, args, work: Path, bf16: bo
     return json.loads(line[len("BENCH "):])
 
 
-def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precision: str = "fp32", micro_batch: int | None = None) -> dict:
+def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precision: str = "fp32", micro_batch: int | None = None,
+              extra: list[str] = ()) -> dict:
     """One `align ppo` run; micro_batch None keeps align's default (ppo.micro_batch_size)."""
-    out = work / f"align-{'lora' if lora else 'full'}-{precision}-{micro_batch or 'default'}"
+    out = work / f"align-{'lora' if lora else 'full'}-{precision}-{micro_batch or 'default'}{''.join(extra)}"
     command = [sys.executable, "-m", "align", "-q", "ppo", "-m", str(policy), "--reward-model", str(reward),
                "-p", str(PROMPTS), "-o", str(out), "--overwrite", "--episodes", str(args.episodes),
                "--batch-size", str(args.batch_size), "--mini-batches", "1", "--ppo-epochs", "1",
@@ -86,6 +89,7 @@ def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precisio
         command.append("--no-lora")
     if micro_batch:
         command += ["--micro-batch-size", str(micro_batch)]
+    command += extra
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"align run failed:\n{result.stderr[-3000:]}")
@@ -98,7 +102,7 @@ def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precisio
 
 
 RUNS = {"trl": "TRL 1.5.0 PPOTrainer", "full": "align ppo --no-lora", "lora": "align ppo (LoRA)",
-        "trl_bf16": "TRL 1.5.0, bf16", "full_bf16": "align --no-lora, bf16"}
+        "on_policy": "align, value on policy", "trl_bf16": "TRL 1.5.0, bf16", "full_bf16": "align --no-lora, bf16"}
 
 
 def run_setting(name: str, python: Path, policy: Path, reward: Path, args, work: Path) -> dict:
@@ -107,8 +111,10 @@ def run_setting(name: str, python: Path, policy: Path, reward: Path, args, work:
         return run_trl(python, policy, reward, args, work, bf16=bf16)
     # Matched ("full"): like TRL here (gradient_accumulation_steps=1), one forward/backward over the
     # whole batch. "lora" keeps align's defaults (LoRA, micro-batches of ppo.micro_batch_size).
+    # "on_policy": "full" with the value head on the policy's trunk (one model fewer: not matched).
     return run_align(policy, reward, args, work, lora=name == "lora", precision="bf16" if bf16 else "fp32",
-                     micro_batch=None if name == "lora" else args.batch_size)
+                     micro_batch=None if name == "lora" else args.batch_size,
+                     extra=["--value-head-on-policy"] if name == "on_policy" else [])
 
 
 def main() -> None:
@@ -139,7 +145,7 @@ def main() -> None:
                 runs[name].append(run_setting(name, python, policy, reward, args, args.work / model))
         eps = {name: [r["episodes"] / r["train_seconds"] for r in rs] for name, rs in runs.items()}
         r = results["models"][model] = {"runs": runs, "episodes_per_second": eps}
-        for ours, theirs in (("full", "trl"), ("lora", "trl"), ("full_bf16", "trl_bf16")):
+        for ours, theirs in (("full", "trl"), ("lora", "trl"), ("on_policy", "trl"), ("full_bf16", "trl_bf16")):
             if ours in eps and theirs in eps:  # ratio of medians; each run's own ratio shows the noise
                 r[f"speedup_{ours}_vs_{theirs}"] = median(eps[ours]) / median(eps[theirs])
                 r[f"memory_{ours}_vs_{theirs}"] = median(x["peak_memory_mb"] for x in runs[ours]) / median(x["peak_memory_mb"] for x in runs[theirs])

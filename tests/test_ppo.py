@@ -467,3 +467,47 @@ def test_the_scoring_value_pass_is_the_first_mini_batchs_value_training_pass(tin
     finally:
         ppo.response_values = original
     assert calls == [2, 1] + [2, 1] * 2  # epoch 0: only the second mini-batch; epoch 1: both
+
+
+def test_value_head_on_policy_raises_the_reward_with_one_trained_model(align, ppo_prompts, reward_file, tmp_path, tiny_model):
+    out = tmp_path / "ppo"
+    result = align("ppo", "-m", "tiny", "-p", ppo_prompts, "-o", out, "--reward-fn", f"{reward_file}:share_of_e",
+                   "--no-lora", "--value-head-on-policy", "--episodes", "320", "--batch-size", "16", "--mini-batches", "2",
+                   "--ppo-epochs", "2", "--max-new-tokens", "8", "--lr", "3e-3", "--kl-coef", "0.02")
+    assert result.code == 0, result.err
+    rows = metrics(out)
+    first, last = sum(r["score"] for r in rows[:4]) / 4, sum(r["score"] for r in rows[-4:]) / 4
+    assert last > first * 1.3, (first, last)
+    assert all(0 < r["value_loss"] < 1e3 for r in rows)
+    assert sorted(p.name for p in (out / "value").iterdir()) == ["value_head.safetensors"]  # no second model
+    assert json.loads((out / "align.json").read_text())["value_head_on_policy"] is True
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_value_head_on_policy_reads_the_policys_hidden_states_and_trains_its_trunk(tiny_model, lora):
+    """One forward gives the policy's logits and the values (the same numbers as two passes); the
+    value loss reaches the policy's own weights; no value adapter or value model exists."""
+    from align.config import LoraSpec, ModelSpec
+    from align.generation import body, response_hidden, response_logits, response_logits_and_values
+    from align.roles import build_roles
+
+    torch.manual_seed(0)
+    roles = build_roles(ModelSpec(path="tiny"), str(tiny_model), LoraSpec(enabled=lora, r=4, dropout=0.0), None, 0,
+                        value_on_policy=True)
+    assert roles.value_model is None and (set(roles.policy.peft_config) == {"default"} if lora else roles.reference is not None)
+    assert not any(".value." in n for n in roles.trainable()) and "value_head.weight" in roles.trainable()
+    roles.train(False)
+    with torch.no_grad():
+        roles.value_head.weight.normal_(0, 1.0)
+    ids = torch.tensor([[3, 5, 9, 11, 4], [0, 7, 2, 8, 6]])
+    attention = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    inputs = (ids, attention, (attention.cumsum(1) - 1).clamp(min=0), 2, 3)
+    with roles.acting() as policy:
+        logits, values = response_logits_and_values(policy, roles.value_head, *inputs)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, response_logits(policy, *inputs), rtol=0, atol=0)
+            torch.testing.assert_close(values, roles.value_head(response_hidden(body(policy), *inputs)).squeeze(-1), rtol=0, atol=0)
+        values.sum().backward()
+    trunk = [p for n, p in roles.trainable().items() if not n.startswith("value_head.")]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trunk)

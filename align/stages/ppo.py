@@ -36,7 +36,8 @@ from align.checkpoints import (
 from align.config import ModelSpec, PPOConfig, PPOSpec
 from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
 from align.errors import ConfigError, DataError, TrainingError
-from align.generation import ModelInputs, Rollout, model_inputs, prompt_ids, response_logits, response_values, sample_rollout
+from align.generation import (ModelInputs, Rollout, model_inputs, prompt_ids, response_logits, response_logits_and_values,
+                              response_values, sample_rollout)
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.memory import peak_memory_mb
 from align.rewards import ProcessRewardModel, RewardModel, load_reward
@@ -68,7 +69,7 @@ class Batch:
     token_kl: torch.Tensor  # (B, T) the per-token KL estimate the penalty is made of
     non_score_reward: torch.Tensor  # (B, T) -kl_coef * token_kl: the penalty part of the rewards
     # The first mini-batch of the first epoch, as (rows, loss weight) micro-batches, and each one's
-    # value-loss stats: its value pass (forward and backward) already ran in _score_batch.
+    # value-loss stats when its value pass (forward and backward) already ran in _score_batch.
     first_mini_batch: list[tuple[torch.Tensor, float]]
     first_value_stats: list[dict[str, float]]
 
@@ -145,7 +146,7 @@ def run(config: PPOConfig) -> Path:
 
     torch.manual_seed(config.train.seed)  # LoRA's initial A matrices come from this generator
     roles = build_roles(config.model, source, config.lora, value_source, tokenizer.pad_token_id,
-                        gradient_checkpointing=config.train.gradient_checkpointing)
+                        gradient_checkpointing=config.train.gradient_checkpointing, value_on_policy=ppo.value_head_on_policy)
     if shared_reward:
         reward = SharedBaseReward(roles, shared_reward, tokenizer, ppo.score_batch_size)
     roles.train(False)  # no dropout anywhere: PPO's ratio must be 1 before the first step
@@ -207,6 +208,7 @@ def run(config: PPOConfig) -> Path:
         out, config=config, metrics={**metrics, **baseline, "peak_memory_mb": peak_memory_mb()}, started=started,
         data=asdict(report), lora=config.lora.enabled,
         reward=getattr(reward, "name", ""), dense_process_rewards=dense, reward_on_shared_base=shared_reward is not None, value_init=value_source or "scratch",
+        value_head_on_policy=ppo.value_head_on_policy,
     )
     return out
 
@@ -457,7 +459,8 @@ def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, config: P
     have not moved yet, so the values it computes are the old values exactly. For each micro-batch
     of that mini-batch the values are computed with gradients, their rows' returns (GAE is per row)
     and value loss follow, and the loss is back-propagated at once; that mini-batch's update then
-    runs only the policy pass. The same gradients, one value forward fewer per update."""
+    runs only the policy pass. The same gradients, one value forward fewer per update. (With the
+    value head on the policy, training computes both in one pass, so the values here are plain.)"""
     ppo, inputs, mask = config.ppo, model_inputs(rollout), rollout.response_mask.float()
 
     def logprobs(role) -> torch.Tensor:
@@ -471,10 +474,12 @@ def _score_batch(roles: Roles, rollout: Rollout, scores: torch.Tensor, config: P
         rewards, non_score_reward = losses.shaped_rewards(scores, token_kl, mask, state.kl_controller.value)
     values, advantages, returns = torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask)
     first = _mini_batches(config, mask, step, epoch=0)[0]
-    stats = [_value_pass(roles, inputs.rows(idx), mask[idx], rewards[idx], weight, config, state.scaler, values, advantages,
-                         returns, idx) for idx, weight in first]
+    stats = [] if roles.value_on_policy else [
+        _value_pass(roles, inputs.rows(idx), mask[idx], rewards[idx], weight, config, state.scaler, values, advantages, returns, idx)
+        for idx, weight in first]
     rest = torch.ones(len(mask), dtype=torch.bool)
-    rest[torch.cat([idx for idx, _ in first])] = False
+    if stats:
+        rest[torch.cat([idx for idx, _ in first])] = False
     if rest.any():  # the other mini-batches' rows: values only
         idx = rest.nonzero().flatten()
         with torch.no_grad(), roles.valuing() as value_body, _compute(config, roles):
@@ -526,7 +531,7 @@ def _update(roles: Roles, state: Optimisation, batch: Batch, config: PPOConfig, 
         for number, micro_batches in enumerate(mini_batches):
             totals: dict[str, float] = defaultdict(float)
             for i, (idx, weight) in enumerate(micro_batches):
-                done = batch.first_value_stats[i] if epoch == number == 0 else None  # see _score_batch
+                done = batch.first_value_stats[i] if epoch == number == 0 and batch.first_value_stats else None  # see _score_batch
                 for key, value in _accumulate_gradients(roles, batch, idx, weight, config, scaler, done).items():
                     totals[key] += weight * value
             distributed.average_gradients(params.values())
@@ -585,19 +590,26 @@ def _accumulate_gradients(roles: Roles, batch: Batch, idx: torch.Tensor, weight:
     `value_done`: the stats of its value pass, when that already ran (see _score_batch)."""
     ppo, mask, inputs = config.ppo, batch.mask[idx], batch.inputs.rows(idx)
     with roles.acting() as policy, _compute(config, roles):
-        logits = response_logits(policy, *inputs)
+        if roles.value_on_policy:  # one pass, one backward: the value head reads the policy's hidden states
+            logits, values = response_logits_and_values(policy, roles.value_head, *inputs)
+        else:
+            logits = response_logits(policy, *inputs)
         logprobs = losses.token_logprobs(logits, batch.response[idx], ppo.temperature)
         pg_loss, pg_stats = losses.policy_loss(logprobs, batch.old_logprobs[idx], batch.advantages[idx], mask, ppo.clip_range)
+        named, loss = {"policy_loss": pg_loss, **pg_stats}, pg_loss
         if ppo.entropy_coef:
-            entropy = losses.masked_mean(losses.entropy_from_logits(logits / ppo.temperature), mask)
-            scaler.scale(weight * (pg_loss - ppo.entropy_coef * entropy)).backward()
+            named["entropy"] = losses.masked_mean(losses.entropy_from_logits(logits / ppo.temperature), mask)
+            loss = loss - ppo.entropy_coef * named["entropy"]
         else:  # only logged: keep its (B, T, vocab) graph out of the backward pass
-            scaler.scale(weight * pg_loss).backward()
             with torch.no_grad():
-                entropy = losses.masked_mean(losses.entropy_from_logits(logits.detach() / ppo.temperature), mask)
+                named["entropy"] = losses.masked_mean(losses.entropy_from_logits(logits.detach() / ppo.temperature), mask)
+        if roles.value_on_policy:
+            vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, ppo.clip_range_value)
+            named.update(value_loss=vf_loss, **vf_stats)
+            loss = loss + ppo.vf_coef * vf_loss
+        scaler.scale(weight * loss).backward()
     del logits, logprobs  # free before the value pass, which can then reuse the memory
-    named = {"policy_loss": pg_loss, "entropy": entropy, **pg_stats}
-    if value_done is None:
+    if value_done is None and not roles.value_on_policy:
         with roles.valuing() as value_body, _compute(config, roles):
             values = response_values(value_body, roles.value_head, *inputs)
             vf_loss, vf_stats = losses.value_loss(values, batch.values[idx], batch.returns[idx], mask, ppo.clip_range_value)
