@@ -225,6 +225,8 @@ def test_ppo_bad_input(align, ppo_prompts, reward_file, tiny_model, tmp_path):
     assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o")), 2, "exactly one reward source")
     assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", *fn, "--set", "train.grad_accum=2")),
                          2, "train.grad_accum does not apply to ppo", "--micro-batch-size")
+    assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", *fn, "--value-head-on-policy", "--value-model", "tiny")),
+                         2, "--value-model names a separate value model", "pick one")
     assert not (tmp_path / "o" / "align.json").exists()
 
 
