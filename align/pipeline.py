@@ -64,7 +64,7 @@ def run_stage(config: StageConfig) -> Path:
 def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> list[StageResult]:
     for config in recipe.stages:  # a stage that cannot train is refused before the first one runs
         try:
-            check_stage_precision(config)
+            check_stage_precision(config, warn=False)  # run_stage warns when the stage runs
         except ConfigError as exc:
             raise ConfigError(f"stage '{config.name}': {exc}") from None
     results = []

@@ -6,11 +6,13 @@ bench/gpu_check.sh, which installs the wheels it carries first). Writes bench/re
 
 Checks, in order of importance (each recorded as ok / failed with its error line / skipped when
 the time budget is spent), every one an `align` process as a user would run it:
-  1. sft -> rm -> ppo, and dpo, in `auto` precision (bf16 weights and compute on Ampere and newer)
+  1. sft -> rm -> ppo, and dpo, in `auto` precision (bf16 compute on Ampere and newer, a bf16 frozen
+     base under LoRA), and PPO full fine-tuning in `auto` (float32 master weights: its KL must move)
   2. QLoRA PPO (bitsandbytes 4-bit base, 4-bit reward model)
   3. the fp16 path, forced as on a T4: float32 weights + fp16 autocast + GradScaler (full
      fine-tuning), float16 base + fp16 (LoRA), and the refused cell (float16 full fine-tuning)
-  4. align ppo against TRL 1.5's PPOTrainer, matched (full fine-tuning, one epoch and mini-batch):
+  4. align ppo against TRL 1.5's PPOTrainer, matched (full fine-tuning in bfloat16 weights as the runner
+     loads TRL's, one epoch and mini-batch):
      episodes/s and torch.cuda.max_memory_allocated, and the MFU of align's PPO update
   5. scale: PPO with LoRA on a 1.7B-shaped model (SmolLM2-1.7B's config)
 Quality is measured on the CPU (the real SmolLM2 weights are too big to carry); here the weights
@@ -91,6 +93,10 @@ class Checks:
                 metrics = json.loads(manifest.read_text())["metrics"]
                 record["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                 record["finite"] = all(math.isfinite(v) for v in record["metrics"].values())
+            updates = out / "metrics.jsonl"
+            if name.startswith("ppo") and updates.is_file():  # does the policy move? (full fine-tuning in bf16 barely did)
+                rows = [json.loads(line) for line in updates.read_text().splitlines()]
+                record["kl_per_update"] = [float(f"{r['kl']:.4g}") for r in rows if "kl" in r]
         self.results[name] = record
         print(f"{name}: {record['status']} ({record['seconds']} s)", flush=True)
         return record
@@ -122,6 +128,7 @@ def main() -> None:
     reward = args.work / "rm_auto"
     checks.align("ppo_auto", "ppo", "-m", args.work / "sft_auto", "--reward-model", reward, *ppo)
     checks.align("dpo_auto", "dpo", "-m", model, "-d", DATA / "pairs.jsonl", *small)
+    checks.align("ppo_full_auto", "ppo", "-m", model, "--reward-model", reward, *ppo, "--no-lora")
     # 2. QLoRA
     checks.align("ppo_qlora", "ppo", "-m", model, "--reward-model", reward, *ppo, "--qlora", "--set", "ppo.reward_in_4bit=true")
     # 3. the fp16 path, as a T4 user meets it
@@ -159,7 +166,9 @@ def compare_with_trl(checks: Checks, model: Path, reward: Path, work: Path, with
     matched = checks.align("ppo_matched", "ppo", "-m", model, "--reward-model", reward, "-p", DATA / "ppo_prompts.jsonl",
                            "--no-lora", "--episodes", "64", "--batch-size", "16", "--mini-batches", "1", "--ppo-epochs", "1",
                            "--micro-batch-size", "16", "--max-new-tokens", "32", "--seed", "0",
-                           "--set", "train.save_steps=100000", "--set", "ppo.sample_every=100000")
+                           "--set", "train.save_steps=100000", "--set", "ppo.sample_every=100000",
+                           # TRL's runner loads bfloat16 weights on a GPU (full fine-tuning, no master weights)
+                           *(["--set", "model.dtype=bfloat16"] if with_trl else []))
     rows = [json.loads(line) for line in (work / "ppo_matched" / "metrics.jsonl").read_text().splitlines()] \
         if matched["status"] == "ok" else []
     rows = [r for r in rows if "time_train" in r]

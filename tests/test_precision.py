@@ -117,6 +117,54 @@ def test_auto_on_a_gpu_without_bfloat16_trains_float32_weights_under_fp16(monkey
         check_precision(ModelSpec(path="m", dtype="bfloat16"), "fp32", trains_base=False)
 
 
+def test_auto_on_a_bfloat16_gpu_trains_float32_master_weights(monkeypatch):
+    """Full fine-tuning under `auto` keeps float32 weights on a bf16 GPU too (bf16 autocast runs on
+    them); only frozen weights load in bfloat16. The first GPU run caught the old bfloat16 choice."""
+    from align.config import ModelSpec
+    from align.precision import check_precision, compute_dtype, weights_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    auto = ModelSpec(path="m")
+    assert weights_dtype(auto, trained=True) == torch.float32
+    assert weights_dtype(auto, trained=False) == torch.bfloat16
+    assert compute_dtype("auto") == torch.bfloat16
+    check_precision(auto, "auto", trains_base=True)
+
+
+def test_an_adamw_step_at_lr_1e_5_rounds_away_in_bfloat16_weights():
+    """Why full fine-tuning keeps float32 master weights: bfloat16's spacing at 0.05 is 2**-12
+    (~2.4e-4), so a step of ~1e-5 (AdamW's first step is lr * sign(grad)) leaves the weight as it was."""
+    for dtype, moved in ((torch.float32, True), (torch.bfloat16, False)):
+        weight = torch.nn.Parameter(torch.full((4,), 0.05, dtype=dtype))
+        before = weight.detach().clone()
+        optimizer = torch.optim.AdamW([weight], lr=1e-5, weight_decay=0.0)
+        weight.sum().backward()
+        optimizer.step()
+        assert (not torch.equal(weight.detach(), before)) == moved
+        if moved:
+            assert torch.allclose(before - weight.detach(), torch.full((4,), 1e-5), atol=1e-8)  # float32 spacing at 0.05: ~3.7e-9
+
+
+def test_full_fine_tuning_in_bfloat16_weights_runs_with_a_warning(caplog):
+    from types import SimpleNamespace
+
+    from align.config import LoraSpec, ModelSpec
+    from align.precision import check_stage_precision
+
+    def config(dtype, lora):
+        return SimpleNamespace(model=ModelSpec(path="m", dtype=dtype), train=SimpleNamespace(precision="fp32"),
+                               lora=LoraSpec(enabled=lora))
+
+    with caplog.at_level("WARNING", logger="align"):
+        check_stage_precision(config("bfloat16", lora=True))
+        check_stage_precision(config("auto", lora=False))
+        check_stage_precision(config("bfloat16", lora=False), warn=False)
+        assert not caplog.records
+        check_stage_precision(config("bfloat16", lora=False))
+    assert len(caplog.records) == 1 and "round away" in caplog.records[0].getMessage()
+
+
 def test_auto_on_a_cpu_is_bf16_where_it_has_bf16_units_and_fp32_elsewhere(monkeypatch):
     from align.precision import compute_dtype, weights_dtype
     from align.config import ModelSpec
