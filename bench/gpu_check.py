@@ -1,7 +1,7 @@
 """The CUDA-only checks and measurements, in one call on a lent GPU machine (run it through
 bench/gpu_check.sh, which installs the wheels it carries first). Writes bench/results/gpu.json.
 
-    python bench/gpu_check.py             # on a CUDA GPU: SmolLM2-shaped model, at most ~8 minutes
+    python bench/gpu_check.py             # on a CUDA GPU: SmolLM2-shaped model, at most ~9 minutes
     python bench/gpu_check.py --dry-run   # on a CPU: the same stages on the tiny model (CI runs this)
 
 Checks, in order of importance (each recorded as ok / failed with its error line / skipped when
@@ -67,9 +67,23 @@ def build_model(out: Path, dry_run: bool, shape: dict | None = None) -> Path:
 
 
 class Checks:
-    def __init__(self, work: Path, budget: float, dry_run: bool):
-        self.work, self.deadline, self.dry_run = work, time.monotonic() + budget, dry_run
+    def __init__(self, work: Path, budget: float, dry_run: bool, out: Path):
+        self.work, self.deadline, self.dry_run, self.out = work, time.monotonic() + budget, dry_run, out
+        self.started = time.monotonic()
         self.results: dict[str, dict] = {}
+
+    def write(self) -> None:
+        """The report so far, rewritten after every check: a run cut off by its time limit keeps what it measured."""
+        import torch
+
+        report = {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": __import__("transformers").__version__,
+            "seconds": round(time.monotonic() - self.started, 1), "checks": self.results,
+        }
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(report, indent=2) + "\n")
 
     def align(self, name: str, *args, expect: int = 0) -> dict:
         """Run `align ARGS`; record exit code, wall time and the output's manifest metrics."""
@@ -98,6 +112,7 @@ class Checks:
                 rows = [json.loads(line) for line in updates.read_text().splitlines()]
                 record["kl_per_update"] = [float(f"{r['kl']:.4g}") for r in rows if "kl" in r]
         self.results[name] = record
+        self.write()
         print(f"{name}: {record['status']} ({record['seconds']} s)", flush=True)
         return record
 
@@ -105,7 +120,7 @@ class Checks:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="run on the CPU with the tiny model (no CUDA checks)")
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds; checks left when it is spent are skipped")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds; checks left when it is spent are skipped")
     parser.add_argument("--out", type=Path, help="default: bench/results/gpu.json (a dry run: bench/.work/gpu-dry-run.json)")
     parser.add_argument("--work", type=Path, default=HERE / ".work" / "gpu")
     args = parser.parse_args()
@@ -115,8 +130,7 @@ def main() -> None:
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA GPU here; use --dry-run on a CPU")
     args.work.mkdir(parents=True, exist_ok=True)
-    checks = Checks(args.work, args.budget, args.dry_run)
-    started = time.monotonic()
+    checks = Checks(args.work, args.budget, args.dry_run, args.out)
     model = build_model(args.work / "smollm2-shaped", args.dry_run)
     small = ["--max-steps", "2"] if args.dry_run else ["--max-steps", "8"]
     episodes = ["--episodes", "16", "--batch-size", "8"] if args.dry_run else ["--episodes", "64", "--batch-size", "16"]
@@ -146,14 +160,7 @@ def main() -> None:
         large = build_model(args.work / "large-shaped", False, LARGE)
         checks.align("ppo_1.7b_lora", "ppo", "-m", large, "--reward-fn", f"{HERE / 'gpu_scorers.py'}:length", *ppo)
 
-    report = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "transformers": __import__("transformers").__version__,
-        "seconds": round(time.monotonic() - started, 1), "checks": checks.results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    checks.write()
     failed = [name for name, r in checks.results.items() if r["status"] == "failed"]
     print(f"gpu_check: {len(checks.results) - len(failed)} of {len(checks.results)} ok; wrote {args.out}")
     if failed:

@@ -5,11 +5,12 @@
 #                                       (wheels for its Python 3.12, TRL 1.5.0 for the peer run, SmolLM2's
 #                                       tokenizer and config) into bench/.gpu-carry (about 50 MB, git-ignored)
 #   bash bench/gpu_check.sh             on the GPU machine (no network): install the carried wheels that
-#                                       are missing there, then run the checks (at most about 8 minutes);
+#                                       are missing there, then run the checks (at most about 9 minutes);
 #                                       results in bench/results/gpu.json
 #   bash bench/gpu_check.sh --dry-run   on a CPU (CI runs it): the same align stages on the tiny model
 #
-# Through the device tool: run(command="bash bench/gpu_check.sh", carry=["bench/.gpu-carry"], timeout_s=540)
+# Through the device tool: run(command="bash bench/gpu_check.sh", carry=["bench/.gpu-carry"], timeout_s=590)
+# ($OUT alone comes back from that machine: add --out $OUT/gpu.json, and copy what else you want under $OUT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=bench/.gpu-carry
@@ -56,4 +57,4 @@ if [ ${#need[@]} -gt 0 ]; then
   "$PY" -m pip install -q --no-index --no-deps --find-links "$CARRY/wheels" "${need[@]}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec timeout 500 "$PY" bench/gpu_check.py "$@"
+exec timeout 560 "$PY" bench/gpu_check.py "$@"
