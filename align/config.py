@@ -28,7 +28,7 @@ class ModelSpec(Closed):
     """Which model a stage starts from and how to load it."""
 
     path: str = Field(min_length=1, description="local dir, hub id, or built-in name (align models)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype the weights load in: auto = float32 on a CPU, bfloat16 on GPUs that have it, else float16 for frozen and float32 for trained weights")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype the weights load in: auto = float32 for weights that train (full fine-tuning) and on a CPU; frozen weights bfloat16 on GPUs that have it, else float16")
     trust_remote_code: bool = Field(False, description="run the model repository's own python code (needed by some architectures)")
     allow_pickle: bool = Field(False, description="load pickled .bin/.pt weights (they can run code); safetensors only otherwise")
     chat_template: str | None = Field(None, description="a Jinja file to use instead of the tokenizer's")
