@@ -56,3 +56,23 @@ def test_eval_bad_input(align, tiny_model, prompts_file, reward_file, tmp_path):
     assert_clean_failure(align(*common, "--reward-fn", f"{reward_file}:short", "-o", tmp_path / "c.json"), 2, "returned 1 values for 5")
     assert_clean_failure(align(*common, "--reward-fn", f"{reward_file}:missing", "-o", tmp_path / "d.json"), 2, "no function 'missing'")
     assert not any((tmp_path / n).exists() for n in ("a.json", "b.json", "c.json", "d.json"))
+
+
+def test_pair_accuracy_scores_each_distinct_completion_once():
+    """K-choose-2 pairs repeat each completion K-1 times: 3 pairs of 3 completions read 3 texts, not 6,
+    and every pair gets its own sides' scores (length of the response here)."""
+    import torch
+
+    from align.stages.eval import score_once
+
+    seen = []
+
+    def reward(prompts, responses):
+        seen.extend(zip(map(str, prompts), responses))
+        return torch.tensor([float(len(r)) for r in responses])
+
+    pairs = [("p", "a", "bb"), ("p", "a", "ccc"), ("p", "bb", "ccc"), ([{"role": "user", "content": "q"}], "a", "bb")]
+    items = [(prompt, side) for i in (1, 2) for prompt, *sides in pairs for side in [sides[i - 1]]]
+    scores = score_once(reward, items)
+    assert scores.tolist() == [1.0, 1.0, 2.0, 1.0, 2.0, 3.0, 3.0, 2.0]
+    assert len(seen) == 5 and len(set(seen)) == 5  # p: a, bb, ccc; the message prompt: a, bb

@@ -165,9 +165,25 @@ def _reward_model_accuracy(config: EvalConfig, source: str) -> dict:
     if kind == "stepwise":
         scores = reward.step_scores([r["prompt"] for r in rows], [reward.separator.join(r["completions"]) for r in rows])
         return step_metrics(scores, [r["labels"] for r in rows])
-    chosen = reward([r["prompt"] for r in rows], [last_text(r["chosen"]) for r in rows])
-    rejected = reward([r["prompt"] for r in rows], [last_text(r["rejected"]) for r in rows])
+    scores = score_once(reward, [(r["prompt"], last_text(r[side])) for side in ("chosen", "rejected") for r in rows])
+    chosen, rejected = scores[:len(rows)], scores[len(rows):]
     return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(), "count": len(rows)}
+
+
+def score_once(reward, items: list[tuple]) -> torch.Tensor:
+    """reward's scores of (prompt, response) items, each distinct item scored once: pairs built from
+    K ranked completions of a prompt (all K-choose-2 of them) repeat each completion K-1 times, so
+    this reads K texts a prompt instead of K(K-1). Shape: (len(items),)."""
+    first: dict[tuple[str, str], int] = {}
+    unique, index = [], []
+    for prompt, response in items:
+        key = (json.dumps(prompt, sort_keys=True), response)
+        if key not in first:
+            first[key] = len(unique)
+            unique.append((prompt, response))
+        index.append(first[key])
+    scores = reward([p for p, _ in unique], [r for _, r in unique])
+    return scores[torch.as_tensor(index, device=scores.device)]
 
 
 def _implicit_reward_accuracy(config: EvalConfig, model, ref_model, tokenizer) -> dict:
