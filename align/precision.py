@@ -112,15 +112,18 @@ def check_precision(spec: ModelSpec, precision: str, *, trains_base: bool) -> No
         )
 
 
-def check_stage_precision(config, *, warn: bool = True) -> None:
-    """check_precision for a training stage's config (a no-op for stages that do not train), and
-    a warning for full fine-tuning in bfloat16 weights, which runs as asked but loses most small
-    updates (see weights_dtype)."""
+def check_stage_precision(config) -> None:
+    """check_precision for a training stage's config (a no-op for stages that do not train)."""
     train, lora = getattr(config, "train", None), getattr(config, "lora", None)
     if train is None or lora is None:
         return
     check_precision(config.model, train.precision, trains_base=not lora.enabled)
-    if warn and not lora.enabled and weights_dtype(config.model, trained=True) == torch.bfloat16:
+
+
+def warn_pure_bfloat16(config) -> None:
+    """Full fine-tuning in bfloat16 weights runs as asked but loses most small updates (see weights_dtype)."""
+    lora = getattr(config, "lora", None)
+    if getattr(config, "train", None) is not None and lora is not None and not lora.enabled and config.model.dtype == "bfloat16":
         log.warning("model.dtype=bfloat16 with full fine-tuning: AdamW steps smaller than bfloat16's spacing round "
-                    "away (at lr 1e-5 only ~2%% of SmolLM2's weights moved); model.dtype=auto or float32 keeps "
+                    "away (at lr 1e-5 only ~2% of SmolLM2's weights moved); model.dtype=auto or float32 keeps "
                     "float32 master weights under bf16 compute")

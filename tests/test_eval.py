@@ -72,7 +72,7 @@ def test_pair_accuracy_scores_each_distinct_completion_once():
         return torch.tensor([float(len(r)) for r in responses])
 
     pairs = [("p", "a", "bb"), ("p", "a", "ccc"), ("p", "bb", "ccc"), ([{"role": "user", "content": "q"}], "a", "bb")]
-    items = [(prompt, side) for i in (1, 2) for prompt, *sides in pairs for side in [sides[i - 1]]]
+    items = [(prompt, chosen) for prompt, chosen, _ in pairs] + [(prompt, rejected) for prompt, _, rejected in pairs]
     scores = score_once(reward, items)
     assert scores.tolist() == [1.0, 1.0, 2.0, 1.0, 2.0, 3.0, 3.0, 2.0]
     assert len(seen) == 5 and len(set(seen)) == 5  # p: a, bb, ccc; the message prompt: a, bb

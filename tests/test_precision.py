@@ -150,18 +150,17 @@ def test_full_fine_tuning_in_bfloat16_weights_runs_with_a_warning(caplog):
     from types import SimpleNamespace
 
     from align.config import LoraSpec, ModelSpec
-    from align.precision import check_stage_precision
+    from align.precision import warn_pure_bfloat16
 
     def config(dtype, lora):
         return SimpleNamespace(model=ModelSpec(path="m", dtype=dtype), train=SimpleNamespace(precision="fp32"),
                                lora=LoraSpec(enabled=lora))
 
     with caplog.at_level("WARNING", logger="align"):
-        check_stage_precision(config("bfloat16", lora=True))
-        check_stage_precision(config("auto", lora=False))
-        check_stage_precision(config("bfloat16", lora=False), warn=False)
+        warn_pure_bfloat16(config("bfloat16", lora=True))
+        warn_pure_bfloat16(config("auto", lora=False))
         assert not caplog.records
-        check_stage_precision(config("bfloat16", lora=False))
+        warn_pure_bfloat16(config("bfloat16", lora=False))
     assert len(caplog.records) == 1 and "round away" in caplog.records[0].getMessage()
 
 
