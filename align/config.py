@@ -248,6 +248,20 @@ class DPOConfig(TrainStageConfig):
     dpo: DPOSpec = Field(default_factory=DPOSpec, description="DPO's loss and its settings")
 
 
+class EngineSpec(Closed):
+    """What samples: transformers' generate (hf) or a vLLM engine in the same process (vllm)."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="what samples: hf (transformers' generate) or vllm (a vLLM engine: pip install 'align[vllm]' on GPUs, `make vllm-env` on CPUs)")
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(0.3, description="vllm: the share of the device's memory (on a CPU: of RAM) the engine may take for weights and KV cache; the rest is training's")
+    kv_cache_gb: PositiveFloat | None = Field(None, description="vllm: the engine's KV cache in GiB (default: what gpu_memory_utilization leaves after its weights)")
+    sleep: bool = Field(False, description="vllm on a GPU: free the engine's KV cache and weights between rollouts (vLLM's sleep mode), for training's memory")
+    eager: bool = Field(False, description="vllm: skip compilation (and CUDA graphs): starts in seconds, samples slower")
+    max_logprob_gap: PositiveFloat = Field(
+        0.1, description="PPO with vllm: stop when the engine's log-probs of its sampled tokens differ from the trainer's by more "
+        "than this on average per token (nats): the engine is serving different weights than the trainer"
+    )
+
+
 class SamplingSpec(Closed):
     """How completions are sampled: count, length, temperature, nucleus, batch, seed."""
 
@@ -278,6 +292,7 @@ class GenerateConfig(StageConfig):
     stage: Literal["generate"] = Field("generate", description="the stage type")
     prompts: DataSpec = Field(description="prompt-only file ('prompt' column)")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="how completions are sampled")
+    generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")
 
     def data_files(self) -> list[str]:
         return [self.prompts.path]
@@ -364,6 +379,7 @@ class CritiqueConfig(StageConfig):
     samples_per_prompt: PositiveInt = Field(1, description="answers sampled per prompt")
     few_shot: bool = Field(True, description="show each principle's worked examples before the model's turn")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="how answers, critiques and revisions are sampled")
+    generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")
 
     def data_files(self) -> list[str]:
         return [self.prompts.path] + ([self.constitution] if Path(self.constitution).is_file() else [])
@@ -378,6 +394,7 @@ class LabelConfig(JudgeQuestion, StageConfig):
     pairs: DataSpec | None = Field(None, description="pairs to label: prompt + chosen/rejected (or response_a/response_b)")
     prompts: DataSpec | None = Field(None, description="or prompts to sample pairs for, with the policy (model)")
     sampling: PairSampling = Field(default_factory=PairSampling, description="how the policy samples responses for prompts")
+    generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")
     swap: bool = Field(True, description="judge every pair in both orders and average (removes position bias)")
     min_confidence: Annotated[float, Field(ge=0.5, lt=1)] = Field(0.5, description="drop pairs labelled with less confidence")
 
@@ -423,6 +440,7 @@ class LabelStepsConfig(StageConfig):
     )
     step_separator: str = Field("\n", min_length=1, description="what ends each step (as `align prm` reads the output)")
     sampling: StepSampling = Field(default_factory=StepSampling, description="how solutions and rollouts are sampled")
+    generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")
 
     def data_files(self) -> list[str]:
         return [self.prompts.path]
@@ -484,6 +502,7 @@ class PPOConfig(OneReward, StageConfig):
     eval_prompts: DataSpec | None = Field(None, description="held-out prompts scored every eval_every updates (default: prompts' eval_fraction)")
     value_model: str | None = Field(None, description="default: the reward model when it shares the policy's tokenizer")
     ppo: PPOSpec = Field(default_factory=PPOSpec, description="PPO's rollout, reward shaping and update settings")
+    generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")
     train: PPOTrain = Field(default_factory=PPOTrain, description="optimiser, schedule and checkpoints")
 
     def data_files(self) -> list[str]:
@@ -527,6 +546,7 @@ class BestOfNConfig(OneReward, StageConfig):
     stage: Literal["best-of-n"] = Field("best-of-n", description="the stage type")
     prompts: DataSpec = Field(description="prompt-only file ('prompt' column)")
     sampling: BestOfNSampling = Field(default_factory=BestOfNSampling, description="how the n samples are drawn")
+    generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")
     min_gap: Annotated[float, Field(ge=0)] = Field(
         0.0, description="skip a prompt whose best and worst samples score within this of each other (0: only exact ties)"
     )
@@ -566,6 +586,7 @@ class EvalConfig(JudgeQuestion, StageConfig):
     reference: str | None = Field(None, description="default: the model the stage started from (its manifest)")
     no_reference: bool = Field(False, description="skip KL and win rate")
     sampling: EvalSampling = Field(default_factory=EvalSampling, description="how samples are drawn")
+    generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")
     sample_table: Annotated[int, Field(ge=0)] = Field(5, description="model-vs-reference samples kept for the report")
     best_of: Annotated[int, Field(ge=2)] | None = Field(
         None, description="evaluate the best-of-N policy on the model: each sample is the pick of N by the first reward "
@@ -608,6 +629,7 @@ class OnlineRLConfig(JudgeQuestion, StageConfig):
     reward_judge: JudgeSpec | None = Field(None, description="an AI judge rates each completion 1-10 (direct RLAIF)")
     reward_aggregate: RewardAggregate = "min"
     online: OnlineSpec = Field(default_factory=OnlineSpec, description="sampling and loss settings")
+    generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")
     train: OnlineTrain = Field(default_factory=OnlineTrain, description="optimiser, schedule and checkpoints")
 
     def data_files(self) -> list[str]:

@@ -114,6 +114,7 @@ OUTPUT = flag("output", "--output", "-o")
 SEED = flag("train.seed", "--seed")
 LORA = (flag("lora.enabled", "--lora", off="--no-lora"), flag("lora.qlora", "--qlora"))
 PRECISION = (flag("model.dtype", "--dtype"), flag("train.precision", "--precision"))
+ENGINE = flag("generation.engine", "--engine")  # every stage that samples
 
 # The optimiser, schedule and checkpoint cadence of every training stage.
 OPTIMISATION = (

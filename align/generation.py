@@ -97,6 +97,7 @@ def sample_statistics(lengths: torch.Tensor, finished: torch.Tensor, scores: tor
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
+    """The tokenizer's EOS and those of the model's generation config (a vLLM engine: of its checkpoint's)."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
@@ -113,9 +114,12 @@ def sample_ids(model, tokenizer, inputs: list[list[int]], sampling: SamplingSpec
     """`sampling.num_samples` completions continuing each token-id input, in input order.
 
     Each batch is seeded from (seed, batch index), so a run is reproducible for a given batch size.
+    `model` may be a vLLM engine (align.engines.open_sampler): it seeds each request instead.
     """
-    device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
+    if not isinstance(model, torch.nn.Module):
+        return model.sample_ids(tokenizer, inputs, sampling, eos_ids, progress)
+    device = next(model.parameters()).device
     requests = [(i, ids) for i, ids in enumerate(inputs) for _ in range(sampling.num_samples)]
     results: list[list[Completion]] = [[] for _ in inputs]
     settings = dict(

@@ -16,6 +16,7 @@ from align import distributed, memory, stages
 from align.checkpoints import has_started, is_complete, is_up_to_date, read_manifest
 from align.config import StageConfig
 from align.errors import ConfigError, OutputError
+from align.engines import check_stage_engine
 from align.precision import check_stage_precision, warn_pure_bfloat16
 from align.recipe import Recipe
 
@@ -38,6 +39,7 @@ def run_stage(config: StageConfig) -> Path:
         log.info("%s is already complete; nothing to resume", config.output)
         return Path(config.output)
     check_stage_precision(config)  # a combination that cannot train is refused before anything loads
+    check_stage_engine(config)  # and an engine that is not installed or cannot serve the adapter
     warn_pure_bfloat16(config)
     distributed.claim_device()  # this process's GPU, before any model (reward, judge, policy) loads
     stage = stages.get(config.stage)
@@ -66,6 +68,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False)
     for config in recipe.stages:  # a stage that cannot train is refused before the first one runs
         try:
             check_stage_precision(config)
+            check_stage_engine(config)
         except ConfigError as exc:
             raise ConfigError(f"stage '{config.name}': {exc}") from None
     results = []

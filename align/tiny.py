@@ -55,16 +55,17 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(output: Path, seed: int = 0, vocab_size: int = 512) -> Path:
-    """Write a tiny random Llama checkpoint with its tokenizer to `output`."""
+def build_tiny_model(output: Path, seed: int = 0, vocab_size: int = 512, head_dim: int = 16) -> Path:
+    """Write a tiny random Llama checkpoint with its tokenizer to `output` (hidden size 64, in heads of
+    `head_dim`: vLLM's CPU attention needs at least 32)."""
     tokenizer = build_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=64 // head_dim,
+        num_key_value_heads=max(1, 32 // head_dim),
         max_position_embeddings=512,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

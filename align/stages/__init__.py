@@ -22,7 +22,7 @@ from pathlib import Path
 from align import config as schema
 from align.errors import ConfigError
 from align.flags import (
-    LORA, MODEL, OPTIMISATION, OUTPUT, PRECISION, PROMPTS, REWARD_JUDGE, REWARD_SOURCES, SAMPLING, TRAINER, JUDGE_QUESTION,
+    ENGINE, LORA, MODEL, OPTIMISATION, OUTPUT, PRECISION, PROMPTS, REWARD_JUDGE, REWARD_SOURCES, SAMPLING, TRAINER, JUDGE_QUESTION,
     Flag, flag,
 )
 
@@ -64,7 +64,7 @@ ONLINE_FLAGS = (
     MODEL, PROMPTS, OUTPUT, *REWARD_SOURCES,
     flag("online.num_generations", "--num-generations"), flag("online.max_new_tokens", "--max-new-tokens"),
     flag("online.temperature", "--temperature"), flag("online.beta", "--beta"),
-    *OPTIMISATION, *LORA, *PRECISION,
+    *OPTIMISATION, *LORA, *PRECISION, ENGINE,
 )
 LOSS_CURVES = ("loss", "eval_loss")
 
@@ -115,7 +115,7 @@ _ENTRIES = (
          flag("train.learning_rate", "--learning-rate", "--lr"), flag("train.lr_scheduler", "--lr-scheduler"),
          flag("train.warmup_ratio", "--warmup-ratio"), flag("train.max_steps", "--max-steps"),
          flag("train.gradient_checkpointing", "--gradient-checkpointing"), flag("train.save_steps", "--save-steps"),
-         flag("train.seed", "--seed"), flag("train.report_to", "--report-to"), *LORA, *PRECISION),
+         flag("train.seed", "--seed"), flag("train.report_to", "--report-to"), *LORA, *PRECISION, ENGINE),
         curves=(("score", "eval_score"), ("kl",), ("policy_loss", "value_loss"), ("entropy",),
                 ("response_length", "eval_response_length")),
         reward_vs_kl=True,
@@ -136,7 +136,7 @@ _ENTRIES = (
         "Constitutional AI data: answer, critique under a principle, revise; writes SFT rows and preference pairs.",
         (MODEL, PROMPTS, OUTPUT, flag("constitution", "--constitution"), flag("rounds", "--rounds"),
          flag("samples_per_prompt", "--samples-per-prompt"), flag("few_shot", "--few-shot", off="--no-few-shot"),
-         *(f for f in SAMPLING if f.key != "sampling.num_samples")),
+         *(f for f in SAMPLING if f.key != "sampling.num_samples"), ENGINE),
         output_help="Output directory (sft.jsonl, pairs.jsonl, trace.jsonl).",
         trains=False, writes={"sft": "sft.jsonl", "pairs": "pairs.jsonl"},
     ),
@@ -149,7 +149,7 @@ _ENTRIES = (
          flag("judge.chain_of_thought", "--judge-cot"), flag("swap", "--swap", off="--no-swap"),
          flag("min_confidence", "--min-confidence"), flag("sampling.max_new_tokens", "--max-new-tokens"),
          flag("sampling.temperature", "--temperature"), flag("judge.batch_size", "--batch-size"),
-         flag("sampling.seed", "--seed")),
+         flag("sampling.seed", "--seed"), ENGINE),
         output=".jsonl", output_help="Output JSONL of labelled pairs (prompt, chosen, rejected, label_prob).",
         trains=False,
     ),
@@ -161,7 +161,7 @@ _ENTRIES = (
         (flag("model.path", "--policy", "-m", help="the policy whose solutions are labelled: local dir, stage output or built-in name"),
          PROMPTS, OUTPUT, flag("answer_fn", "--answer-fn"), flag("step_fn", "--step-fn"),
          flag("rollouts", "--rollouts"), flag("labels", "--labels"), flag("step_separator", "--step-separator"), *SAMPLING,
-         flag("model.dtype", "--dtype")),
+         flag("model.dtype", "--dtype"), ENGINE),
         output=".jsonl", output_help="Output JSONL of stepwise rows (prompt, completions, labels).", trains=False,
     ),
     Stage(
@@ -171,7 +171,7 @@ _ENTRIES = (
         "manifest has the mean sample and best scores and the best-of-n policy's KL bound, log n - (n-1)/n.",
         (MODEL, PROMPTS, OUTPUT, flag("reward_model.path", "--reward-model"), flag("reward_fn", "--reward-fn"),
          *REWARD_JUDGE, flag("reward_aggregate", "--reward-aggregate"), *SAMPLING, flag("sampling.top_p", "--top-p"), flag("min_gap", "--min-gap"),
-         flag("model.dtype", "--dtype")),
+         flag("model.dtype", "--dtype"), ENGINE),
         output_help="Output directory (best.jsonl, pairs.jsonl, samples.jsonl).",
         trains=False, writes={"sft": "best.jsonl", "pairs": "pairs.jsonl"},
     ),
@@ -180,14 +180,14 @@ _ENTRIES = (
         "Sample completions from any model or stage output into a JSONL file.\n\n"
         "Sampling follows --temperature and --top-p only: the checkpoint's own generation_config settings "
         "(top_k, repetition_penalty, no_repeat_ngram_size, ...) are not applied.",
-        (MODEL, PROMPTS, OUTPUT, *SAMPLING, flag("sampling.top_p", "--top-p")),
+        (MODEL, PROMPTS, OUTPUT, *SAMPLING, flag("sampling.top_p", "--top-p"), ENGINE),
         output=".jsonl", output_help="Output JSONL file.", trains=False, resumes=False,
     ),
     Stage(
         "eval", schema.EvalConfig,
         "Evaluate a model: rewards, KL and win rate against its reference, accuracy on pairs.",
         (MODEL, PROMPTS, OUTPUT, *REWARD_SOURCES, flag("reference", "--reference"), flag("no_reference", "--no-reference"),
-         flag("pairs.path", "--pairs"), *SAMPLING, flag("sampling.top_p", "--top-p"), flag("best_of", "--best-of")),
+         flag("pairs.path", "--pairs"), *SAMPLING, flag("sampling.top_p", "--top-p"), flag("best_of", "--best-of"), ENGINE),
         output=".json", output_help="Where to write metrics.json.", trains=False, resumes=False,
     ),
     Stage(

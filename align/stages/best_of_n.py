@@ -33,7 +33,8 @@ from align.config import BestOfNConfig
 from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
 from align.errors import TrainingError
 from align.generation import Completion, row_seed, sample
-from align.models import load_model, load_tokenizer, resolve_model
+from align.engines import open_sampler
+from align.models import load_tokenizer, resolve_model
 from align.rewards import load_reward
 
 log = logging.getLogger("align")
@@ -49,7 +50,7 @@ def run(config: BestOfNConfig) -> Path:
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
     reward = load_reward(config, config.score_batch_size, config.reward_in_4bit, conversational=is_messages(prompts[0]))
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
-    model = load_model(config.model, source).eval()
+    model = open_sampler(config.model, source, config.generation, config.sampling.seed)
     outputs = PartialRows({k: out / f"{k}.jsonl" for k in FILES}, out / "progress.json", resume=config.resume)
     if outputs.done:
         log.info("best-of-n: resuming after prompt %d of %d", outputs.done, len(prompts))

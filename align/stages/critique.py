@@ -29,7 +29,8 @@ from align.constitution import Constitution, Example, Principle, load_constituti
 from align.data import PROMPT_FORMATS, as_messages, last_text, load_split
 from align.errors import DataError, ModelError
 from align.generation import prompt_ids, sample
-from align.models import context_length, load_model, load_tokenizer, resolve_model
+from align.engines import open_sampler
+from align.models import context_length, load_tokenizer, resolve_model
 
 log = logging.getLogger("align")
 
@@ -58,7 +59,7 @@ def run(config: CritiqueConfig) -> Path:
     reviser = Reviser(tokenizer, constitution, config, context_length(config.model, source))
     reviser.check_fits(prompts)
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
-    reviser.model = load_model(config.model, source)
+    reviser.model = open_sampler(config.model, source, config.generation, config.sampling.seed)
     outputs = PartialRows({k: out / f"{k}.jsonl" for k in ("sft", "pairs", "trace")}, out / "progress.json", resume=config.resume)
     if outputs.done:
         log.info("critique: resuming after prompt %d of %d", outputs.done, len(prompts))

@@ -13,7 +13,8 @@ from align.checkpoints import atomic_write_text, prepare_output_file, write_mani
 from align.config import GenerateConfig
 from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
 from align.generation import sample
-from align.models import load_model, load_tokenizer, resolve_model
+from align.engines import open_sampler
+from align.models import load_tokenizer, resolve_model
 
 log = logging.getLogger("align")
 
@@ -27,7 +28,7 @@ def run(config: GenerateConfig) -> Path:
     prompts = [row["prompt"] for row in rows]
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
     prepare_output_file(out, overwrite=config.overwrite or config.resume)
-    model = load_model(config.model, source)
+    model = open_sampler(config.model, source, config.generation, config.sampling.seed)
 
     total = len(prompts) * config.sampling.num_samples
     with tqdm(total=total, desc="generate", unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:

@@ -27,7 +27,8 @@ from align.constitution import load_constitution
 from align.data import PROMPT_FORMATS, is_messages, last_text, load_split, use_chat_template
 from align.generation import sample
 from align.judge import load_judge
-from align.models import load_model, load_tokenizer, resolve_model
+from align.engines import open_sampler
+from align.models import load_tokenizer, resolve_model
 
 log = logging.getLogger("align")
 
@@ -89,7 +90,7 @@ def _pairs(config: LabelConfig, sidecar: Path) -> tuple[list[dict], int]:
     _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
     prompts = [r["prompt"] for r in rows]
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
-    model = load_model(config.model, source)
+    model = open_sampler(config.model, source, config.generation, config.sampling.seed)
     with tqdm(total=len(prompts) * config.sampling.num_samples, desc="sample pairs", unit="sample",
               disable=not log.isEnabledFor(logging.INFO)) as bar:
         samples = sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update)

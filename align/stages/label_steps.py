@@ -33,7 +33,8 @@ from align.config import LabelStepsConfig
 from align.data import PROMPT_FORMATS, check_separator, is_messages, load_split, split_steps, step_ids, use_chat_template
 from align.errors import ConfigError
 from align.generation import row_seed, sample, sample_ids
-from align.models import check_architecture, load_model, load_tokenizer, resolve_model
+from align.engines import open_sampler
+from align.models import check_architecture, load_tokenizer, resolve_model
 from align.rewards import call_user, load_function
 
 log = logging.getLogger("align")
@@ -50,7 +51,7 @@ def run(config: LabelStepsConfig) -> Path:
     chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0]["prompt"]), config.prompts.path)
     if not config.resume:
         prepare_output_file(out, overwrite=config.overwrite)
-    model = load_model(config.model, source).eval()
+    model = open_sampler(config.model, source, config.generation, config.sampling.seed)
     outputs = PartialRows({"steps": out}, out.with_name(out.name + ".progress.json"), resume=config.resume)
     if outputs.done:
         log.info("label-steps: resuming after prompt %d of %d", outputs.done, len(rows))

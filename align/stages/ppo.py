@@ -37,11 +37,11 @@ from align.config import ModelSpec, PPOConfig, PPOSpec
 from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
 from align.errors import ConfigError, DataError, TrainingError
 from align.generation import (ModelInputs, Rollout, model_inputs, prompt_ids, response_logits, response_logits_and_values,
-                              response_values, sample_rollout)
+                              response_values, sample_rollout, unwrapped)
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.memory import peak_memory_mb
 from align.rewards import ProcessRewardModel, RewardModel, load_reward
-from align.roles import Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
+from align.roles import POLICY, Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
 from align.precision import autocast, compute_dtype, grad_scaler, weights_dtype
 from align.training import check_tracker
 
@@ -117,6 +117,7 @@ class Session:
     updates: int
     global_batch: int  # rollouts per update over all processes
     tracker: Any = None
+    engine: Any = None  # a vLLM engine (generation.engine: vllm) that samples the rollouts, or None: the policy does
 
 
 def run(config: PPOConfig) -> Path:
@@ -162,7 +163,8 @@ def run(config: PPOConfig) -> Path:
     log.info("ppo: %d updates of %d rollouts (%d per process x %d), %s trainable parameters, value from %s",
              updates, global_batch, config.train.batch_size, distributed.world_size(),
              f"{sum(p.numel() for p in state.params.values()):,}", value_source or "scratch")
-    run = Session(config, out, roles, tokenizer, prompts, held_out, reward, updates, global_batch, _tracker(config, out))
+    engine = _engine(config, source, roles, context_length(config.model, source)) if config.generation.engine == "vllm" else None
+    run = Session(config, out, roles, tokenizer, prompts, held_out, reward, updates, global_batch, _tracker(config, out), engine)
     baseline = _baseline(run, first)
 
     dense = isinstance(reward, ProcessRewardModel) and not reward.outcome_only and ppo.process_rewards == "dense"
@@ -172,8 +174,10 @@ def run(config: PPOConfig) -> Path:
         began = time.perf_counter()
         # 1. rollout: this process's share of the update's prompts, answered in eval mode
         picked, seeds = _prompts_of_update(run, step)
+        if engine:  # the engine serves the policy as the last update left it
+            _sync_engine(engine, roles)
         with _compute(config, roles):
-            rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], ppo, out, seeds)
+            rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], ppo, out, seeds, engine)
         sampled = time.perf_counter()
         # 2. score: the reward on the decoded text, normalised over every process's scores
         completions = _decode(tokenizer, rollout)
@@ -189,11 +193,13 @@ def run(config: PPOConfig) -> Path:
                 all_scores = distributed.gather(raw_scores)
                 scores = _normalise(raw_scores, all_scores, state.moments, ppo)
             # 3. advantages: reference and value passes, the KL penalty, GAE
-            batch = _score_batch(roles, rollout, scores, config, state, step, recompute=not _sampling_is_exact(config))
+            batch = _score_batch(roles, rollout, scores, config, state, step,
+                                 recompute=engine is not None or not _sampling_is_exact(config))
+        engine_stats = _engine_gap(rollout, batch, config, step, out) if engine else {}
         scored = time.perf_counter()
         # 4. update: ppo_epochs over shuffled mini-batches
         train_stats = _update(roles, state, batch, config, step, out)
-        timings = {"time_generate": sampled - began, "time_score": scored - sampled, "time_train": time.perf_counter() - scored}
+        timings = {**engine_stats, "time_generate": sampled - began, "time_score": scored - sampled, "time_train": time.perf_counter() - scored}
         # 5. log and save
         if step % ppo.sample_every == 0:
             _log_samples(out, step + 1, [prompts.raw[i] for i in picked], completions, raw_scores)
@@ -202,6 +208,8 @@ def run(config: PPOConfig) -> Path:
 
     if run.tracker:
         run.tracker.end_training()
+    if engine:
+        engine.close()
     save_stage_model(roles.policy, tokenizer, out, config.model, source, config.lora)
     save_value(roles, out / "value")
     write_manifest(
@@ -227,7 +235,9 @@ def _after_update(run: Session, state: Optimisation, step: int, batch: Batch, ro
         state.kl_controller.update(sequence_kl, run.global_batch)
     metrics = {**_update_metrics(step, run.global_batch, all_scores, sequence_kl, batch, rollout, state), **stats}
     if config.ppo.eval_every and run.held_out and (done % config.ppo.eval_every == 0 or done == run.updates):
-        metrics.update(_evaluate(run.roles, run.tokenizer, run.held_out, run.reward, config))
+        if run.engine:
+            _sync_engine(run.engine, run.roles)
+        metrics.update(_evaluate(run.roles, run.tokenizer, run.held_out, run.reward, config, run.engine))
     append_metrics(run.out, {"stage": "ppo", **metrics})
     if run.tracker:
         run.tracker.log(metrics, step=done)
@@ -380,14 +390,55 @@ def _sampling_is_exact(config: PPOConfig) -> bool:
     return compute_dtype(config.train.precision) == weights_dtype(config.model, not config.lora.enabled) == torch.float32
 
 
-def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], ppo: PPOSpec, out: Path, seeds: list[int]) -> Rollout:
+def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], ppo: PPOSpec, out: Path, seeds: list[int], engine=None) -> Rollout:
     try:
         with roles.acting() as policy:
+            if engine:
+                return engine.rollout(prompts, ppo.max_new_tokens, ppo.temperature, seeds, tokenizer.pad_token_id,
+                                      generation.eos_token_ids(policy, tokenizer), roles.device)
             return sample_rollout(policy, tokenizer, prompts, ppo.max_new_tokens, ppo.temperature, seeds)
     except RuntimeError as exc:
         if "inf" in str(exc) or "nan" in str(exc):  # the sampler met a diverged policy's logits
             _diverged(out, "the policy's probabilities became NaN/inf while sampling")
         raise
+
+
+def _engine(config: PPOConfig, source: str, roles: Roles, window: int):
+    """A vLLM engine serving the starting policy (LoRA: its base, with adapters enabled), in the
+    compute precision."""
+    from align.engines import VLLMEngine, engine_dtype
+
+    return VLLMEngine(source, config.generation, dtype=engine_dtype(config.model, config.train.precision), seed=config.train.seed,
+                      lora_rank=config.lora.r if roles.shared_base else None, max_model_len=window,
+                      trust_remote_code=config.model.trust_remote_code)
+
+
+def _sync_engine(engine, roles: Roles) -> None:
+    """Give the engine the policy's current weights: LoRA, its adapter alone; full fine-tuning, every weight."""
+    if roles.shared_base:
+        engine.load_adapter(roles.policy, POLICY)
+    else:
+        engine.load_weights(unwrapped(roles.policy))
+
+
+def _engine_gap(rollout: Rollout, batch: Batch, config: PPOConfig, step: int, out: Path) -> dict[str, float]:
+    """The stale-weights guard: the engine's log-probs of the tokens it sampled against the trainer's
+    own forward pass on them (the behaviour log-probs PPO uses). They differ by rounding when the
+    engine serves the trainer's weights; a larger mean gap means it serves other weights (a missed
+    sync, an adapter it did not apply), and the run stops before training on those samples."""
+    gap = (rollout.logprobs.float() - batch.old_logprobs).abs() * batch.mask
+    stats = distributed.all_mean({"engine_logprob_gap": float(gap.sum() / batch.mask.sum().clamp(min=1)),
+                                  "engine_logprob_gap_max": float(gap.max())})
+    limit = config.generation.max_logprob_gap
+    if stats["engine_logprob_gap"] > limit:
+        last = latest_checkpoint(out)
+        raise TrainingError(
+            f"update {step + 1}: the vLLM engine's log-probs of its own samples differ from the trainer's by "
+            f"{stats['engine_logprob_gap']:.3f} nats per token (max {stats['engine_logprob_gap_max']:.2f}), above "
+            f"generation.max_logprob_gap={limit}: the engine is serving different weights than the trainer. Training "
+            f"stopped before this update; {f'the last checkpoint is kept in {last}' if last else 'no checkpoint was saved yet'}."
+        )
+    return stats
 
 
 def _decode(tokenizer, rollout: Rollout) -> list[str]:
@@ -646,7 +697,7 @@ def _diverged(out: Path, what: str) -> None:
 
 
 @torch.no_grad()
-def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConfig) -> dict[str, float]:
+def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConfig, engine=None) -> dict[str, float]:
     """Mean reward, length and EOS rate of sampled responses on held-out prompts (each process
     samples every world_size-th prompt; the same seeds each time, so evals compare like with like)."""
     mine = list(range(distributed.rank(), len(prompts.ids), distributed.world_size()))
@@ -654,9 +705,8 @@ def _evaluate(roles: Roles, tokenizer, prompts: Prompts, reward, config: PPOConf
     for start in range(0, len(mine), config.train.batch_size):
         chunk = mine[start:start + config.train.batch_size]
         seeds = [generation.row_seed(config.train.seed, -1, i) for i in chunk]
-        with roles.acting() as policy, _compute(config, roles):
-            rollout = sample_rollout(policy, tokenizer, [prompts.ids[i] for i in chunk], config.ppo.max_new_tokens,
-                                     config.ppo.temperature, seeds)
+        with _compute(config, roles):
+            rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in chunk], config.ppo, Path(config.output), seeds, engine)
         with _compute(config, roles):
             scores.append(reward([prompts.raw[i] for i in chunk], _decode(tokenizer, rollout)).float().cpu())
         lengths.append(rollout.response_mask.sum(1).float().cpu())
@@ -670,7 +720,9 @@ def _baseline(run: Session, first: int) -> dict:
     if not (run.held_out and run.config.ppo.eval_every):
         return {}
     if first == 0:
-        start = _evaluate(run.roles, run.tokenizer, run.held_out, run.reward, run.config)
+        if run.engine:
+            _sync_engine(run.engine, run.roles)
+        start = _evaluate(run.roles, run.tokenizer, run.held_out, run.reward, run.config, run.engine)
         append_metrics(run.out, {"stage": "ppo", "step": 0, **start})
     else:
         start = next((r for r in read_records(run.out / METRICS) if r.get("step") == 0), {})
