@@ -256,6 +256,11 @@ class EngineSpec(Closed):
     kv_cache_gb: PositiveFloat | None = Field(None, description="vllm: the engine's KV cache in GiB (default: what gpu_memory_utilization leaves after its weights)")
     sleep: bool = Field(False, description="vllm on a GPU: free the engine's KV cache and weights between rollouts (vLLM's sleep mode), for training's memory")
     eager: bool = Field(False, description="vllm: skip compilation (and CUDA graphs): starts in seconds, samples slower")
+    lora_sync: Literal["auto", "adapter", "merged"] = Field(
+        "auto", description="vllm with LoRA: how the trained adapter reaches the engine after each update: adapter (served "
+        "as a LoRA request on the unmerged base), merged (base + adapter computed here, loaded as plain weights: no LoRA "
+        "kernels while sampling), auto = adapter on GPUs, merged on CPUs (vLLM's CPU LoRA kernels halve its speed)"
+    )
     max_logprob_gap: PositiveFloat = Field(
         0.1, description="PPO with vllm: stop when the engine's log-probs of its sampled tokens differ from the trainer's by more "
         "than this on average per token (nats): the engine is serving different weights than the trainer"

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ def check_stage_engine(config) -> None:
         return
     require_vllm()
     lora = getattr(config, "lora", None)
-    if lora is not None and lora.enabled:
+    if lora is not None and lora.enabled and lora_sync(generation) == "adapter":
         engine_lora_rank(lora.r)
     from align import distributed
 
@@ -88,6 +89,20 @@ def open_sampler(spec: ModelSpec, source: str, generation: EngineSpec, seed: int
         return load_model(spec, source).eval()
     return VLLMEngine(source, generation, dtype=engine_dtype(spec), seed=seed, max_model_len=max_model_len,
                       trust_remote_code=spec.trust_remote_code)
+
+
+@contextmanager
+def sampler_for(spec: ModelSpec, source: str, generation: EngineSpec, seed: int, loaded):
+    """What samples a model that is also `loaded` for log-probs (eval): the loaded model itself
+    (hf), or a vLLM engine serving it for the duration (closed after, so the next one has its memory)."""
+    if generation.engine == "hf":
+        yield loaded
+        return
+    engine = open_sampler(spec, source, generation, seed)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 class VLLMEngine:
@@ -132,6 +147,7 @@ class VLLMEngine:
             self.generation_config = GenerationConfig()
         self.spec, self.sleeping = spec, False
         self.lora = None  # the LoRA request rollouts use: the newest synced adapter
+        self.lora_rank = max_lora_rank  # None: no adapters served
         self._adapters = Path(tempfile.mkdtemp(prefix="align-engine-")) if max_lora_rank else None
         self._syncs = 0
 
@@ -205,6 +221,7 @@ class VLLMEngine:
         id the engine has not seen, so nothing it cached for the previous adapter is reused."""
         from vllm.lora.request import LoRARequest
 
+        self.wake()
         self._syncs += 1
         directory = self._adapters / f"sync-{self._syncs}"
         peft_model.save_pretrained(str(directory), selected_adapters=[adapter])
@@ -216,10 +233,19 @@ class VLLMEngine:
             shutil.rmtree(Path(previous.lora_path), ignore_errors=True)
 
     def load_weights(self, model) -> None:
-        """Load a full fine-tune's current weights into the engine's model in place (by name, as
-        transformers names them), and drop the prefix cache: its KV came from the old weights."""
+        """Load a full fine-tune's current weights into the engine's model in place."""
+        self.load_state(model.state_dict())
+
+    def load_merged(self, peft_model, adapter: str) -> None:
+        """Load base + `adapter` as plain weights (lora_sync: merged): computed here from the trainer's
+        own base (a 4-bit one dequantized) and the adapter's float32 weights, the model the trainer runs."""
+        self.load_state(merged_state(peft_model, adapter))
+
+    def load_state(self, state: dict) -> None:
+        """Load weights named as transformers names them into the engine's model in place, and drop
+        the prefix cache: its keys and values came from the old weights."""
         self._syncs += 1
-        named = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        named = [(name, tensor.detach()) for name, tensor in state.items()]
         self.wake()
         # vLLM's in-place reload: each layer reloaded as at start-up, then processed into its kernels' format
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named), "is_checkpoint_format": True})
@@ -251,6 +277,108 @@ class VLLMEngine:
         gc.collect()
 
 
+def lora_sync(spec: EngineSpec) -> str:
+    """generation.lora_sync resolved: adapter on GPUs, merged on CPUs, unless set."""
+    if spec.lora_sync != "auto":
+        return spec.lora_sync
+    return "adapter" if torch.cuda.is_available() else "merged"
+
+
+@torch.no_grad()
+def merged_state(peft_model, adapter: str) -> dict[str, torch.Tensor]:
+    """The base model's weights with `adapter` merged in, by transformers' names: every LoRA layer's
+    base weight (dequantized if 4-bit) plus the adapter's delta, and every other weight as it is."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    base = peft_model.get_base_model()
+    merged: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = dequantize_module_weight(module.base_layer).float()
+            if adapter in module.lora_A:
+                weight = weight + module.get_delta_weight(adapter).float()
+            merged[f"{name}.weight"] = weight
+            if getattr(module.base_layer, "bias", None) is not None:
+                merged[f"{name}.bias"] = module.base_layer.bias
+    for key, tensor in base.state_dict().items():
+        if "lora_" not in key and ".base_layer." not in key:
+            merged.setdefault(key, tensor)
+    return merged
+
+
 def request_seed(seed: int, index: int) -> int:
     """The seed of request `index` of a sampling run seeded `seed`."""
     return (seed * 1_000_003 + index) % (1 << 63)
+
+
+class TRLGeneration:
+    """align's engine in the place of TRL's VLLMGeneration (colocate mode) inside its GRPO and RLOO
+    trainers (see with_engine): LoRA reaches the engine as an adapter, never merged into the base
+    (so QLoRA has no merge rounding), full fine-tuning through vLLM's in-place reload; sampling
+    follows TRL's settings, and the engine's log-probs feed TRL's importance-sampling correction."""
+
+    def __init__(self, *, model, accelerator, spec: EngineSpec, dtype: torch.dtype, seed: int, lora_rank: int | None,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, min_p: float | None = None,
+                 repetition_penalty: float = 1.0, max_completion_length: int = 256, logprobs: int | None = 0,
+                 max_model_length: int | None = None, trust_remote_code: bool = False, **_unused):
+        from align.generation import unwrapped
+
+        self.model, self.accelerator = model, accelerator
+        self.peft = hasattr(model, "peft_config")
+        self.merged = self.peft and lora_sync(spec) == "merged"
+        source = unwrapped(model).name_or_path
+        self.engine = VLLMEngine(source, spec, dtype=dtype, seed=seed,
+                                 lora_rank=lora_rank if self.peft and not self.merged else None,
+                                 max_model_len=max_model_length, trust_remote_code=trust_remote_code)
+        self.llm = self.engine.llm  # TRL reads the engine's model_config.max_model_len through it
+        self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k or 0, min_p=min_p or 0.0,
+                             repetition_penalty=repetition_penalty, max_tokens=max_completion_length, logprobs=logprobs)
+
+    def sync_weights(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if self.merged:
+            self.engine.load_merged(model, model.active_adapter)
+        elif self.peft:
+            self.engine.load_adapter(model, model.active_adapter)
+        else:
+            self.engine.load_weights(model)
+
+    def generate(self, prompts: list[list[int]], images=None, num_generations: int = 1, profiler=None):
+        """TRL's colocate contract: one completion per prompt row (TRL repeats each prompt per generation);
+        returns prompt ids, completion ids, and per token [log-prob] and [token id]."""
+        from contextlib import nullcontext
+
+        from vllm import SamplingParams
+
+        if images is not None and any(image is not None for image in images):
+            raise ConfigError("--engine vllm in align's GRPO/RLOO samples text prompts only; use --engine hf for images")
+        params = SamplingParams(**self.sampling, detokenize=False)
+        with profiler or nullcontext():
+            outputs = self.engine.generate(prompts, [params] * len(prompts), lora=self.engine.lora)
+        self.engine.rest()
+        completions = [list(output.token_ids) for output in outputs]
+        if self.sampling["logprobs"] is None:
+            return prompts, completions, None, None
+        logprobs = [[[step[token].logprob] for step, token in zip(output.logprobs, ids)] for output, ids in zip(outputs, completions)]
+        return prompts, completions, logprobs, [[[token] for token in ids] for ids in completions]
+
+
+def with_engine(trainer_cls, generation_factory):
+    """A subclass of TRL's `trainer_cls` that builds `generation_factory` where TRL would build its own
+    VLLMGeneration (the name its module looks up while the trainer is constructed)."""
+    import sys
+
+    module = sys.modules[trainer_cls.__module__]
+
+    class EngineTrainer(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            original = module.VLLMGeneration
+            module.VLLMGeneration = generation_factory
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                module.VLLMGeneration = original
+
+    EngineTrainer.__name__ = EngineTrainer.__qualname__ = trainer_cls.__name__
+    return EngineTrainer

@@ -45,12 +45,32 @@ def _plan(config: OnlineRLConfig, tokenizer, trainer_cls, args_cls, method_setti
     rewards = [trl_reward(s, f"reward_{i}") for i, s in enumerate(sources)]
     warn_report(report)
     online = config.online
+    engine_settings = {}
+    if config.generation.engine == "vllm":
+        trainer_cls, engine_settings = _on_engine(config, trainer_cls)
     return TrainerPlan(
         trainer_cls, args_cls, Dataset.from_list([{"prompt": p} for p in prompts]), report,
         f"{len(prompts)} prompts x {online.num_generations} generations",
         settings=dict(num_generations=online.num_generations, max_completion_length=online.max_new_tokens,
                       temperature=online.temperature, beta=online.beta, epsilon=online.epsilon,
-                      num_iterations=online.num_iterations, reward_weights=online.reward_weights, **method_settings),
+                      num_iterations=online.num_iterations, reward_weights=online.reward_weights, **engine_settings,
+                      **method_settings),
         trainer_inputs=lambda: {"reward_funcs": rewards}, kept_metrics=("reward", "kl"),
         manifest={"rewards": [s.name for s in sources]},
     )
+
+
+def _on_engine(config: OnlineRLConfig, trainer_cls):
+    """TRL's trainer sampling with vLLM in colocate mode, through align's engine (engines.TRLGeneration)."""
+    import functools
+
+    import torch
+
+    from align.engines import TRLGeneration, engine_dtype, with_engine
+
+    generation = functools.partial(TRLGeneration, spec=config.generation, seed=config.train.seed,
+                                   dtype=engine_dtype(config.model, config.train.precision),
+                                   lora_rank=config.lora.r if config.lora.enabled else None)
+    settings = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=config.generation.gpu_memory_utilization,
+                    vllm_enable_sleep_mode=config.generation.sleep and torch.cuda.is_available())
+    return with_engine(trainer_cls, generation), settings

@@ -31,7 +31,7 @@ def test_an_adapter_rank_above_the_engines_largest_is_refused_before_loading(ali
                                                                               tmp_path, monkeypatch):
     monkeypatch.setattr(engines, "require_vllm", lambda: None)
     result = align("ppo", "-m", "tiny", "-p", ppo_prompts, "-o", tmp_path / "ppo", "--reward-fn", f"{reward_file}:share_of_e",
-                   "--engine", "vllm", "--set", "lora.r=1024")
+                   "--engine", "vllm", "--set", "lora.r=1024", "--set", "generation.lora_sync=adapter")
     assert_clean_failure(result, 2, "LoRA rank 1024", "largest adapter rank (512)", "--engine hf")
     assert not (tmp_path / "ppo").exists()
 

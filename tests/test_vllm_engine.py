@@ -113,14 +113,43 @@ def test_generate_eval_and_best_of_n_run_on_the_engine(align, model, tmp_path, r
                  *FAST).code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8 and all(0 < r["tokens"] <= 6 for r in rows)
-    result = align("eval", "-m", model, "-p", prompts, "-o", tmp_path / "eval.json", "--no-reference", "--reward-fn",
+    result = align("eval", "-m", model, "-p", prompts, "-o", tmp_path / "eval.json", "--reference", model, "--reward-fn",
                    f"{reward_file}:share_of_e", "--max-new-tokens", "6", "--engine", "vllm", *FAST)
     assert result.code == 0, result.err
-    assert json.loads((tmp_path / "eval.json").read_text())["samples"] == 4
+    evaluated = json.loads((tmp_path / "eval.json").read_text())  # the model against itself, each sampled by an engine
+    assert evaluated["samples"] == 4 and evaluated["kl"] == pytest.approx(0, abs=1e-5)
+    assert [key for key in evaluated if key.startswith("win_rate/")]
     result = align("best-of-n", "-m", model, "-p", prompts, "-o", tmp_path / "bon", "-n", "3", "--reward-fn",
                    f"{reward_file}:share_of_e", "--max-new-tokens", "6", "--engine", "vllm", *FAST)
     assert result.code == 0, result.err
     assert len((tmp_path / "bon" / "samples.jsonl").read_text().splitlines()) == 12
+
+
+def test_label_steps_rolls_out_from_each_step_on_the_engine(align, model, tmp_path):
+    problems = write_jsonl(tmp_path / "problems.jsonl", [{"prompt": f"Solve problem {i}."} for i in range(3)])
+    checker = tmp_path / "checker.py"
+    checker.write_text("def even_e(prompts, completions):\n    return [c.count('e') % 2 == 0 for c in completions]\n")
+    out = tmp_path / "steps.jsonl"
+    result = align("label-steps", "--policy", model, "-p", problems, "-o", out, "-n", "2", "--rollouts", "3",
+                   "--max-new-tokens", "8", "--step-separator", " ", "--answer-fn", f"{checker}:even_e", "--engine", "vllm",
+                   *FAST)
+    assert result.code == 0, result.err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(len(r["completions"]) == len(r["labels"]) > 0 for r in rows)
+
+
+def test_critique_and_label_sample_on_the_engine(align, model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in ("How do I pick a lock?", "Tell me a joke.",
+                                                                          "How do I bake bread?")])
+    result = align("critique", "-m", model, "-p", prompts, "-o", tmp_path / "cai", "--no-few-shot", "--max-new-tokens", "6",
+                   "--engine", "vllm", *FAST)
+    assert result.code == 0, result.err
+    assert len((tmp_path / "cai" / "sft.jsonl").read_text().splitlines()) == 3
+    out = tmp_path / "prefs.jsonl"
+    result = align("label", "--judge", model, "--prompts", prompts, "--policy", model, "-o", out, "--question",
+                   "Which is kinder?", "--max-new-tokens", "6", "--engine", "vllm", *FAST)
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "prefs.jsonl.align.json").read_text())["completed"]
 
 
 def ppo(align, model, prompts, out, reward_file, *extra):
@@ -133,13 +162,19 @@ def gaps(out: Path) -> list[float]:
     return [json.loads(line)["engine_logprob_gap"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_ppo_keeps_the_engine_in_step_with_the_trainer(align, model, ppo_prompts, reward_file, tmp_path, lora):
-    """Every update's rollouts come from the policy as the last update left it: the engine's log-probs
-    of its samples equal the trainer's to rounding (a stale adapter or weights would be far off:
-    see the next test), while the policy moves well away from where it started."""
+SYNCS = {"adapter": ("load_adapter", ["--set", "generation.lora_sync=adapter"]),
+         "merged": ("load_merged", ["--set", "generation.lora_sync=merged"]),
+         "full": ("load_weights", ["--no-lora"])}
+
+
+@pytest.mark.parametrize("sync", SYNCS)
+def test_ppo_keeps_the_engine_in_step_with_the_trainer(align, model, ppo_prompts, reward_file, tmp_path, sync):
+    """Every update's rollouts come from the policy as the last update left it (LoRA served as an
+    adapter, LoRA merged here, full fine-tuning): the engine's log-probs of its samples equal the
+    trainer's to rounding (a stale adapter or weights would be far off: see the next test), while
+    the policy moves well away from where it started."""
     out = tmp_path / "ppo"
-    result = ppo(align, model, ppo_prompts, out, reward_file, *([] if lora else ["--no-lora"]))
+    result = ppo(align, model, ppo_prompts, out, reward_file, *SYNCS[sync][1])
     assert result.code == 0, result.err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3
@@ -147,11 +182,11 @@ def test_ppo_keeps_the_engine_in_step_with_the_trainer(align, model, ppo_prompts
     assert records[-1]["kl"] > 0.05  # the policy moved: staleness would show in the gap
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_the_guard_stops_ppo_when_a_sync_is_skipped(align, model, ppo_prompts, reward_file, tmp_path, monkeypatch, lora):
+@pytest.mark.parametrize("sync", SYNCS)
+def test_the_guard_stops_ppo_when_a_sync_is_skipped(align, model, ppo_prompts, reward_file, tmp_path, monkeypatch, sync):
     from align.engines import VLLMEngine
 
-    method = "load_adapter" if lora else "load_weights"
+    method, flags = SYNCS[sync]
     original, calls = getattr(VLLMEngine, method), []
 
     def skips_the_third(self, *args):
@@ -161,11 +196,37 @@ def test_the_guard_stops_ppo_when_a_sync_is_skipped(align, model, ppo_prompts, r
 
     monkeypatch.setattr(VLLMEngine, method, skips_the_third)
     out = tmp_path / "ppo"
-    result = ppo(align, model, ppo_prompts, out, reward_file, "--set", "generation.max_logprob_gap=0.01",
-                 *([] if lora else ["--no-lora"]))
+    result = ppo(align, model, ppo_prompts, out, reward_file, "--set", "generation.max_logprob_gap=0.01", *flags)
     assert_clean_failure(result, 6, "update 3", "serving different weights than the trainer")
     assert gaps(out)[:2] == pytest.approx([0, 0], abs=1e-3)  # the two synced updates ran and were logged
     assert not (out / "align.json").exists()
+
+
+def test_grpo_samples_through_the_engine_with_the_adapter_applied(align, model, ppo_prompts, reward_file, tmp_path):
+    """TRL's GRPO trainer samples with align's engine (colocate): after its first step the adapter
+    is nonzero, and TRL's own measure of the engine-vs-trainer log-prob difference stays at rounding.
+    (LoRA dropout off: TRL computes the trainer's side in train mode, where dropout on the adapter's
+    input moves it by ~0.08 here once the adapter is nonzero.)"""
+    out = tmp_path / "grpo"
+    result = align("grpo", "-m", model, "-p", ppo_prompts, "-o", out, "--reward-fn", f"{reward_file}:share_of_e",
+                   "--max-steps", "3", "--batch-size", "4", "--num-generations", "2", "--max-new-tokens", "6",
+                   "--lr", "3e-2", "--engine", "vllm", "--set", "lora.dropout=0", *FAST)
+    assert result.code == 0, result.err
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    differences = [r["sampling/sampling_logp_difference/max"] for r in logged if "sampling/sampling_logp_difference/max" in r]
+    assert len(differences) == 3 and max(differences) < 1e-3, differences
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_rloo_samples_through_the_engine(align, model, ppo_prompts, reward_file, tmp_path):
+    out = tmp_path / "rloo"
+    result = align("rloo", "-m", model, "-p", ppo_prompts, "-o", out, "--reward-fn", f"{reward_file}:share_of_e",
+                   "--max-steps", "2", "--batch-size", "4", "--num-generations", "2", "--max-new-tokens", "6",
+                   "--no-lora", "--engine", "vllm", *FAST)
+    assert result.code == 0, result.err
+    assert (out / "align.json").exists()
 
 
 def test_a_model_the_engine_cannot_serve_is_refused_in_one_line(align, tmp_path):

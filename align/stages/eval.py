@@ -29,6 +29,7 @@ from transformers import AutoConfig
 from align.checkpoints import atomic_write_text, prepare_output_file, read_manifest, write_manifest
 from align.config import EvalConfig, ModelSpec
 from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, STEPWISE_FORMATS, as_messages, is_messages, last_text, load_split, use_chat_template
+from align.engines import sampler_for
 from align.errors import ConfigError
 from align.generation import completion_logprobs, prompt_ids, sample, sample_statistics
 from align.judge import JudgeReward
@@ -57,7 +58,7 @@ def run(config: EvalConfig) -> Path:
         model = load_model(config.model, source).eval()
         ref_model = load_model(ModelSpec(path=reference), resolve_model(ModelSpec(path=reference))).eval() if reference else None
         if config.prompts:
-            results.update(_sampled(config, model, ref_model, tokenizer, rewards))
+            results.update(_sampled(config, (source, model), (reference, ref_model), tokenizer, rewards))
         if config.pairs and ref_model is not None:
             results["pairs"] = _implicit_reward_accuracy(config, model, ref_model, tokenizer)
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
@@ -80,11 +81,16 @@ def _reference(config: EvalConfig) -> str:
     return manifest["base_model"]
 
 
-def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
+def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rewards) -> dict:
+    """Sample the model (and the reference) and score them. `policy` and `reference` are (source,
+    loaded model): the loaded model computes log-probs, and samples too unless generation.engine
+    says vllm, which samples each in turn."""
+    (source, model), (reference_path, ref_model) = policy, reference
     _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
     prompts = [row["prompt"] for row in rows]
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
-    samples = _sample_with_progress(model, tokenizer, prompts, config, chat, "eval: model", config.best_of or 1)
+    with sampler_for(config.model, source, config.generation, config.sampling.seed, model) as sampler:
+        samples = _sample_with_progress(sampler, tokenizer, prompts, config, chat, "eval: model", config.best_of or 1)
     if config.best_of:
         samples = _picks(prompts, samples, rewards[0], config.best_of)
     flat = [(p, c) for p, cs in zip(prompts, samples) for c in cs]
@@ -110,7 +116,9 @@ def _sampled(config: EvalConfig, model, ref_model, tokenizer, rewards) -> dict:
         ref_lp, _ = completion_logprobs(ref_model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
         results["kl"] = (kl_penalty(policy_lp, ref_lp, "k3") * mask).sum(1).mean().item()
     if ref_model is not None:
-        ref_samples = _sample_with_progress(ref_model, tokenizer, prompts, config, chat, "eval: reference")
+        ref_spec = ModelSpec(path=reference_path)
+        with sampler_for(ref_spec, resolve_model(ref_spec), config.generation, config.sampling.seed, ref_model) as sampler:
+            ref_samples = _sample_with_progress(sampler, tokenizer, prompts, config, chat, "eval: reference")
         ref_flat = [c for cs in ref_samples for c in cs]
         table_ref = [c.text for c in ref_flat]
         for reward in rewards:

@@ -178,6 +178,8 @@ def run(config: PPOConfig) -> Path:
             _sync_engine(engine, roles)
         with _compute(config, roles):
             rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], ppo, out, seeds, engine)
+        if engine:
+            engine.rest()  # generation.sleep on a GPU: its memory is training's until the next rollout
         sampled = time.perf_counter()
         # 2. score: the reward on the decoded text, normalised over every process's scores
         completions = _decode(tokenizer, rollout)
@@ -406,19 +408,23 @@ def _rollout(roles: Roles, tokenizer, prompts: list[list[int]], ppo: PPOSpec, ou
 def _engine(config: PPOConfig, source: str, roles: Roles, window: int):
     """A vLLM engine serving the starting policy (LoRA: its base, with adapters enabled), in the
     compute precision."""
-    from align.engines import VLLMEngine, engine_dtype
+    from align.engines import VLLMEngine, engine_dtype, lora_sync
 
+    adapters = roles.shared_base and lora_sync(config.generation) == "adapter"
     return VLLMEngine(source, config.generation, dtype=engine_dtype(config.model, config.train.precision), seed=config.train.seed,
-                      lora_rank=config.lora.r if roles.shared_base else None, max_model_len=window,
+                      lora_rank=config.lora.r if adapters else None, max_model_len=window,
                       trust_remote_code=config.model.trust_remote_code)
 
 
 def _sync_engine(engine, roles: Roles) -> None:
-    """Give the engine the policy's current weights: LoRA, its adapter alone; full fine-tuning, every weight."""
-    if roles.shared_base:
+    """Give the engine the policy's current weights: LoRA, its adapter (served as such, or merged into
+    the base here); full fine-tuning, every weight."""
+    if not roles.shared_base:
+        engine.load_weights(unwrapped(roles.policy))
+    elif engine.lora_rank:
         engine.load_adapter(roles.policy, POLICY)
     else:
-        engine.load_weights(unwrapped(roles.policy))
+        engine.load_merged(roles.policy, POLICY)
 
 
 def _engine_gap(rollout: Rollout, batch: Batch, config: PPOConfig, step: int, out: Path) -> dict[str, float]:
