@@ -73,21 +73,26 @@ def check_stage_engine(config) -> None:
                           "(use --engine hf, or one process)")
 
 
-def engine_dtype(spec: ModelSpec, precision: str = "auto") -> torch.dtype:
-    """What the engine computes in: model.dtype when set, else the compute precision (bf16 on GPUs and
-    CPUs that have it, fp16 on other GPUs, float32 on other CPUs, where bf16 is emulated and slow)."""
+def engine_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
+    """What a training stage's engine computes in: model.dtype when set, else the trainer's compute
+    precision (for `auto`: bf16 on GPUs and CPUs that have it, fp16 on other GPUs, float32 on other
+    CPUs, where bf16 is emulated and slow), the precision of the trainer's own rollouts."""
     from align.precision import compute_dtype
 
     return getattr(torch, spec.dtype) if spec.dtype != "auto" else compute_dtype(precision)
 
 
 def open_sampler(spec: ModelSpec, source: str, generation: EngineSpec, seed: int, max_model_len: int | None = None):
-    """What a sampling stage samples with: the model itself (hf) or a vLLM engine serving it."""
+    """What a sampling stage samples with: the model itself (hf) or a vLLM engine serving it, in the
+    dtype the hf engine loads it in (model.dtype; for `auto`, float32 on CPUs, 16-bit on GPUs), so
+    the two engines sample the same model in the same precision."""
+    from align.precision import weights_dtype
+
     if generation.engine == "hf":
         from align.models import load_model
 
         return load_model(spec, source).eval()
-    return VLLMEngine(source, generation, dtype=engine_dtype(spec), seed=seed, max_model_len=max_model_len,
+    return VLLMEngine(source, generation, dtype=weights_dtype(spec), seed=seed, max_model_len=max_model_len,
                       trust_remote_code=spec.trust_remote_code)
 
 

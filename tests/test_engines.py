@@ -51,3 +51,23 @@ def test_a_multi_process_run_is_refused_for_training_stages_only(monkeypatch):
     with pytest.raises(ConfigError, match="runs in one process for now"):
         engines.check_stage_engine(ppo)
     engines.check_stage_engine(GenerateConfig(model="tiny", prompts="p.jsonl", output="o.jsonl", generation={"engine": "vllm"}))
+
+
+def test_each_engine_samples_in_the_precision_the_hf_engine_would(monkeypatch):
+    """On a CPU with bf16 units: `generate` and the other sampling commands load float32 with hf, so
+    vLLM serves float32 there too; PPO/GRPO/RLOO roll out under the trainer's bf16 autocast, so their
+    engine computes in bf16. An explicit model.dtype is both engines' dtype."""
+    import torch
+
+    from align import precision
+    from align.config import EngineSpec, ModelSpec
+
+    monkeypatch.setenv("ALIGN_CPU_BF16", "1")
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: True)
+    served = []
+    monkeypatch.setattr(engines, "VLLMEngine", lambda source, spec, *, dtype, **_: served.append(dtype))
+    engines.open_sampler(ModelSpec(path="tiny"), "src", EngineSpec(engine="vllm"), seed=0)
+    engines.open_sampler(ModelSpec(path="tiny", dtype="bfloat16"), "src", EngineSpec(engine="vllm"), seed=0)
+    assert served == [torch.float32, torch.bfloat16]
+    assert engines.engine_dtype(ModelSpec(path="tiny"), "auto") == torch.bfloat16
+    assert engines.engine_dtype(ModelSpec(path="tiny"), "fp32") == torch.float32
