@@ -113,6 +113,12 @@ class PPOTrain(TrainSpec):
     save_steps: PositiveInt = Field(10, description="save a checkpoint every N updates")
 
 
+class DPOTrain(TrainSpec):
+    """DPO's defaults: gradient checkpointing on, as TRL ships it; --no-gradient-checkpointing is faster."""
+
+    gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass: less memory, about 15% slower")
+
+
 class OnlineTrain(TrainSpec):
     """GRPO's and RLOO's defaults: the batch holds whole groups; RL wants a small learning rate."""
 
@@ -246,6 +252,7 @@ class DPOConfig(TrainStageConfig):
 
     stage: Literal["dpo"] = Field("dpo", description="the stage type")
     dpo: DPOSpec = Field(default_factory=DPOSpec, description="DPO's loss and its settings")
+    train: DPOTrain = Field(default_factory=DPOTrain, description="optimiser, schedule, logging and checkpoints")
 
 
 class EngineSpec(Closed):

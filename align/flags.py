@@ -121,8 +121,8 @@ OPTIMISATION = (
     flag("train.max_steps", "--max-steps"), flag("train.epochs", "--epochs"), flag("train.batch_size", "--batch-size"),
     flag("train.learning_rate", "--learning-rate", "--lr"), flag("train.lr_scheduler", "--lr-scheduler"),
     flag("train.warmup_ratio", "--warmup-ratio"), flag("train.grad_accum", "--gradient-accumulation-steps"),
-    flag("train.gradient_checkpointing", "--gradient-checkpointing"), flag("train.save_steps", "--save-steps"),
-    flag("train.logging_steps", "--logging-steps"), SEED, flag("train.report_to", "--report-to"),
+    flag("train.gradient_checkpointing", "--gradient-checkpointing", off="--no-gradient-checkpointing"),
+    flag("train.save_steps", "--save-steps"), flag("train.logging_steps", "--logging-steps"), SEED, flag("train.report_to", "--report-to"),
 )
 TRAINING_DATA = (
     flag("data.path", "--data", "-d"), flag("data.eval_path", "--eval-data"), flag("data.eval_fraction", "--eval-fraction"),

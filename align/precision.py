@@ -73,6 +73,19 @@ def cpu_bf16_units() -> bool:
         return False
 
 
+def describe_cpu() -> str:
+    """This CPU for a benchmark's record: its model name, core count and whether it has bf16 units."""
+    import os
+    import platform
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.is_file() else []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores, " + (
+        "bf16 units (AMX or AVX512-BF16)" if cpu_bf16_units() else "no bf16 units")
+
+
 def compute_dtype(precision: str) -> torch.dtype:
     """The compute dtype for autocast: what was asked, or the fastest correct one for this device:
     bf16 on GPUs and CPUs that have it, fp16 on other GPUs, fp32 on other CPUs."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from align.checkpoints import METRICS, read_records
-from align.precision import cpu_bf16_units
+from align.precision import cpu_bf16_units, describe_cpu
 
 HERE = Path(__file__).resolve().parent
 PAIRS = HERE.parent / "recipes" / "data" / "pairs.jsonl"
@@ -82,7 +82,7 @@ def main() -> None:
     from align.models import ensure_builtin
 
     model = ensure_builtin(args.model)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else describe_cpu()
     if not torch.cuda.is_available() and not cpu_bf16_units():
         print("note: this CPU has no bf16 units (AMX, AVX512-BF16): stock TRL's bf16 autocast is emulated here and "
               "runs several times slower; align's auto precision is fp32", file=sys.stderr)

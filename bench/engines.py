@@ -126,27 +126,16 @@ def main() -> None:
         print(f"{name}: start-up {results[-1]['startup_s']} s; " + ", ".join(
             f"batch {r['batch']} {r['tokens_per_s']} tokens/s" for r in results[-1]["runs"]), flush=True)
     # Arms run before (a run of some arms only) are kept, those run now replace theirs.
+    from align.precision import describe_cpu
+
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
     ran = {r["arm"] for r in results + ppo}
     arms = [r for r in saved.get("arms", []) if r["arm"] not in ran] + results
     ppo = [r for r in saved.get("ppo", []) if r["arm"] not in ran] + ppo
     report(arms, ppo)
     args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "prompts": args.prompts,
+    args.out.write_text(json.dumps({"machine": describe_cpu(), "prompts": args.prompts,
                                "tokens": args.tokens, "arms": arms, "ppo": ppo}, indent=2) + "\n")
-
-
-def machine() -> str:
-    """The CPU's model name, core count and whether it has bf16 units (which set the default precision)."""
-    import os
-    import platform
-
-    from align.precision import cpu_bf16_units
-
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores, " + (
-        "bf16 units (AMX or AVX512-BF16)" if cpu_bf16_units() else "no bf16 units")
 
 
 def report(arms: list[dict], ppo: list[dict]) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import transformers
 
 from align.checkpoints import METRICS, read_manifest, read_records
-from align.precision import cpu_bf16_units
+from align.precision import cpu_bf16_units, describe_cpu
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -132,7 +131,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     python = trl_venv(args.venv)
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name() if cuda else describe_cpu()
     names = args.only or [n for n in RUNS if not n.endswith("_bf16") or (not cuda and cpu_bf16_units())]
     if not args.only and not cuda and not cpu_bf16_units():
         print("note: this CPU has no bf16 units (AVX512-BF16/AMX): the bf16 rows are skipped (both tools would emulate bf16)")
