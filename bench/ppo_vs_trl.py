@@ -3,12 +3,14 @@
     python bench/ppo_vs_trl.py                      # tiny model and SmolLM2-135M
     python bench/ppo_vs_trl.py --models tiny --episodes 64
     python bench/ppo_vs_trl.py --models smollm2-135m-instruct --only trl full --runs 2
+    .venv-vllm/bin/python bench/ppo_vs_trl.py --models smollm2-135m-instruct --only trl full full_vllm
 
 Matched settings for both: the same policy, reward model (also the value model's start),
 prompts, rollout batch, response length and temperature; one PPO epoch, one mini-batch, full
 fine-tuning, float32, one forward/backward pass over the whole batch. align additionally runs in
 its default LoRA mode (one shared base, micro-batches of 4 rows) for memory, and with the value
-head on the policy's own trunk (--value-head-on-policy: one model fewer, so not matched). Both also run with
+head on the policy's own trunk (--value-head-on-policy: one model fewer, so not matched), and where vLLM is
+installed with its rollouts sampled by a vLLM engine (--engine vllm; the training matched). Both also run with
 bf16 compute (align: train.precision=bf16; TRL: bf16=True, which autocasts its training forward
 pass only): the faster setting on a CPU with AVX512-BF16. On a GPU both always load bf16
 weights and compute in bf16, so the float32 and bf16 rows measure the same thing there.
@@ -101,7 +103,11 @@ def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precisio
 
 
 RUNS = {"trl": "TRL 1.5.0 PPOTrainer", "full": "align ppo --no-lora", "lora": "align ppo (LoRA)",
-        "on_policy": "align, value on policy", "trl_bf16": "TRL 1.5.0, bf16", "full_bf16": "align --no-lora, bf16"}
+        "on_policy": "align, value on policy", "trl_bf16": "TRL 1.5.0, bf16", "full_bf16": "align --no-lora, bf16",
+        "full_vllm": "align --no-lora --engine vllm"}
+# Sampling on a vLLM engine (eager: its start-up, like model loading, is outside the timed loop) with
+# the same matched training; needs vLLM (run this script with .venv-vllm/bin/python).
+VLLM = ["--engine", "vllm", "--set", "generation.eager=true", "--set", "generation.kv_cache_gb=1"]
 
 
 def run_setting(name: str, python: Path, policy: Path, reward: Path, args, work: Path) -> dict:
@@ -113,7 +119,7 @@ def run_setting(name: str, python: Path, policy: Path, reward: Path, args, work:
     # "on_policy": "full" with the value head on the policy's trunk (one model fewer: not matched).
     return run_align(policy, reward, args, work, lora=name == "lora", precision="bf16" if bf16 else "fp32",
                      micro_batch=None if name == "lora" else args.batch_size,
-                     extra=["--value-head-on-policy"] if name == "on_policy" else [])
+                     extra={"on_policy": ["--value-head-on-policy"], "full_vllm": VLLM}.get(name, []))
 
 
 def main() -> None:
@@ -127,15 +133,20 @@ def main() -> None:
                         "rows only where the device has bf16 units)")
     parser.add_argument("--venv", type=Path, default=HERE / ".venv-trl-1.5.0")
     parser.add_argument("--work", type=Path, default=HERE / ".work")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "ppo_vs_trl.json")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     python = trl_venv(args.venv)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else describe_cpu()
-    names = args.only or [n for n in RUNS if not n.endswith("_bf16") or (not cuda and cpu_bf16_units())]
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    names = args.only or [n for n in RUNS if (not n.endswith("_bf16") or (not cuda and cpu_bf16_units()))
+                          and (n != "full_vllm" or has_vllm)]
     if not args.only and not cuda and not cpu_bf16_units():
         print("note: this CPU has no bf16 units (AVX512-BF16/AMX): the bf16 rows are skipped (both tools would emulate bf16)")
-    results = {"device": device, "settings": vars(args) | {"venv": str(args.venv), "work": str(args.work)}, "models": {}}
+    results = {"device": device, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "models": {}}
     for model in args.models:
         policy, reward = prepare(model, args.work)
         runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -144,23 +155,22 @@ def main() -> None:
                 runs[name].append(run_setting(name, python, policy, reward, args, args.work / model))
         eps = {name: [r["episodes"] / r["train_seconds"] for r in rs] for name, rs in runs.items()}
         r = results["models"][model] = {"runs": runs, "episodes_per_second": eps}
-        for ours, theirs in (("full", "trl"), ("lora", "trl"), ("on_policy", "trl"), ("full_bf16", "trl_bf16")):
+        for ours, theirs in (("full", "trl"), ("lora", "trl"), ("on_policy", "trl"), ("full_bf16", "trl_bf16"), ("full_vllm", "trl")):
             if ours in eps and theirs in eps:  # ratio of medians; each run's own ratio shows the noise
                 r[f"speedup_{ours}_vs_{theirs}"] = median(eps[ours]) / median(eps[theirs])
                 r[f"memory_{ours}_vs_{theirs}"] = median(x["peak_memory_mb"] for x in runs[ours]) / median(x["peak_memory_mb"] for x in runs[theirs])
         print(f"\n{model} on {device}: {args.episodes} episodes, batch {args.batch_size}, {args.response_length} new tokens, {args.runs} runs each")
-        print(f"  {'':22} {'episodes/s (each run)':>24} {'peak MB':>9}  seconds: generate / score / train")
+        print(f"  {'':30} {'episodes/s (each run)':>24} {'peak MB':>9}  seconds: generate / score / train")
         for name in names:
             phases = ["   " + " / ".join(f"{x['phases'][k]:5.1f}" for k in ("generate", "score", "train")) if "phases" in x else "" for x in runs[name]]
-            print(f"  {RUNS[name]:22} {'  '.join(f'{e:6.3f}' for e in eps[name]):>24} {median(x['peak_memory_mb'] for x in runs[name]):9.0f}"
+            print(f"  {RUNS[name]:30} {'  '.join(f'{e:6.3f}' for e in eps[name]):>24} {median(x['peak_memory_mb'] for x in runs[name]):9.0f}"
                   f"  {' |'.join(p for p in phases if p)}")
         for key, value in r.items():
             if key.startswith(("speedup_", "memory_")):
                 print(f"  {key}: {value:.2f}x")
-    (HERE / "results").mkdir(exist_ok=True)
-    path = HERE / "results" / "ppo_vs_trl.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
