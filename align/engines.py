@@ -197,7 +197,7 @@ class VLLMEngine:
         (no top-k/top-p), row i seeded by seeds[i], with the engine's log-prob of each sampled token."""
         from vllm import SamplingParams
 
-        from align.generation import Rollout, left_pad
+        from align.generation import Rollout, left_pad, truncate_at_eos
 
         params = [SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens, seed=seed,
                                  logprobs=0, stop_token_ids=sorted(eos_ids), detokenize=False) for seed in seeds]
@@ -207,10 +207,9 @@ class VLLMEngine:
         logprobs, mask = torch.zeros(len(outputs), width), torch.zeros(len(outputs), width, dtype=torch.long)
         finished = torch.zeros(len(outputs), dtype=torch.bool)
         for row, output in enumerate(outputs):
-            tokens = list(output.token_ids)
-            ends = [i for i, token in enumerate(tokens) if token in eos_ids]
-            if ends:  # the response runs up to and including its first EOS
-                tokens, finished[row] = tokens[:ends[0] + 1], True
+            kept, ended = truncate_at_eos(list(output.token_ids), eos_ids)
+            tokens = list(output.token_ids)[:len(kept) + ended]  # the response runs up to and including its first EOS
+            finished[row] = ended
             response[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, :len(tokens)] = 1
             logprobs[row, :len(tokens)] = torch.tensor([step[token].logprob for step, token in zip(output.logprobs, tokens)])

@@ -118,6 +118,7 @@ class Session:
     global_batch: int  # rollouts per update over all processes
     tracker: Any = None
     engine: Any = None  # a vLLM engine (generation.engine: vllm) that samples the rollouts, or None: the policy does
+    engine_serves: int = -1  # the number of updates whose weights the engine serves (-1: none synced yet)
 
 
 def run(config: PPOConfig) -> Path:
@@ -174,8 +175,7 @@ def run(config: PPOConfig) -> Path:
         began = time.perf_counter()
         # 1. rollout: this process's share of the update's prompts, answered in eval mode
         picked, seeds = _prompts_of_update(run, step)
-        if engine:  # the engine serves the policy as the last update left it
-            _sync_engine(engine, roles)
+        _serve_policy(run, step)  # the engine serves the policy as the last update left it
         with _compute(config, roles):
             rollout = _rollout(roles, tokenizer, [prompts.ids[i] for i in picked], ppo, out, seeds, engine)
         if engine:
@@ -237,8 +237,7 @@ def _after_update(run: Session, state: Optimisation, step: int, batch: Batch, ro
         state.kl_controller.update(sequence_kl, run.global_batch)
     metrics = {**_update_metrics(step, run.global_batch, all_scores, sequence_kl, batch, rollout, state), **stats}
     if config.ppo.eval_every and run.held_out and (done % config.ppo.eval_every == 0 or done == run.updates):
-        if run.engine:
-            _sync_engine(run.engine, run.roles)
+        _serve_policy(run, done)
         metrics.update(_evaluate(run.roles, run.tokenizer, run.held_out, run.reward, config, run.engine))
     append_metrics(run.out, {"stage": "ppo", **metrics})
     if run.tracker:
@@ -414,6 +413,14 @@ def _engine(config: PPOConfig, source: str, roles: Roles, window: int):
     return VLLMEngine(source, config.generation, dtype=engine_dtype(config.model, config.train.precision), seed=config.train.seed,
                       lora_rank=config.lora.r if adapters else None, max_model_len=window,
                       trust_remote_code=config.model.trust_remote_code)
+
+
+def _serve_policy(run: Session, done: int) -> None:
+    """With an engine: make it serve the policy as `done` updates left it, syncing only if it does not
+    yet (an eval after an update and the next update's rollouts share one sync)."""
+    if run.engine and run.engine_serves != done:
+        _sync_engine(run.engine, run.roles)
+        run.engine_serves = done
 
 
 def _sync_engine(engine, roles: Roles) -> None:
@@ -726,8 +733,7 @@ def _baseline(run: Session, first: int) -> dict:
     if not (run.held_out and run.config.ppo.eval_every):
         return {}
     if first == 0:
-        if run.engine:
-            _sync_engine(run.engine, run.roles)
+        _serve_policy(run, 0)
         start = _evaluate(run.roles, run.tokenizer, run.held_out, run.reward, run.config, run.engine)
         append_metrics(run.out, {"stage": "ppo", "step": 0, **start})
     else:
