@@ -82,18 +82,25 @@ def engine_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
     return getattr(torch, spec.dtype) if spec.dtype != "auto" else compute_dtype(precision)
 
 
+@contextmanager
 def open_sampler(spec: ModelSpec, source: str, generation: EngineSpec, seed: int, max_model_len: int | None = None):
-    """What a sampling stage samples with: the model itself (hf) or a vLLM engine serving it, in the
-    dtype the hf engine loads it in (model.dtype; for `auto`, float32 on CPUs, 16-bit on GPUs), so
-    the two engines sample the same model in the same precision."""
+    """What a sampling stage samples with, for the duration: the model itself (hf) or a vLLM engine
+    serving it, in the dtype the hf engine loads it in (model.dtype; for `auto`, float32 on CPUs,
+    16-bit on GPUs), so the two engines sample the same model in the same precision. An engine is
+    closed after, so the next stage of a recipe has its memory."""
     from align.precision import weights_dtype
 
     if generation.engine == "hf":
         from align.models import load_model
 
-        return load_model(spec, source).eval()
-    return VLLMEngine(source, generation, dtype=weights_dtype(spec), seed=seed, max_model_len=max_model_len,
-                      trust_remote_code=spec.trust_remote_code)
+        yield load_model(spec, source).eval()
+        return
+    engine = VLLMEngine(source, generation, dtype=weights_dtype(spec), seed=seed, max_model_len=max_model_len,
+                        trust_remote_code=spec.trust_remote_code)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 @contextmanager
@@ -103,11 +110,8 @@ def sampler_for(spec: ModelSpec, source: str, generation: EngineSpec, seed: int,
     if generation.engine == "hf":
         yield loaded
         return
-    engine = open_sampler(spec, source, generation, seed)
-    try:
+    with open_sampler(spec, source, generation, seed) as engine:
         yield engine
-    finally:
-        engine.close()
 
 
 class VLLMEngine:

@@ -65,9 +65,21 @@ def test_each_engine_samples_in_the_precision_the_hf_engine_would(monkeypatch):
     monkeypatch.setenv("ALIGN_CPU_BF16", "1")
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: True)
     served = []
-    monkeypatch.setattr(engines, "VLLMEngine", lambda source, spec, *, dtype, **_: served.append(dtype))
-    engines.open_sampler(ModelSpec(path="tiny"), "src", EngineSpec(engine="vllm"), seed=0)
-    engines.open_sampler(ModelSpec(path="tiny", dtype="bfloat16"), "src", EngineSpec(engine="vllm"), seed=0)
+    closed = []
+
+    class Engine:
+        def __init__(self, source, spec, *, dtype, **_):
+            served.append(dtype)
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(engines, "VLLMEngine", Engine)
+    with engines.open_sampler(ModelSpec(path="tiny"), "src", EngineSpec(engine="vllm"), seed=0):
+        assert closed == []
+    with engines.open_sampler(ModelSpec(path="tiny", dtype="bfloat16"), "src", EngineSpec(engine="vllm"), seed=0):
+        pass
     assert served == [torch.float32, torch.bfloat16]
+    assert closed == [True, True]  # the sampling stages close their engine when they are done with it
     assert engines.engine_dtype(ModelSpec(path="tiny"), "auto") == torch.bfloat16
     assert engines.engine_dtype(ModelSpec(path="tiny"), "fp32") == torch.float32

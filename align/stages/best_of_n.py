@@ -50,24 +50,24 @@ def run(config: BestOfNConfig) -> Path:
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
     reward = load_reward(config, config.score_batch_size, config.reward_in_4bit, conversational=is_messages(prompts[0]))
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
-    model = open_sampler(config.model, source, config.generation, config.sampling.seed)
-    outputs = PartialRows({k: out / f"{k}.jsonl" for k in FILES}, out / "progress.json", resume=config.resume)
-    if outputs.done:
-        log.info("best-of-n: resuming after prompt %d of %d", outputs.done, len(prompts))
+    with open_sampler(config.model, source, config.generation, config.sampling.seed) as model:
+        outputs = PartialRows({k: out / f"{k}.jsonl" for k in FILES}, out / "progress.json", resume=config.resume)
+        if outputs.done:
+            log.info("best-of-n: resuming after prompt %d of %d", outputs.done, len(prompts))
 
-    chunk = max(1, config.sampling.batch_size // n)  # prompts whose n samples fill one generation batch
-    with tqdm(total=len(prompts), initial=outputs.done, desc="best-of-n", unit="prompt",
-              disable=not log.isEnabledFor(logging.INFO)) as bar:
-        for start in range(outputs.done, len(prompts), chunk):
-            end = min(start + chunk, len(prompts))
-            sampling = config.sampling.model_copy(update={"seed": row_seed(config.sampling.seed, 0, start)})
-            samples = sample(model, tokenizer, prompts[start:end], sampling, chat)
-            rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, first_row=start)
-            outputs.append(rows_out, done=end, counts=counts)
-            bar.update(end - start)
-            kept = outputs.counts.get("kept", 0)
-            bar.set_postfix(best=f"{outputs.counts.get('best_sum', 0.0) / max(1, kept):.3g}", refresh=False)
-    outputs.finish()
+        chunk = max(1, config.sampling.batch_size // n)  # prompts whose n samples fill one generation batch
+        with tqdm(total=len(prompts), initial=outputs.done, desc="best-of-n", unit="prompt",
+                  disable=not log.isEnabledFor(logging.INFO)) as bar:
+            for start in range(outputs.done, len(prompts), chunk):
+                end = min(start + chunk, len(prompts))
+                sampling = config.sampling.model_copy(update={"seed": row_seed(config.sampling.seed, 0, start)})
+                samples = sample(model, tokenizer, prompts[start:end], sampling, chat)
+                rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, first_row=start)
+                outputs.append(rows_out, done=end, counts=counts)
+                bar.update(end - start)
+                kept = outputs.counts.get("kept", 0)
+                bar.set_postfix(best=f"{outputs.counts.get('best_sum', 0.0) / max(1, kept):.3g}", refresh=False)
+        outputs.finish()
 
     counts = outputs.counts
     kept = int(counts.get("kept", 0))

@@ -59,21 +59,21 @@ def run(config: CritiqueConfig) -> Path:
     reviser = Reviser(tokenizer, constitution, config, context_length(config.model, source))
     reviser.check_fits(prompts)
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
-    reviser.model = open_sampler(config.model, source, config.generation, config.sampling.seed)
-    outputs = PartialRows({k: out / f"{k}.jsonl" for k in ("sft", "pairs", "trace")}, out / "progress.json", resume=config.resume)
-    if outputs.done:
-        log.info("critique: resuming after prompt %d of %d", outputs.done, len(prompts))
+    with open_sampler(config.model, source, config.generation, config.sampling.seed) as reviser.model:
+        outputs = PartialRows({k: out / f"{k}.jsonl" for k in ("sft", "pairs", "trace")}, out / "progress.json", resume=config.resume)
+        if outputs.done:
+            log.info("critique: resuming after prompt %d of %d", outputs.done, len(prompts))
 
-    chunk = config.sampling.batch_size
-    with tqdm(total=len(prompts), initial=outputs.done, desc="critique", unit="prompt",
-              disable=not log.isEnabledFor(logging.INFO)) as bar:
-        for start in range(outputs.done, len(prompts), chunk):
-            end = min(start + chunk, len(prompts))
-            rows_out, counts = reviser.revise(prompts, range(start, end))
-            outputs.append(rows_out, done=end, counts=counts)
-            bar.update(end - start)
+        chunk = config.sampling.batch_size
+        with tqdm(total=len(prompts), initial=outputs.done, desc="critique", unit="prompt",
+                  disable=not log.isEnabledFor(logging.INFO)) as bar:
+            for start in range(outputs.done, len(prompts), chunk):
+                end = min(start + chunk, len(prompts))
+                rows_out, counts = reviser.revise(prompts, range(start, end))
+                outputs.append(rows_out, done=end, counts=counts)
+                bar.update(end - start)
 
-    outputs.finish()
+        outputs.finish()
     counts = outputs.counts
     samples = len(prompts) * config.samples_per_prompt
     metrics = {

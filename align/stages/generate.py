@@ -28,10 +28,9 @@ def run(config: GenerateConfig) -> Path:
     prompts = [row["prompt"] for row in rows]
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
     prepare_output_file(out, overwrite=config.overwrite or config.resume)
-    model = open_sampler(config.model, source, config.generation, config.sampling.seed)
-
     total = len(prompts) * config.sampling.num_samples
-    with tqdm(total=total, desc="generate", unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
+    with open_sampler(config.model, source, config.generation, config.sampling.seed) as model, tqdm(
+            total=total, desc="generate", unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
         completions = sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update)
     lines = [
         json.dumps({"prompt": prompt, "completion": c.text, "sample": k, "finished": c.finished, "tokens": len(c.token_ids)})

@@ -90,9 +90,9 @@ def _pairs(config: LabelConfig, sidecar: Path) -> tuple[list[dict], int]:
     _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
     prompts = [r["prompt"] for r in rows]
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
-    model = open_sampler(config.model, source, config.generation, config.sampling.seed)
-    with tqdm(total=len(prompts) * config.sampling.num_samples, desc="sample pairs", unit="sample",
-              disable=not log.isEnabledFor(logging.INFO)) as bar:
+    with open_sampler(config.model, source, config.generation, config.sampling.seed) as model, tqdm(
+            total=len(prompts) * config.sampling.num_samples, desc="sample pairs", unit="sample",
+            disable=not log.isEnabledFor(logging.INFO)) as bar:
         samples = sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update)
     pairs, skipped = [], 0
     for prompt, completions in zip(prompts, samples):
@@ -101,7 +101,7 @@ def _pairs(config: LabelConfig, sidecar: Path) -> tuple[list[dict], int]:
                 skipped += 1  # nothing to compare, or a pair that rm/dpo would refuse
                 continue
             pairs.append({"prompt": prompt, "a": a.text, "b": b.text})
-    del model
+    del model  # an hf policy's memory, before the judge loads
     atomic_write_text(sidecar, json.dumps({"pairs": pairs, "skipped": skipped}))
     return pairs, skipped
 

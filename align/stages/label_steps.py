@@ -51,20 +51,20 @@ def run(config: LabelStepsConfig) -> Path:
     chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0]["prompt"]), config.prompts.path)
     if not config.resume:
         prepare_output_file(out, overwrite=config.overwrite)
-    model = open_sampler(config.model, source, config.generation, config.sampling.seed)
-    outputs = PartialRows({"steps": out}, out.with_name(out.name + ".progress.json"), resume=config.resume)
-    if outputs.done:
-        log.info("label-steps: resuming after prompt %d of %d", outputs.done, len(rows))
+    with open_sampler(config.model, source, config.generation, config.sampling.seed) as model:
+        outputs = PartialRows({"steps": out}, out.with_name(out.name + ".progress.json"), resume=config.resume)
+        if outputs.done:
+            log.info("label-steps: resuming after prompt %d of %d", outputs.done, len(rows))
 
-    chunk = max(1, config.sampling.batch_size // config.sampling.num_samples)
-    with tqdm(total=len(rows), initial=outputs.done, desc="label-steps", unit="prompt",
-              disable=not log.isEnabledFor(logging.INFO)) as bar:
-        for start in range(outputs.done, len(rows), chunk):
-            end = min(start + chunk, len(rows))
-            labelled, counts = _label_chunk(model, tokenizer, rows[start:end], start, config, chat, checker)
-            outputs.append({"steps": labelled}, done=end, counts=counts)
-            bar.update(end - start)
-    outputs.finish()
+        chunk = max(1, config.sampling.batch_size // config.sampling.num_samples)
+        with tqdm(total=len(rows), initial=outputs.done, desc="label-steps", unit="prompt",
+                  disable=not log.isEnabledFor(logging.INFO)) as bar:
+            for start in range(outputs.done, len(rows), chunk):
+                end = min(start + chunk, len(rows))
+                labelled, counts = _label_chunk(model, tokenizer, rows[start:end], start, config, chat, checker)
+                outputs.append({"steps": labelled}, done=end, counts=counts)
+                bar.update(end - start)
+        outputs.finish()
 
     counts = outputs.counts
     solutions, steps = int(counts.get("solutions", 0)), int(counts.get("steps", 0))
