@@ -9,11 +9,15 @@ Matched settings for both: the same policy, reward model (also the value model's
 prompts, rollout batch, response length and temperature; one PPO epoch, one mini-batch, full
 fine-tuning, float32, one forward/backward pass over the whole batch. align additionally runs in
 its default LoRA mode (one shared base, micro-batches of 4 rows) for memory, and with the value
-head on the policy's own trunk (--value-head-on-policy: one model fewer, so not matched), and where vLLM is
-installed with its rollouts sampled by a vLLM engine (--engine vllm; the training matched). Both also run with
-bf16 compute (align: train.precision=bf16; TRL: bf16=True, which autocasts its training forward
-pass only): the faster setting on a CPU with AVX512-BF16. On a GPU both always load bf16
-weights and compute in bf16, so the float32 and bf16 rows measure the same thing there.
+head on the policy's own trunk (--value-head-on-policy: one model fewer, so not matched), and where
+vLLM is installed with its rollouts sampled by a vLLM engine (`full_vllm`, `full_bf16_vllm`: the
+training matched). Both also run with bf16 compute (align: train.precision=bf16; TRL: bf16=True,
+which autocasts its training forward pass only): the faster setting on a CPU with AVX512-BF16 or
+AMX. On a GPU both always load bf16 weights and compute in bf16, so the float32 and bf16 rows
+measure the same thing there.
+The `floor` row (CPU, float32) does the same updates' unskippable work in plain torch, with no
+trainer (bench/ppo_floor.py: a cached decode loop, one pass of each model, one AdamW step):
+what doing the work costs on this machine, against which both trainers' overheads show.
 TRL is installed into its own throw-away venv (bench/.venv-trl-1.5.0) with this environment's
 torch and transformers versions, so only the trainer differs. Each run is a separate process;
 episodes/s counts training wall time only (model loading excluded), peak memory is the
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,14 +109,30 @@ def run_align(policy: Path, reward: Path, args, work: Path, lora: bool, precisio
 
 RUNS = {"trl": "TRL 1.5.0 PPOTrainer", "full": "align ppo --no-lora", "lora": "align ppo (LoRA)",
         "on_policy": "align, value on policy", "trl_bf16": "TRL 1.5.0, bf16", "full_bf16": "align --no-lora, bf16",
-        "full_vllm": "align --no-lora --engine vllm"}
+        "full_vllm": "align --no-lora --engine vllm", "full_bf16_vllm": "align --no-lora, bf16, --engine vllm", "floor": "plain torch, the work only"}
 # Sampling on a vLLM engine (eager: its start-up, like model loading, is outside the timed loop) with
 # the same matched training; needs vLLM (run this script with .venv-vllm/bin/python).
 VLLM = ["--engine", "vllm", "--set", "generation.eager=true", "--set", "generation.kv_cache_gb=1"]
 
 
+def run_floor(policy: Path, reward: Path, args) -> dict:
+    """The matched update's unskippable work in plain torch (bench/ppo_floor.py), in this environment."""
+    command = [sys.executable, str(HERE / "ppo_floor.py"), str(policy), str(reward), str(PROMPTS), str(args.episodes),
+               str(args.batch_size), str(args.response_length)]
+    # glibc keeps freed memory, as align does (align/memory.py): with its default (freed blocks of
+    # 128 KB and more handed back, then faulted in again) the same work took 1.12x align's time.
+    keep = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **keep})
+    if result.returncode:
+        sys.exit(f"floor run failed:\n{result.stderr[-3000:]}")
+    line = next(l for l in result.stdout.splitlines() if l.startswith("BENCH "))
+    return json.loads(line[len("BENCH "):])
+
+
 def run_setting(name: str, python: Path, policy: Path, reward: Path, args, work: Path) -> dict:
-    bf16 = name.endswith("_bf16")
+    bf16 = "_bf16" in name
+    if name == "floor":
+        return run_floor(policy, reward, args)
     if name.startswith("trl"):
         return run_trl(python, policy, reward, args, work, bf16=bf16)
     # Matched ("full"): like TRL here (gradient_accumulation_steps=1), one forward/backward over the
@@ -119,7 +140,7 @@ def run_setting(name: str, python: Path, policy: Path, reward: Path, args, work:
     # "on_policy": "full" with the value head on the policy's trunk (one model fewer: not matched).
     return run_align(policy, reward, args, work, lora=name == "lora", precision="bf16" if bf16 else "fp32",
                      micro_batch=None if name == "lora" else args.batch_size,
-                     extra={"on_policy": ["--value-head-on-policy"], "full_vllm": VLLM}.get(name, []))
+                     extra=VLLM if name.endswith("_vllm") else ["--value-head-on-policy"] if name == "on_policy" else [])
 
 
 def main() -> None:
@@ -142,8 +163,8 @@ def main() -> None:
     import importlib.util
 
     has_vllm = importlib.util.find_spec("vllm") is not None
-    names = args.only or [n for n in RUNS if (not n.endswith("_bf16") or (not cuda and cpu_bf16_units()))
-                          and (n != "full_vllm" or has_vllm)]
+    names = args.only or [n for n in RUNS if ("_bf16" not in n or (not cuda and cpu_bf16_units()))
+                          and (not n.endswith("_vllm") or has_vllm) and (n != "floor" or not cuda)]
     if not args.only and not cuda and not cpu_bf16_units():
         print("note: this CPU has no bf16 units (AVX512-BF16/AMX): the bf16 rows are skipped (both tools would emulate bf16)")
     results = {"device": device, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "models": {}}
@@ -155,7 +176,8 @@ def main() -> None:
                 runs[name].append(run_setting(name, python, policy, reward, args, args.work / model))
         eps = {name: [r["episodes"] / r["train_seconds"] for r in rs] for name, rs in runs.items()}
         r = results["models"][model] = {"runs": runs, "episodes_per_second": eps}
-        for ours, theirs in (("full", "trl"), ("lora", "trl"), ("on_policy", "trl"), ("full_bf16", "trl_bf16"), ("full_vllm", "trl")):
+        for ours, theirs in (("full", "trl"), ("lora", "trl"), ("on_policy", "trl"), ("full_bf16", "trl_bf16"), ("full_vllm", "trl"), ("full_bf16_vllm", "trl_bf16"),
+                              ("floor", "trl"), ("full", "floor")):
             if ours in eps and theirs in eps:  # ratio of medians; each run's own ratio shows the noise
                 r[f"speedup_{ours}_vs_{theirs}"] = median(eps[ours]) / median(eps[theirs])
                 r[f"memory_{ours}_vs_{theirs}"] = median(x["peak_memory_mb"] for x in runs[ours]) / median(x["peak_memory_mb"] for x in runs[theirs])
