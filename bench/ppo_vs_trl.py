@@ -74,9 +74,13 @@ def prepare(model: str, work: Path) -> tuple[Path, Path]:
 def run_trl(python: Path, policy: Path, reward: Path, args, work: Path, bf16: bool = False) -> dict:
     command = [str(python), str(HERE / "trl_ppo_runner.py"), str(policy), str(reward), str(PROMPTS),
                str(args.episodes), str(args.batch_size), str(args.response_length), str(work / "trl-out"), *(["bf16"] if bf16 else [])]
-    result = subprocess.run(command, capture_output=True, text=True)
+    return bench_line(subprocess.run(command, capture_output=True, text=True), "TRL")
+
+
+def bench_line(result: subprocess.CompletedProcess, what: str) -> dict:
+    """The `BENCH {json}` line a runner prints (bench/trl_ppo_runner.py, bench/ppo_floor.py)."""
     if result.returncode:
-        sys.exit(f"TRL run failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"{what} run failed:\n{result.stderr[-3000:]}")
     line = next(l for l in result.stdout.splitlines() if l.startswith("BENCH "))
     return json.loads(line[len("BENCH "):])
 
@@ -122,11 +126,7 @@ def run_floor(policy: Path, reward: Path, args) -> dict:
     # glibc keeps freed memory, as align does (align/memory.py): with its default (freed blocks of
     # 128 KB and more handed back, then faulted in again) the same work took 1.12x align's time.
     keep = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **keep})
-    if result.returncode:
-        sys.exit(f"floor run failed:\n{result.stderr[-3000:]}")
-    line = next(l for l in result.stdout.splitlines() if l.startswith("BENCH "))
-    return json.loads(line[len("BENCH "):])
+    return bench_line(subprocess.run(command, capture_output=True, text=True, env={**os.environ, **keep}), "floor")
 
 
 def run_setting(name: str, python: Path, policy: Path, reward: Path, args, work: Path) -> dict:

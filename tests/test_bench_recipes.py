@@ -84,20 +84,16 @@ def test_the_dpo_benchmark_runs_both_trainers_on_the_same_tokens(tmp_path):
     assert run["speedup_wall"] > 0 and run["memory_ratio"] > 0
 
 
-def test_the_ppo_floor_does_each_part_of_an_update_once(tmp_path):
+def test_the_ppo_floor_does_each_part_of_an_update_once(tmp_path, monkeypatch):
     """bench/ppo_floor.py (the `floor` row of bench/ppo_vs_trl.py) on the tiny model: every part of
     the matched update is timed, the three phases add up to its parts, and the run's total covers them."""
-    import json
-    import subprocess
+    from types import SimpleNamespace
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import ppo_vs_trl
 
     policy, reward = ppo_vs_trl.prepare("tiny", tmp_path)
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "ppo_floor.py"), str(policy), str(reward),
-                           str(ppo_vs_trl.PROMPTS), "16", "8", "6"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("BENCH "))[len("BENCH "):])
+    result = ppo_vs_trl.run_floor(policy, reward, SimpleNamespace(episodes=16, batch_size=8, response_length=6))
     detail, phases = result["detail"], result["phases"]
     assert set(detail) == {"generate", "reward", "reference", "value", "policy", "optimizer"} and min(detail.values()) > 0
     assert sum(phases.values()) == pytest.approx(sum(detail.values()))
