@@ -211,8 +211,9 @@ class VLLMEngine:
         logprobs, mask = torch.zeros(len(outputs), width), torch.zeros(len(outputs), width, dtype=torch.long)
         finished = torch.zeros(len(outputs), dtype=torch.bool)
         for row, output in enumerate(outputs):
-            kept, ended = truncate_at_eos(list(output.token_ids), eos_ids)
-            tokens = list(output.token_ids)[:len(kept) + ended]  # the response runs up to and including its first EOS
+            tokens = list(output.token_ids)
+            kept, ended = truncate_at_eos(tokens, eos_ids)
+            tokens = tokens[:len(kept) + ended]  # the response runs up to and including its first EOS
             finished[row] = ended
             response[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, :len(tokens)] = 1

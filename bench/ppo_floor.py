@@ -69,9 +69,9 @@ def generate(policy, input_ids: torch.Tensor, mask: torch.Tensor, length: int, g
     """Prefill, then one cached step per token; the sampled ids (B, length)."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    # transformers 5.2x renamed past_key_values to cache
+    # transformers 5.2x renamed past_key_values to cache, in the forward's arguments and its output alike
     name = "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"
-    cache, tokens = getattr(out, name, None) or out.past_key_values, []
+    cache, tokens = getattr(out, name), []
     for _ in range(length):
         probs = torch.softmax(out.logits[:, -1].float() / TEMPERATURE, -1)
         token = torch.multinomial(probs, 1, generator=generator)
