@@ -11,8 +11,11 @@ step a line, then "Answer: 21"; exact checkers for each step and for the answer.
 3. `align prm` from the policy: a PRM on exact labels, an ORM on the same rows' last labels
    (--last-step-only: is the answer right), and a PRM on Math-Shepherd labels.
 4. Best-of-N on held-out problems for N = 1..16 (disjoint groups of each pool): majority vote over
-   final answers, ORM, PRM (min and prod), and the oracle (any right); the PRMs' step AUROC against
-   exact labels; `align eval --pairs` on correct-vs-one-wrong-step twins (pairwise accuracy).
+   final answers, ORM, PRM (min and prod), the policy's own lowest token log-prob (no reward model),
+   and the oracle (any right); the PRMs' step AUROC against exact labels; `align eval --pairs` on
+   correct-vs-one-wrong-step twins (pairwise accuracy), and the policy's own ranking of them.
+   The separator probe: can a step's correctness be read, linearly, from the policy's hidden state
+   where a PRM's label sits, layer by layer, against the policy's own log-probs (separator_probe)?
 5. `align ppo` from the policy with the PRM's dense step rewards against PPO with the ORM, the
    same budget; `align eval` accuracy of each at temperature 1.
 
@@ -64,11 +67,12 @@ class Plan:
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
     prm_epochs: float = 1.0
     ppo_episodes: int = 128
+    probe_problems: int = 1600  # synthetic solutions behind the separator probe (separator_probe)
 
 PLAN = Plan()
 # Every stage on the tiny built-in model, in a minute: what CI runs to keep this script working.
 SMOKE = replace(PLAN, name="arith-smoke", model="tiny", max_new_tokens=16, sft_problems=16, sft_steps=2, prm_problems=4,
-                ms_problems=2, rollouts=2, test_problems=4, best_of=(1, 2, 4), prm_epochs=1.0, ppo_episodes=16)
+                ms_problems=2, rollouts=2, test_problems=4, best_of=(1, 2, 4), prm_epochs=1.0, ppo_episodes=16, probe_problems=24)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
@@ -186,6 +190,87 @@ def score_pools(runs: Path, by_prompt: dict[str, list[dict]], models: list[str])
             row[name] = scores.tolist()
 
 
+def policy_confidence(runs: Path, prompts: list, texts: list[str], batch_size: int = 32, hidden: bool = False) -> list:
+    """Each solution's steps scored by the SFT policy itself, no reward model: a step's lowest token
+    log-prob (the separator after it left out: after the answer the policy ends, it does not write one),
+    the steps tokenized as a PRM reads them. With `hidden`, each row is (scores, every layer's hidden
+    state at each step's separator, [steps, layers + 1, width]): where a PRM's label sits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.data import prompt_ids, split_steps, step_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(runs / "sft")
+    model = AutoModelForCausalLM.from_pretrained(runs / "sft", dtype=torch.float32).eval()
+    chat, separator = bool(tokenizer.chat_template), len(tokenizer("\n", add_special_tokens=False)["input_ids"])
+    rows = [(*step_ids(tokenizer, prompt, [step for step, _ in split_steps(text, "\n")], "\n", chat),
+             len(prompt_ids(tokenizer, prompt, chat))) for prompt, text in zip(prompts, texts)]
+    out = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # ranking needs no more precision
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            ids = torch.full((len(batch), max(len(row) for row, _, _ in batch)), tokenizer.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for n, (row, _, _) in enumerate(batch):
+                ids[n, :len(row)], mask[n, :len(row)] = torch.tensor(row), 1
+            output = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+            logits = output.logits.float()
+            taken = (logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1))  # [n, t - 1]: log P(token t)
+            for n, (_, ends, first) in enumerate(batch):
+                starts, stops = [first, *(end + 1 for end in ends[:-1])], [end + 1 - separator for end in ends]
+                scores = [taken[n, a - 1:b - 1].min().item() for a, b in zip(starts, stops)]  # tokens a .. b - 1
+                out.append((scores, torch.stack(output.hidden_states, 1)[n, :, ends].transpose(0, 1).float()) if hidden else scores)
+    return out
+
+
+def separator_probe(runs: Path, plan: Plan) -> dict:
+    """Is a step's correctness readable where a PRM's label sits? On synthetic solutions whose steps are
+    each off by 1 to 3 with probability 0.3 (each step labelled by its own arithmetic), the AUROC of a
+    linear probe on the SFT policy's hidden state at each step's separator, layer by layer (fit on 80%,
+    scored on 20%), against the AUROC of the policy's own lowest token log-prob in the step."""
+    import torch
+
+    from align.rewards import auroc
+
+    rng, test = random.Random(3), {row["prompt"] for row in read_jsonl(runs.parent / "data" / "test_prompts.jsonl")}
+    prompts, texts, labels = [], [], []
+    while len(prompts) < plan.probe_problems:
+        text, ops, value = tasks.problem(rng, rng.choice(plan.operations))
+        prompt = tasks.INSTRUCTION.format(problem=text)
+        if prompt in test:
+            continue
+        steps = []
+        for name, operand in ops:
+            off = rng.choice([-3, -2, -1, 1, 2, 3]) if rng.random() < 0.3 else 0
+            written = tasks.apply(value, tasks.OPS[name], operand) + off
+            steps.append(f"{value} {tasks.OPS[name]} {operand} = {written}")
+            labels.append(not off)
+            value = written  # carried on, as the policy's own slips are
+        prompts.append(prompt)
+        texts.append("\n".join(steps + [f"Answer: {value}"]))
+    scored = policy_confidence(runs, prompts, texts, hidden=True)
+    own = torch.tensor([x for scores, _ in scored for x in scores[:-1]])  # the answer steps left out
+    states = torch.cat([h[:-1] for _, h in scored])
+    right = torch.tensor(labels, dtype=torch.float32)
+    cut = int(0.8 * len(right))
+    layers = []
+    for layer in range(states.shape[1]):
+        x = states[:, layer]
+        x = (x - x[:cut].mean(0)) / (x[:cut].std(0) + 1e-5)
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        bias = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.Adam([w, bias], lr=1e-2)
+        for _ in range(300):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(x[:cut] @ w + bias, right[:cut]) + 1e-3 * w.square().sum()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            layers.append(auroc(x[cut:] @ w + bias, right[cut:].bool()))
+    return {"steps": len(right), "right_share": right.mean().item(), "held_out_steps": len(right) - cut,
+            "policy_lowest_log_prob_auroc": auroc(own[cut:], right[cut:].bool()), "probe_auroc_by_layer": layers}
+
+
 def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -> dict[str, dict[int, float]]:
     """Accuracy of each selection method at each N: the mean over disjoint groups of N of each pool."""
     import math
@@ -195,7 +280,8 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
 
     pickers = {
         "majority vote": None,
-        **{"ORM" if m == "orm" else f"{m.upper()} {how}": (m, how) for m in models for how in (("last",) if m == "orm" else ("min", "prod"))},
+        **({"policy's lowest token log-prob": ("policy", "min")} if "policy" in models else {}),
+        **{"ORM" if m == "orm" else f"{m.upper()} {how}": (m, how) for m in models if m != "policy" for how in (("last",) if m == "orm" else ("min", "prod"))},
     }
     curves: dict[str, dict[int, float]] = {name: {} for name in [*pickers, "oracle (any right)"]}
     for n in plan.best_of:
@@ -212,7 +298,7 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
                         continue
                     model, how = picker
                     value = (lambda s: s[-1]) if how == "last" else min if how == "min" else math.prod
-                    pick = max(group, key=lambda r: value(r[model]) if r[model] else 0.0)
+                    pick = max(group, key=lambda r: value(r[model]) if r[model] else -math.inf)
                     hits[name].append(bool(pick["correct"]))
         for name in curves:
             curves[name][n] = statistics.fmean(hits[name])
@@ -224,10 +310,15 @@ def step_auroc(by_prompt: dict[str, list[dict]], models: list[str], ms_rows: lis
     own agreement with the exact ones on the rows they were made for)."""
     import torch
 
-    from align.rewards import step_metrics
+    from align.rewards import auroc, step_metrics
 
     rows = [row for solutions in by_prompt.values() for row in solutions]
     out = {m: step_metrics([torch.tensor(r[m]) for r in rows], [r["labels"] for r in rows]) for m in models if m != "orm"}
+    if rows and "policy" in rows[0]:  # log-probs: no 0.5 threshold, so the AUROC alone
+        out["policy's lowest token log-prob"] = {
+            "auroc": auroc(torch.tensor([x for r in rows for x in r["policy"]]),
+                           torch.tensor([float(x) > 0.5 for r in rows for x in r["labels"]])),
+            "steps": sum(len(r["labels"]) for r in rows)}
     if ms_rows:
         exact = [tasks.step_labels(r["prompt"], r["completions"]) for r in ms_rows]
         out["math-shepherd labels vs exact"] = step_metrics([torch.tensor([float(x) for x in r["labels"]]) for r in ms_rows], exact)
@@ -246,12 +337,23 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         by_prompt = pools(runs)
         models = [m for m in ("prm", "orm", "prm-ms") if m in done]
         score_pools(runs, by_prompt, models)
-        results["best_of_n"] = best_of_n(by_prompt, plan, models)
+        rows = [row for solutions in by_prompt.values() for row in solutions]
+        for row, steps in zip(rows, policy_confidence(runs, [r["prompt"] for r in rows], ["\n".join(r["completions"]) for r in rows])):
+            row["policy"] = steps
+        results["best_of_n"] = best_of_n(by_prompt, plan, [*models, "policy"])
         ms_rows = read_jsonl(runs / "steps-ms.jsonl") if "steps-ms" in done else None
         results["step_auroc"] = step_auroc(by_prompt, models, ms_rows)
         results["pool_accuracy"] = statistics.fmean(r["correct"] for s in by_prompt.values() for r in s)
     results["pairwise"] = {m: json.loads((runs / f"pairs-{m}.json").read_text())["pairs"]
                            for m in ("prm", "orm") if f"pairs-{m}" in done}
+    if "sft" in done:
+        results["separator_probe"] = separator_probe(runs, plan)
+        # the same pairs ranked by the policy's own lowest token log-prob, no reward model
+        pairs = read_jsonl(work / "data" / "test_pairs.jsonl")
+        lowest = [min(steps) for steps in policy_confidence(runs, [p["prompt"] for p in pairs] * 2,
+                                                             [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])]
+        results["pairwise"]["policy"] = {"accuracy": statistics.fmean(c > r for c, r in zip(lowest, lowest[len(pairs):])),
+                                         "count": len(pairs)}
     results["ppo"] = {}
     for arm in ("ppo-prm", "ppo-orm"):
         if f"eval-{arm}" in done:
@@ -323,10 +425,16 @@ def main() -> None:
               f"pools: {results.get('pool_accuracy', float('nan')):.3f}")
     print(table(results))
     for name, metrics in results.get("step_auroc", {}).items():
-        print(f"{name}: step AUROC {metrics['auroc']}, step accuracy {metrics['step_accuracy']:.3f}, "
-              f"first-error accuracy {metrics['first_error_accuracy']:.3f} ({metrics['steps']} steps)")
+        accuracy = (f", step accuracy {metrics['step_accuracy']:.3f}, first-error accuracy {metrics['first_error_accuracy']:.3f}"
+                    if "step_accuracy" in metrics else "")
+        print(f"{name}: step AUROC {metrics['auroc']}{accuracy} ({metrics['steps']} steps)")
     for name, pairs in results["pairwise"].items():
         print(f"{name}: correct above its one-wrong-step twin in {pairs['accuracy']:.3f} of {pairs['count']} pairs")
+    if "separator_probe" in results:
+        probe = results["separator_probe"]
+        best = max((a for a in probe["probe_auroc_by_layer"] if a is not None), default=float("nan"))
+        print(f"where a PRM's label sits: a linear probe's step AUROC at best {best:.3f} over "
+              f"{len(probe['probe_auroc_by_layer'])} layers; the policy's own lowest token log-prob {probe['policy_lowest_log_prob_auroc']:.3f}")
     for arm, a in results["ppo"].items():
         print(f"{arm}: accuracy {a['start_accuracy']:.3f} -> {a['accuracy']:.3f}, KL {a['kl']:.2f}, {a['minutes']:.1f} min")
     print(f"all stages {results['total_stage_minutes']} minutes ({results['stages_finished']} stages finished); {out}")

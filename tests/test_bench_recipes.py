@@ -61,10 +61,36 @@ def test_the_arith_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["stages_finished"] == "14 of 14"
-    assert set(results["best_of_n"]) == {"majority vote", "PRM min", "PRM prod", "ORM", "PRM-MS min", "PRM-MS prod",
-                                         "oracle (any right)"}
-    assert set(results["ppo"]) == {"ppo-prm", "ppo-orm"} and set(results["pairwise"]) == {"prm", "orm"}
+    assert set(results["best_of_n"]) == {"majority vote", "policy's lowest token log-prob", "PRM min", "PRM prod", "ORM",
+                                         "PRM-MS min", "PRM-MS prod", "oracle (any right)"}
+    assert set(results["ppo"]) == {"ppo-prm", "ppo-orm"} and set(results["pairwise"]) == {"prm", "orm", "policy"}
+    probe = results["separator_probe"]
+    assert len(probe["probe_auroc_by_layer"]) == 3 and 0 <= probe["policy_lowest_log_prob_auroc"] <= 1  # tiny: 2 layers + embeddings
     assert out.with_suffix(".png").stat().st_size > 0
+
+    # The policy's own step scores: each step's lowest token log-prob given everything before it (the
+    # steps tokenized as a PRM reads them), the separators left out; a later step leaves an earlier one's score.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from arith import policy_confidence
+
+    from align.data import prompt_ids
+
+    runs, prompt = tmp_path / "work" / "runs", "Start with 7. Add 5. Multiply by 2."
+    right, slipped = policy_confidence(runs, [prompt, prompt], ["7 + 5 = 12\n12 * 2 = 24\nAnswer: 24", "7 + 5 = 12\n12 * 2 = 25\nAnswer: 25"])
+    assert len(right) == len(slipped) == 3 and right[0] == slipped[0]
+    tokenizer, model = AutoTokenizer.from_pretrained(runs / "sft"), AutoModelForCausalLM.from_pretrained(runs / "sft")
+    ids = [prompt_ids(tokenizer, prompt, bool(tokenizer.chat_template))]
+    for text in ("7 + 5 = 12", "\n", "12 * 2 = 25"):
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        log_probs = model(input_ids=torch.tensor([sum(ids, [])])).logits[0].log_softmax(-1)
+    taken = [log_probs[t - 1, token].item() for t, token in enumerate(sum(ids, [])) if t]  # taken[t - 1]: log P(token t)
+    first, second = len(ids[0]), len(ids[0]) + len(ids[1]) + len(ids[2])
+    assert abs(slipped[0] - min(taken[first - 1:first - 1 + len(ids[1])])) < 0.1  # bfloat16 autocast against float32
+    assert abs(slipped[1] - min(taken[second - 1:second - 1 + len(ids[3])])) < 0.1
 
 
 def test_the_dpo_benchmark_runs_both_trainers_on_the_same_tokens(tmp_path):
