@@ -199,6 +199,7 @@ def policy_confidence(runs: Path, prompts: list, texts: list[str], batch_size: i
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align.data import prompt_ids, split_steps, step_ids
+    from align.losses import token_logprobs
 
     tokenizer = AutoTokenizer.from_pretrained(runs / "sft")
     model = AutoModelForCausalLM.from_pretrained(runs / "sft", dtype=torch.float32).eval()
@@ -214,12 +215,12 @@ def policy_confidence(runs: Path, prompts: list, texts: list[str], batch_size: i
             for n, (row, _, _) in enumerate(batch):
                 ids[n, :len(row)], mask[n, :len(row)] = torch.tensor(row), 1
             output = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
-            logits = output.logits.float()
-            taken = (logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1))  # [n, t - 1]: log P(token t)
+            taken = token_logprobs(output.logits[:, :-1], ids[:, 1:])  # [n, t - 1]: log P(token t)
+            states = torch.stack(output.hidden_states, 1).float() if hidden else None  # [n, layers + 1, t, width]
             for n, (_, ends, first) in enumerate(batch):
                 starts, stops = [first, *(end + 1 for end in ends[:-1])], [end + 1 - separator for end in ends]
                 scores = [taken[n, a - 1:b - 1].min().item() for a, b in zip(starts, stops)]  # tokens a .. b - 1
-                out.append((scores, torch.stack(output.hidden_states, 1)[n, :, ends].transpose(0, 1).float()) if hidden else scores)
+                out.append((scores, states[n, :, ends].transpose(0, 1)) if hidden else scores)
     return out
 
 
