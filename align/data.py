@@ -45,6 +45,7 @@ class DataReport:
     rows_used: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    unfinished: int = 0  # completions marked `finished: false`, trained without an end of turn
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -221,6 +222,9 @@ def validate_rows(rows: list[dict], columns: tuple[str, ...], source: str) -> No
                 )
         if "margin" in row and not isinstance(row["margin"], (int, float)):
             raise DataError(f"{source}: row {index}: 'margin' must be a number, got {row['margin']!r}")
+        if "finished" in row and not isinstance(row["finished"], bool):
+            raise DataError(f"{source}: row {index}: 'finished' must be true or false (false: the completion was cut at a "
+                            f"length limit and is trained without an end of turn), got {row['finished']!r}")
 
 
 def _check_ranked(row: dict, where: str) -> None:
@@ -344,23 +348,25 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def sft_examples(rows: list[dict], kind: str, completion_only: bool) -> list[tuple[Any, Any]]:
-    """(prompt, completion) pairs; prompt "" means train on everything.
+def sft_examples(rows: list[dict], kind: str, completion_only: bool) -> list[tuple[Any, Any, bool]]:
+    """(prompt, completion, finished) triples; prompt "" means train on everything.
 
     A conversation yields one example per assistant turn, with the turns before it as the
-    prompt, so every assistant turn is trained on and no user turn is.
+    prompt, so every assistant turn is trained on and no user turn is. A prompt-completion row
+    with `finished: false` (a sample cut at its length limit, as `generate` and `best-of-n` mark
+    them) is trained without an end of turn, so the model does not learn to stop mid-sentence.
     """
     examples = []
     for row in rows:
         if kind == "text":
-            examples.append(("", row["text"]))
+            examples.append(("", row["text"], True))
         elif kind == "prompt-completion":
-            examples.append((row["prompt"], row["completion"]))
+            examples.append((row["prompt"], row["completion"], row.get("finished", True)))
         elif not completion_only:
-            examples.append(([], row["messages"]))
+            examples.append(([], row["messages"], True))
         else:
             messages = row["messages"]
-            examples += [(messages[:i], [m]) for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+            examples += [(messages[:i], [m], True) for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
     return examples
 
 
@@ -372,15 +378,22 @@ def tokenize_sft(examples, tokenizer, chat: bool, spec: DataSpec, report: DataRe
     without `{% generation %}` markers (SmolLM2's among them).
     """
     processed = []
-    for prompt, completion in examples:
+    for prompt, completion, finished in examples:
         if chat:
             prompt_msgs = as_messages(prompt, "user") if prompt else []
             full = render_ids(tokenizer, prompt_msgs + as_messages(completion, "assistant"), chat=True)
-            prompt_ids = render_ids(tokenizer, prompt_msgs, chat=True, generation_prompt=True) if prompt_msgs else []
+            if prompt_msgs:
+                prompt_ids = render_ids(tokenizer, prompt_msgs, chat=True, generation_prompt=True)
+            else:  # no prompt: the mask starts at the first token, an unfinished row keeps the assistant header
+                prompt_ids = [] if finished else render_ids(tokenizer, as_messages("", "assistant"), chat=True)
         else:
-            full = render_ids(tokenizer, prompt + completion, chat=False) + [tokenizer.eos_token_id]
+            full = render_ids(tokenizer, prompt + completion, chat=False) + [tokenizer.eos_token_id] * finished
             prompt_ids = render_ids(tokenizer, prompt, chat=False) if prompt else []
         start = common_prefix(prompt_ids, full)
+        if chat and not finished:  # the response as sampled: the header, then its tokens, no end of turn
+            full = full[:start] + tokenizer(last_text(completion), add_special_tokens=False)["input_ids"]
+            start = start if prompt_msgs else 0
+        report.unfinished += not finished
         mask = [0] * start + [1] * (len(full) - start)
         if len(full) > spec.max_length:
             if spec.overlong == "drop":
@@ -573,3 +586,6 @@ def warn_report(report: DataReport) -> None:
         log.warning("%s: dropped %d row(s): %s", report.source, count, reason)
     if report.truncated:
         log.warning("%s: truncated %d row(s) to max_length", report.source, report.truncated)
+    if report.unfinished:
+        log.info("%s: %d completion(s) marked finished: false (cut at a length limit) are trained without an end of turn",
+                 report.source, report.unfinished)

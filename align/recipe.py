@@ -71,7 +71,9 @@ def resolve_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
     configs = []
     for index, entry in enumerate(stages):
         where = f"{path}: stages[{index}]"
-        config = _resolve_stage(entry, where, shared, earlier, output_dir, path.parent)
+        # Against the recipe's absolute directory: `align run x.yaml` and `align run ./x.yaml` or
+        # `/abs/x.yaml` from the same place make the same configs, so a rerun skips what is finished.
+        config = _resolve_stage(entry, where, shared, earlier, output_dir, path.absolute().parent)
         earlier[config.name] = config
         configs.append(config)
     return Recipe(path=path, name=name, output_dir=output_dir, stages=configs)

@@ -26,6 +26,8 @@ def test_the_best_sample_is_kept_and_paired_with_the_worst(align, prompts_file, 
     assert len(samples) == 5 * 4
     for chosen, pair in zip(best, pairs, strict=True):
         mine = [s for s in samples if s["prompt"] == chosen["prompt"]]
+        assert all(isinstance(s["finished"], bool) for s in mine)
+        assert chosen["finished"] == next(s["finished"] for s in mine if s["completion"] == chosen["completion"])
         lengths = [len(s["completion"]) for s in mine]
         assert [s["score"] for s in mine] == lengths  # the reward is the length in characters
         assert chosen["score"] == max(lengths) == len(chosen["completion"])
@@ -97,6 +99,9 @@ stages:
     kept = json.loads((runs / "round-1" / "align.json").read_text())["metrics"]["kept"]
     sft = json.loads((runs / "sft-1" / "align.json").read_text())
     assert sft["data"]["source"] == str(runs / "round-1" / "best.jsonl") and sft["data"]["rows_used"] == kept
+    # Samples cut at max_new_tokens are marked, and sft trains them without an end of turn.
+    best = read_rows(runs / "round-1" / "best.jsonl")
+    assert sft["data"]["unfinished"] == sum(not row["finished"] for row in best) > 0
     assert json.loads((runs / "round-2" / "align.json").read_text())["base_model"] == str(runs / "sft-1")
     assert json.loads((runs / "dpo-2" / "align.json").read_text())["data"]["source"] == str(runs / "round-2" / "pairs.jsonl")
 

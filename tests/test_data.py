@@ -103,7 +103,7 @@ def test_conversations_train_on_every_assistant_turn_and_no_user_turn(tokenizer)
         {"role": "assistant", "content": "good bye"},
     ]
     examples = sft_examples([{"messages": messages}], "messages", completion_only=True)
-    assert [len(prompt) for prompt, _ in examples] == [1, 3]
+    assert [(len(prompt), finished) for prompt, _, finished in examples] == [(1, True), (3, True)]
     report = DataReport("x")
     rows = tokenize_sft(examples, tokenizer, chat=True, spec=spec("x"), report=report)
     trained = [tokenizer.decode([t for t, m in zip(r["input_ids"], r["completion_mask"]) if m]) for r in rows]
@@ -115,13 +115,39 @@ def test_conversations_train_on_every_assistant_turn_and_no_user_turn(tokenizer)
 
 
 def test_plain_text_prompt_completion_masks_the_prompt_and_appends_eos(tokenizer):
-    rows = tokenize_sft([("Q: two? A:", " yes")], tokenizer, chat=False, spec=spec("x"), report=DataReport("x"))
+    rows = tokenize_sft([("Q: two? A:", " yes", True)], tokenizer, chat=False, spec=spec("x"), report=DataReport("x"))
     trained = [t for t, m in zip(rows[0]["input_ids"], rows[0]["completion_mask"]) if m]
     assert tokenizer.decode(trained) == " yes<|im_end|>"
 
 
+def test_a_completion_cut_at_its_length_limit_is_trained_without_an_end_of_turn(tokenizer):
+    rows = [{"prompt": "hi", "completion": "hello there", "finished": False},
+            {"prompt": "hi", "completion": "hello there", "finished": True},
+            {"prompt": "hi", "completion": "hello there"},
+            {"prompt": "", "completion": "hello there", "finished": False},
+            {"prompt": "", "completion": "hello there"}]
+    validate_rows(rows, SFT_FORMATS["prompt-completion"], "best.jsonl")
+    examples = sft_examples(rows, "prompt-completion", completion_only=True)
+    report = DataReport("x")
+    cut, ended, default, cut_alone, ended_alone = tokenize_sft(examples, tokenizer, chat=True, spec=spec("x"), report=report)
+    trained = lambda row: tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m])
+    assert trained(ended) == trained(default) == "hello there<|im_end|>\n"
+    assert trained(cut) == "hello there" and report.unfinished == 2
+    # The cut row is the sampler's sequence: the prompt with the assistant header, then the response's tokens.
+    header = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=False)
+    assert cut["input_ids"] == list(header) + tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    assert ended["input_ids"][:len(cut["input_ids"])] == cut["input_ids"]
+    # Without a prompt everything is trained; the cut row keeps the assistant header and loses the end of turn.
+    assert tokenizer.decode(ended_alone["input_ids"]).endswith("assistant\nhello there<|im_end|>\n")
+    assert tokenizer.decode(cut_alone["input_ids"]).endswith("assistant\nhello there") and all(cut_alone["completion_mask"])
+    plain = tokenize_sft([("Q: two? A:", " yes", False)], tokenizer, chat=False, spec=spec("x"), report=report)
+    assert tokenizer.decode([t for t, m in zip(plain[0]["input_ids"], plain[0]["completion_mask"]) if m]) == " yes"
+    with pytest.raises(DataError, match=r"best.jsonl: row 2: 'finished' must be true or false .*got 'no'"):
+        validate_rows([rows[0], {**rows[0], "finished": "no"}], SFT_FORMATS["prompt-completion"], "best.jsonl")
+
+
 def test_overlong_rows_are_truncated_or_dropped_and_counted(tokenizer):
-    examples = [("short", "ok"), ("x " * 200, "long answer " * 50), ("q", "long answer " * 50)]
+    examples = [("short", "ok", True), ("x " * 200, "long answer " * 50, True), ("q", "long answer " * 50, True)]
     report = DataReport("x")
     kept = tokenize_sft(examples, tokenizer, chat=True, spec=spec("x", max_length=32), report=report)
     assert len(kept) == 2 and all(len(r["input_ids"]) <= 32 for r in kept)

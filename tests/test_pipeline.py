@@ -106,3 +106,18 @@ def test_a_recipe_beside_its_relative_outputs_skips_them_on_rerun(align, tmp_pat
     assert again.code == 0, again.err
     assert again.out.count("skipped") == 2
     assert json.loads((tmp_path / "runs" / "eval.json.align.json").read_text())["config"]["model"]["path"] == "runs/sft"
+
+
+def test_a_recipe_named_by_another_path_to_the_same_file_is_still_up_to_date(align, tmp_path, monkeypatch):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hello"}\n{"prompt": "Bye"}\n')
+    (tmp_path / "gen.yaml").write_text(
+        "output_dir: runs\nmodel: tiny\nstages:\n  - {name: samples, stage: generate, prompts: prompts.jsonl, "
+        "sampling: {max_new_tokens: 4}}\n")
+    monkeypatch.chdir(tmp_path)
+    first = align("run", "gen.yaml")
+    assert first.code == 0, first.err
+    manifest = json.loads((tmp_path / "runs" / "samples.jsonl.align.json").read_text())
+    assert manifest["config"]["prompts"]["path"] == str(tmp_path / "prompts.jsonl")
+    for same in ("./gen.yaml", str(tmp_path / "gen.yaml")):
+        again = align("run", same)
+        assert again.code == 0 and "skipped" in again.out, again.err

@@ -2,9 +2,11 @@
 
 The data of Llama 2's rejection-sampling rounds, WebGPT's best-of-n, RAFT and ReST-EM. Writes in
 the output directory:
-  best.jsonl     the best sample per prompt: prompt, completion, score           -> align sft
+  best.jsonl     the best sample per prompt: prompt, completion, score, finished -> align sft
   pairs.jsonl    best vs worst per prompt: prompt, chosen, rejected, margin      -> align rm / dpo
   samples.jsonl  every sample with its score
+`finished` is false for a sample cut at --max-new-tokens: `align sft` trains it without an end of
+turn, so a round of rejection sampling does not teach the model to stop mid-sentence.
 A prompt whose best and worst samples score within --min-gap of each other (all alike, by
 default) says nothing about which answer is better: it is skipped and counted. Empty samples
 are scored but never chosen.
@@ -104,8 +106,8 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
     by_prompt = scores.split([len(c) for c in samples])
     for i, (completions, values) in enumerate(zip(samples, by_prompt)):
         prompt = prompts[i]
-        rows["samples"] += [{"prompt": prompt, "completion": c.text, "score": float(v), "sample": k, "prompt_row": first_row + i + 1}
-                            for k, (c, v) in enumerate(zip(completions, values.tolist()))]
+        rows["samples"] += [{"prompt": prompt, "completion": c.text, "score": float(v), "finished": c.finished, "sample": k,
+                             "prompt_row": first_row + i + 1} for k, (c, v) in enumerate(zip(completions, values.tolist()))]
         counts["scored"] += len(values)
         counts["score_sum"] += float(values.sum())
         candidates = [k for k, c in enumerate(completions) if c.text.strip()]
@@ -119,7 +121,8 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         if margin <= min_gap:
             counts["skipped"] += 1
             continue
-        rows["best"].append({"prompt": prompt, "completion": completions[best].text, "score": float(values[best])})
+        rows["best"].append({"prompt": prompt, "completion": completions[best].text, "score": float(values[best]),
+                             "finished": completions[best].finished})
         rows["pairs"].append({"prompt": prompt, "chosen": completions[best].text, "rejected": completions[worst].text,
                               "margin": margin})
         counts["kept"] += 1
