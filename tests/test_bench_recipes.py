@@ -124,3 +124,10 @@ def test_the_ppo_floor_does_each_part_of_an_update_once(tmp_path, monkeypatch):
     assert set(detail) == {"generate", "reward", "reference", "value", "policy", "optimizer"} and min(detail.values()) > 0
     assert sum(phases.values()) == pytest.approx(sum(detail.values()))
     assert result["train_seconds"] >= sum(detail.values()) and result["episodes"] == 16
+
+
+def test_the_rejection_sampling_transfer_recipe_validates(align, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it runs from a sentiment work directory; the dry run reads no data
+    result = align("run", ROOT / "bench" / "rs_transfer.yaml", "--dry-run")
+    assert result.code == 0, result.err
+    assert all(name in result.out for name in ("sft-bo4-e1", "samples16", "sft-bo16-e1", "eval-sft-bo16-e3"))
