@@ -11,6 +11,7 @@ import errno
 import inspect
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -340,17 +341,26 @@ def entrypoint() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except OSError as exc:
-        if exc.errno not in DISK_ERRORS:
-            raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        typer.echo(f"align: error: {DISK_ERRORS[exc.errno]}{where}; {DISK_ADVICE}", err=True)
-        distributed.record_exit(5)
-        sys.exit(5)
     except Exception as exc:
         # Usage errors (unknown command or flag) come from the click that typer vendors; they
         # know how to print themselves.
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
-        raise
+        number, where = disk_error(exc)
+        if number is None:
+            raise
+        typer.echo(f"align: error: {DISK_ERRORS[number]}{where}; {DISK_ADVICE}", err=True)
+        distributed.record_exit(5)
+        sys.exit(5)
+
+
+def disk_error(exc: BaseException) -> tuple[int | None, str]:
+    """The disk trouble behind an exception, if any, and the file it hit: an OSError, or a library's own
+    error that carries the OS's (safetensors writes weights in Rust: "I/O error: ... (os error 28)")."""
+    if isinstance(exc, OSError):
+        return (exc.errno if exc.errno in DISK_ERRORS else None), (f" writing {exc.filename}" if exc.filename else "")
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found and int(found.group(1)) in DISK_ERRORS:
+        return int(found.group(1)), f" writing model weights ({type(exc).__name__})"
+    return None, ""

@@ -22,6 +22,20 @@ def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing_finished(align, sft_
     assert not (out / "align.json").exists() and (out / "checkpoints" / "checkpoint-2").is_dir()
 
 
+def test_a_full_disk_while_safetensors_writes_the_weights_is_one_line(align, sft_file, tmp_path, monkeypatch):
+    # safetensors writes in Rust and raises its own error, not an OSError, with the OS's code in the text.
+    from safetensors import SafetensorError
+
+    from align import training
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(training, "save_stage_model", full)
+    result = align("sft", "-m", "tiny", "-d", sft_file, "-o", tmp_path / "out", "--max-steps", "1")
+    assert_clean_failure(result, 5, "no space left on the device", "writing model weights", "--resume")
+
+
 def test_permission_denied_mid_run_is_one_line(align, sft_file, tmp_path, monkeypatch):
     from align import training
 
