@@ -137,10 +137,16 @@ class StageConfig(Closed):
 
     # These change how a run proceeds, never what it produces.
     RUN_CONTROL_FIELDS: ClassVar[frozenset[str]] = frozenset({"resume", "overwrite", "name"})
+    # Fields added since a release, each with the default that does what the stage did before it had the
+    # field: at that default they are left out of the identity, so a run finished before the field existed
+    # still counts as up to date (an upgrade never makes `align run --resume` redo finished stages).
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {}
 
     def identity(self) -> dict[str, Any]:
         """The part of the config that decides the output (for `align run`'s skip check)."""
-        return self.model_dump(mode="json", exclude=set(self.RUN_CONTROL_FIELDS))
+        identity = self.model_dump(mode="json", exclude=set(self.RUN_CONTROL_FIELDS))
+        return {key: value for key, value in identity.items()
+                if key not in self.ADDED_FIELDS or value != self.ADDED_FIELDS[key]}
 
     def data_files(self) -> list[str]:
         """The data this stage reads (fingerprinted into the manifest)."""
@@ -562,8 +568,14 @@ class BestOfNConfig(OneReward, StageConfig):
     min_gap: Annotated[float, Field(ge=0)] = Field(
         0.0, description="skip a prompt whose best and worst samples score within this of each other (0: only exact ties)"
     )
+    keep: PositiveInt = Field(
+        1, description="the best this many samples of each prompt go to best.jsonl (1: Llama 2's and ReST-EM's pick; "
+        "more: RAFT's top fraction, more rows per prompt for SFT)"
+    )
     score_batch_size: PositiveInt = Field(16, description="samples per reward-model batch")
     reward_in_4bit: bool = Field(False, description="load the reward model in 4-bit NF4 (bitsandbytes)")
+
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"keep": 1}
 
     def data_files(self) -> list[str]:
         return [self.prompts.path] + self.question_files()
@@ -571,6 +583,9 @@ class BestOfNConfig(OneReward, StageConfig):
     @model_validator(mode="after")
     def _check(self) -> BestOfNConfig:
         self._check_one_reward()
+        if self.keep >= self.sampling.num_samples:
+            raise ValueError(f"keep={self.keep} keeps every one of num_samples={self.sampling.num_samples} samples, so "
+                             "nothing is selected: keep fewer than you sample")
         return self
 
 

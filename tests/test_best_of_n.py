@@ -3,6 +3,7 @@ align eval --best-of, the best-of-n policy evaluated as an arm of its own."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -40,6 +41,26 @@ def test_the_best_sample_is_kept_and_paired_with_the_worst(align, prompts_file, 
     assert metrics["mean_best_score"] == pytest.approx(sum(b["score"] for b in best) / len(best))
     assert metrics["kept"] + metrics["skipped_min_gap"] == 5 and metrics["mean_best_score"] > metrics["mean_sample_score"]
     assert manifest["completed"] and not (out / "progress.json").exists()
+
+
+def test_keep_writes_the_best_k_samples_of_each_prompt_best_first(align, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "bon"
+    assert best_of_n(align, prompts_file, out, "--reward-fn", f"{reward_file}:length", "--keep", "2").code == 0
+    samples, best = read_rows(out / "samples.jsonl"), read_rows(out / "best.jsonl")
+    kept = {row["prompt"] for row in best}
+    assert kept and all(len(r["completion"]) > 0 for r in best)
+    for prompt in kept:
+        mine = sorted((s for s in samples if s["prompt"] == prompt and s["completion"].strip()), key=lambda s: -s["score"])
+        rows = [r for r in best if r["prompt"] == prompt]
+        assert [(r["completion"], r["score"], r["finished"]) for r in rows] == [
+            (s["completion"], s["score"], s["finished"]) for s in mine[:2]]
+    metrics = json.loads((out / "align.json").read_text())["metrics"]
+    assert metrics["best_rows"] == len(best) == 2 * metrics["kept"]
+    assert metrics["mean_best_score"] == pytest.approx(sum(r["score"] for r in best[::2]) / metrics["kept"])
+    # Keeping every sample selects nothing: refused before anything loads.
+    assert_clean_failure(best_of_n(align, prompts_file, tmp_path / "all", "--reward-fn", f"{reward_file}:length", "--keep", "4"),
+                         2, "keep=4 keeps every one of num_samples=4")
+    assert not (tmp_path / "all").exists()
 
 
 def test_prompts_whose_samples_all_score_alike_are_skipped_and_counted(align, prompts_file, reward_file, tmp_path):
@@ -159,3 +180,15 @@ def test_eval_best_of_scores_the_pick_of_n(align, prompts_file, reward_file, tmp
     assert metrics[f"reward/{reward_file}:length/mean"] == pytest.approx(sum(best) / len(best))
     assert metrics["samples"] == 5 and metrics["kl_bound"] == pytest.approx(math.log(4) - 3 / 4) and "kl" not in metrics
     assert_clean_failure(align("eval", *common, "-o", tmp_path / "e2.json", "--best-of", "4", "--no-reference"), 2, "--best-of")
+
+
+def test_runs_finished_before_keep_existed_stay_up_to_date(reward_file, tmp_path):
+    """A field added later is left out of the config hash at its default: upgrading align never makes
+    `align run --resume` redo a finished best-of-n stage (the sentiment benchmark's data stages)."""
+    from align.checkpoints import config_hash
+    from align.config import BestOfNConfig
+
+    common = {"model": "tiny", "prompts": {"path": "p.jsonl"}, "output": str(tmp_path / "bon"), "reward_fn": f"{reward_file}:length"}
+    before = BestOfNConfig(**common).model_dump(mode="json", exclude={"resume", "overwrite", "name", "keep"})
+    assert config_hash(BestOfNConfig(**common)) == config_hash(SimpleNamespace(identity=lambda: before))
+    assert config_hash(BestOfNConfig(**common, keep=2)) != config_hash(BestOfNConfig(**common))

@@ -2,7 +2,8 @@
 
 The data of Llama 2's rejection-sampling rounds, WebGPT's best-of-n, RAFT and ReST-EM. Writes in
 the output directory:
-  best.jsonl     the best sample per prompt: prompt, completion, score, finished -> align sft
+  best.jsonl     the best sample per prompt (the best --keep), best first:
+                 prompt, completion, score, finished                              -> align sft
   pairs.jsonl    best vs worst per prompt: prompt, chosen, rejected, margin      -> align rm / dpo
   samples.jsonl  every sample with its score
 `finished` is false for a sample cut at --max-new-tokens: `align sft` trains it without an end of
@@ -64,7 +65,7 @@ def run(config: BestOfNConfig) -> Path:
                 end = min(start + chunk, len(prompts))
                 sampling = config.sampling.model_copy(update={"seed": row_seed(config.sampling.seed, 0, start)})
                 samples = sample(model, tokenizer, prompts[start:end], sampling, chat)
-                rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, first_row=start)
+                rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, config.keep, first_row=start)
                 outputs.append(rows_out, done=end, counts=counts)
                 bar.update(end - start)
                 kept = outputs.counts.get("kept", 0)
@@ -74,7 +75,7 @@ def run(config: BestOfNConfig) -> Path:
     counts = outputs.counts
     kept = int(counts.get("kept", 0))
     metrics = {
-        "prompts": len(prompts), "samples": len(prompts) * n, "kept": kept,
+        "prompts": len(prompts), "samples": len(prompts) * n, "kept": kept, "best_rows": int(counts.get("best_rows", 0)),
         "skipped_min_gap": int(counts.get("skipped", 0)), "empty_samples": int(counts.get("empty", 0)),
         "mean_sample_score": counts.get("score_sum", 0.0) / max(1, counts.get("scored", 0)),
         "mean_best_score": counts.get("best_sum", 0.0) / max(1, kept),
@@ -92,8 +93,8 @@ def kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: float, first_row: int = 0):
-    """Score every sample; per prompt the best, and the best-worst pair when they differ by more than min_gap."""
+def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: float, keep: int = 1, first_row: int = 0):
+    """Score every sample; per prompt the best `keep` and the best-worst pair, when those two differ by more than min_gap."""
     flat = [(i, k, c) for i, completions in enumerate(samples) for k, c in enumerate(completions)]
     scores = reward([prompts[i] for i, _, _ in flat], [c.text for _, _, c in flat]).float().cpu()
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
@@ -115,14 +116,15 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         if len(candidates) < 2:
             counts["skipped"] += 1
             continue
-        best = max(candidates, key=lambda k: values[k])
-        worst = min(candidates, key=lambda k: values[k])
+        ranked = sorted(candidates, key=lambda k: -values[k])  # stable: equal scores keep sampling order
+        best, worst = ranked[0], min(candidates, key=lambda k: values[k])
         margin = float(values[best] - values[worst])
         if margin <= min_gap:
             counts["skipped"] += 1
             continue
-        rows["best"].append({"prompt": prompt, "completion": completions[best].text, "score": float(values[best]),
-                             "finished": completions[best].finished})
+        rows["best"] += [{"prompt": prompt, "completion": completions[k].text, "score": float(values[k]),
+                          "finished": completions[k].finished} for k in ranked[:keep]]
+        counts["best_rows"] += min(keep, len(ranked))
         rows["pairs"].append({"prompt": prompt, "chosen": completions[best].text, "rejected": completions[worst].text,
                               "margin": margin})
         counts["kept"] += 1
