@@ -130,4 +130,26 @@ def test_the_rejection_sampling_transfer_recipe_validates(align, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # it runs from a sentiment work directory; the dry run reads no data
     result = align("run", ROOT / "bench" / "rs_transfer.yaml", "--dry-run")
     assert result.code == 0, result.err
-    assert all(name in result.out for name in ("sft-bo4-e1", "samples16", "sft-bo16-e1", "eval-sft-bo16-e3"))
+    assert all(name in result.out for name in ("sft-bo4-e1", "samples16", "sft-bo16-e1", "eval-sft-bo16-e3", "samples16-top2", "eval-sft-top4-e1"))
+
+
+def test_the_reward_model_samples_study_adds_samples_to_each_opening_and_validates(align, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import rm_samples
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    monkeypatch.setattr(rm_samples, "score", len)  # VADER stands aside: the score is the length
+    rm_samples.write_jsonl(tmp_path / "data" / "rm_train_ranked.jsonl", [
+        {"prompt": p, "completions": [f"{p} a", f"{p} bb"], "scores": [0.5, -0.5]} for p in ("one", "two")])
+    rm_samples.write_jsonl(tmp_path / "runs-rs-transfer" / "samples16" / "samples.jsonl", [
+        {"prompt": p, "completion": "x" * k, "score": 9.0} for k in range(1, 17) for p in ("two", "one")])
+    rows = rm_samples.ranked_rows(tmp_path, 4)
+    assert rows[1] == {"prompt": "two", "completions": ["two a", "two bb", "x", "xx", "xxx", "xxxx"],
+                       "scores": [0.5, -0.5, 1, 2, 3, 4]}
+    assert [len(r["completions"]) for r in rm_samples.ranked_rows(tmp_path, 16)] == [18, 18]
+    (tmp_path / "rm-samples.yaml").write_text(yaml.safe_dump(rm_samples.recipe(), sort_keys=False), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = align("run", "rm-samples.yaml", "--dry-run")
+    assert result.code == 0, result.err
+    assert all(name in result.out for name in ("rm-k8", "eval-rm-k8", "rm-k20", "eval-rm-k20"))
