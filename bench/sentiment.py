@@ -70,9 +70,9 @@ class Plan:
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
     rs_rounds: int = 2
     rs_samples: int = 4
-    dpo_betas: tuple[float, ...] = (0.1, 0.3, 0.03)
+    dpo_betas: tuple[float, ...] = (0.1, 0.3, 1.0)
     dpo_epochs: float = 2.0
-    ppo_kl_coefs: tuple[float, ...] = (0.05, 0.1, 0.02)
+    ppo_kl_coefs: tuple[float, ...] = (0.05, 0.1, 0.3)
     ppo_episodes: int = 1024
     ppo_gold: bool = True
     grpo_steps: int = 64  # GRPO optimizer steps of 8 completions (2 prompts x 4)
@@ -217,7 +217,8 @@ def arms_recipe(plan: Plan) -> dict:
     ]
     for round_ in range(1, plan.rs_rounds + 1):
         stages += rejection_sampling(round_)
-    # The sweeps, interleaved and towards lower KL first (the main arms ran at KL 13-17): a stopped run has both methods.
+    # The sweeps, interleaved, each at less KL than the main arms (KL 15-17), so the two methods meet at matched KL
+    # (PPO at kl 0.3 against DPO at beta 0.3 and GRPO near KL 6): a stopped run has both methods.
     for kl, beta in itertools.zip_longest(plan.ppo_kl_coefs[1:], plan.dpo_betas[1:]):
         stages += (ppo(f"ppo-kl{kl}", kl, reward_from="rm") if kl else []) + (dpo(beta) if beta else [])
     if plan.grpo_steps:
@@ -312,7 +313,7 @@ def collect(work: Path, plan: Plan, recipe: dict, counts: dict) -> dict:
     cost = {name: seconds(runs, name, kind) for name, kind in kinds.items()}
     arms = best_of_n_arms(work, plan, tokenizer) if "best-of-n" in kinds else {}
     families = {"rs-": "rejection-sampling FT (rounds)", "dpo-b": "DPO (beta)", "ppo-kl": "RM -> PPO (kl_coef)",
-                "grpo": "RM -> GRPO (dapo)", "ppo-gold": "PPO on VADER (ceiling)"}
+                "grpo": "RM -> GRPO (dapo)", "ppo-gold": f"PPO on VADER itself (kl {plan.ppo_kl_coefs[0]})"}
     for name in kinds:
         if not name.startswith("eval-") or name == "eval-rm":
             continue
