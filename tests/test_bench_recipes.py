@@ -130,7 +130,7 @@ def test_the_rejection_sampling_transfer_recipe_validates(align, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # it runs from a sentiment work directory; the dry run reads no data
     result = align("run", ROOT / "bench" / "rs_transfer.yaml", "--dry-run")
     assert result.code == 0, result.err
-    assert all(name in result.out for name in ("sft-bo4-e1", "samples16", "sft-bo16-e1", "eval-sft-bo16-e3", "samples16-top2", "eval-sft-top4-e1"))
+    assert all(name in result.out for name in ("sft-bo4-e1", "samples16", "sft-bo16-e1", "eval-sft-bo16-e3", "samples16-top2", "eval-sft-top4-e1", "samples16-r2", "eval-sft-r2-e2"))
 
 
 def test_the_reward_model_samples_study_adds_samples_to_each_opening_and_validates(align, tmp_path, monkeypatch):
