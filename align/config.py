@@ -137,7 +137,7 @@ class StageConfig(Closed):
 
     # These change how a run proceeds, never what it produces.
     RUN_CONTROL_FIELDS: ClassVar[frozenset[str]] = frozenset({"resume", "overwrite", "name"})
-    # Fields added since a release, each with the default that does what the stage did before it had the
+    # Top-level fields added since a release, each with the default that does what the stage did before it had the
     # field: at that default they are left out of the identity, so a run finished before the field existed
     # still counts as up to date (an upgrade never makes `align run --resume` redo finished stages).
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {}

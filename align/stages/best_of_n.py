@@ -116,15 +116,15 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         if len(candidates) < 2:
             counts["skipped"] += 1
             continue
-        ranked = sorted(candidates, key=lambda k: -values[k])  # stable: equal scores keep sampling order
-        best, worst = ranked[0], min(candidates, key=lambda k: values[k])
+        picks = sorted(candidates, key=lambda k: -values[k])[:keep]  # stable: equal scores keep sampling order
+        best, worst = picks[0], min(candidates, key=lambda k: values[k])  # min: the first of tied worst, as before
         margin = float(values[best] - values[worst])
         if margin <= min_gap:
             counts["skipped"] += 1
             continue
         rows["best"] += [{"prompt": prompt, "completion": completions[k].text, "score": float(values[k]),
-                          "finished": completions[k].finished} for k in ranked[:keep]]
-        counts["best_rows"] += min(keep, len(ranked))
+                          "finished": completions[k].finished} for k in picks]
+        counts["best_rows"] += len(picks)
         rows["pairs"].append({"prompt": prompt, "chosen": completions[best].text, "rejected": completions[worst].text,
                               "margin": margin})
         counts["kept"] += 1
