@@ -12,11 +12,14 @@ from align.errors import ConfigError
 
 class _StrictLoader(yaml.SafeLoader):
     """The safe loader (no python objects), refusing a key given twice in one mapping: plain YAML
-    keeps the last one silently, so `train:` written twice would drop the first block."""
+    keeps the last one silently, so `train:` written twice would drop the first block. Merge keys
+    (`<<: *shared`) work as in YAML: a key written beside one overrides the merged value."""
 
     def construct_mapping(self, node, deep=False):
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(

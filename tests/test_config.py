@@ -116,6 +116,21 @@ def test_bad_recipes_fail_with_the_stage_named(tmp_path, stages, fragment):
     assert str(tmp_path / "recipe.yaml") in str(info.value)
 
 
+def test_recipes_share_blocks_through_yaml_anchors_and_merge_keys(tmp_path):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    recipe = load_recipe(write(tmp_path, """
+model: tiny
+stages:
+  - &sft {name: sft, data: d.jsonl, train: {max_steps: 3, learning_rate: 0.1}}
+  - {<<: *sft, name: sft-again, stage: sft}
+"""))
+    first, again = recipe.stages
+    assert again.name == "sft-again" and again.data.path == first.data.path
+    assert again.train.max_steps == 3 and again.train.learning_rate == 0.1
+    with pytest.raises(ConfigError, match="'name' twice"):  # a key written twice beside a merge is still refused
+        load_recipe(write(tmp_path, "model: tiny\nstages:\n  - &s {name: a, data: d.jsonl}\n  - {<<: *s, name: b, name: c}\n"))
+
+
 def test_recipe_resolves_reward_sources_from_earlier_stages_and_files(tmp_path):
     (tmp_path / "p.jsonl").write_text("{}\n")
     (tmp_path / "score.py").write_text("def f(p, c):\n    return [0.0] * len(c)\n")
