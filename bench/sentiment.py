@@ -6,16 +6,18 @@ rater. Whole films are held out: the test openings are about 4 of the 20 films, 
 and no test film is in any training file. Every policy is sampled at temperature 1, so the KL on
 the plot is the policy's own KL to the starting model.
 
-1. Data (`align best-of-n` scored by VADER): 4 samples per training opening. The reward model
-   trains on them as ranked rows: all 6 pairs of an opening compared in one step, `margin` = their
-   VADER gap, near-ties dropped (InstructGPT's K-choose-2). The best-vs-worst pair of each opening
-   is the DPO data. The same on the test openings gives the RM's held-out pairs.
+1. Data (`align best-of-n` scored by VADER): 4 samples per training opening, and 16 more for the
+   reward model, which trains on all 20 as ranked rows: every pair of an opening compared in one
+   step, `margin` = their VADER gap, near-ties dropped (InstructGPT's K-choose-2; with 4 samples,
+   the issue's 6 pairs per opening, held-out accuracy was 0.76, with 20 it is 0.85:
+   bench/rm_samples.py). The best-vs-worst pair of the first 4 is the DPO data. 4 samples per test
+   opening give the RM's held-out pairs; the best-of-n arm's 16 per test opening a larger check.
 2. The arms, each from the same starting model, as one recipe run by `align run`:
    - best-of-n at n = 1..16 on the test openings, picked by the RM and by VADER (one
      `align best-of-n` of 16 samples; each n is the average over disjoint groups of n; KL is
      the bound log n - (n-1)/n);
-   - rejection-sampling fine-tuning (ReST-EM): best-of-4 by the RM on the training openings ->
-     SFT from the start, then again sampling from round 1's policy;
+   - rejection-sampling fine-tuning (ReST-EM): best-of-16 by the RM on the training openings ->
+     SFT from the start (1 and 2 epochs), then again sampling from round 1's 2-epoch policy;
    - DPO at three betas; RM -> PPO at three KL coefficients; RM -> GRPO; PPO on VADER itself
      (what PPO reaches when the RM is not the limit).
 3. `align eval` of every policy on the held-out openings: VADER and RM means, KL to the start,
@@ -65,11 +67,13 @@ class Plan:
 
     name: str
     train_openings: int | None = None  # None: all 240
-    pair_samples: int = 4  # samples per opening behind the RM's pairs
+    pair_samples: int = 4  # samples per opening: the DPO pairs (best vs worst), the held-out RM pairs
+    rm_samples: int = 20  # samples per training opening behind the RM (pair_samples of them shared)
     min_gap: float = 0.1  # VADER gap under which a pair is a near-tie
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
     rs_rounds: int = 2
-    rs_samples: int = 4
+    rs_samples: int = 16
+    rs_epochs: tuple[float, ...] = (2.0, 1.0)  # round 1 at each (the first is the one round 2 samples from); later rounds at the first
     dpo_betas: tuple[float, ...] = (0.1, 0.3, 1.0)
     dpo_epochs: float = 2.0
     ppo_kl_coefs: tuple[float, ...] = (0.05, 0.1, 0.3)
@@ -82,7 +86,8 @@ class Plan:
 
 FULL = Plan("sentiment")
 # Measured at train_openings=96, ppo_episodes=256 with the RM check: 37.0 minutes; these cuts aim under 30.
-QUICK = replace(FULL, name="sentiment-quick", train_openings=64, best_of=(1, 2, 4), rs_rounds=1, dpo_betas=(0.1,),
+QUICK = replace(FULL, name="sentiment-quick", train_openings=64, rm_samples=4, best_of=(1, 2, 4), rs_rounds=1, rs_samples=4,
+                rs_epochs=(3.0,), dpo_betas=(0.1,),
                 ppo_kl_coefs=(0.05,), ppo_episodes=192, ppo_gold=False, grpo_steps=0, eval_samples=1, rm_check=False)
 
 COMMON = {
@@ -121,8 +126,9 @@ def align_run(recipe: dict, path: Path) -> None:
 
 
 def prepare_data(work: Path, plan: Plan) -> dict:
-    """Prompt files, then `pair_samples` samples per opening scored by VADER (align best-of-n); from
-    them every pair of an opening for the RM, near-ties dropped, and the best-vs-worst pair for DPO."""
+    """Prompt files, then `pair_samples` samples per opening scored by VADER (align best-of-n), and on the
+    training openings more up to `rm_samples`; from them every pair of an opening for the RM, near-ties
+    dropped, and from the first `pair_samples` the best-vs-worst pair for DPO."""
     train, test = split_openings()
     if plan.train_openings:
         train = random.Random(1).sample(train, plan.train_openings)
@@ -130,18 +136,17 @@ def prepare_data(work: Path, plan: Plan) -> dict:
     write_jsonl(data / "train_prompts.jsonl", [{"prompt": INSTRUCTION.format(opening=o)} for o in train])
     write_jsonl(data / "test_prompts.jsonl", [{"prompt": INSTRUCTION.format(opening=o)} for o in test])
     sampling = {**DATA_SAMPLING, "num_samples": plan.pair_samples}
-    align_run({
-        "name": f"{plan.name}-data", "output_dir": "runs", "model": MODEL,
-        "stages": [
-            {"name": f"gold-{split}", "stage": "best-of-n", "reward_fn": GOLD, "prompts": f"data/{split}_prompts.jsonl",
-             "min_gap": plan.min_gap, "sampling": {**sampling, "seed": seed}}
-            for split, seed in (("train", 1), ("test", 2))
-        ],
-    }, work / "data.yaml")
+    stages = [{"name": f"gold-{split}", "stage": "best-of-n", "reward_fn": GOLD, "prompts": f"data/{split}_prompts.jsonl",
+               "min_gap": plan.min_gap, "sampling": {**sampling, "seed": seed}} for split, seed in (("train", 1), ("test", 2))]
+    if plan.rm_samples > plan.pair_samples:
+        stages.append({"name": "gold-train-more", "stage": "best-of-n", "reward_fn": GOLD, "prompts": "data/train_prompts.jsonl",
+                       "sampling": {**SAMPLING, "num_samples": plan.rm_samples - plan.pair_samples, "seed": 11}})
+    align_run({"name": f"{plan.name}-data", "output_dir": "runs", "model": MODEL, "stages": stages}, work / "data.yaml")
     for split in ("train", "test"):
         by_prompt: dict[str, list[dict]] = {}
-        for row in read_jsonl(work / "runs" / f"gold-{split}" / "samples.jsonl"):
-            by_prompt.setdefault(row["prompt"], []).append(row)
+        for stage in [f"gold-{split}"] + (["gold-train-more"] if split == "train" and plan.rm_samples > plan.pair_samples else []):
+            for row in read_jsonl(work / "runs" / stage / "samples.jsonl"):
+                by_prompt.setdefault(row["prompt"], []).append(row)
         write_jsonl(data / f"rm_{split}_ranked.jsonl", [
             {"prompt": prompt, "completions": [s["completion"] for s in samples], "scores": [s["score"] for s in samples]}
             for prompt, samples in by_prompt.items()
@@ -196,26 +201,30 @@ def arms_recipe(plan: Plan) -> dict:
 
     def rejection_sampling(round_: int) -> list[dict]:  # ReST-EM: sample from the last round's policy, fine-tune the start
         source = {"from": f"rs-{round_ - 1}"} if round_ > 1 else {}
-        return [
-            {"name": f"rs-samples-{round_}", "stage": "best-of-n", **source, "reward_from": "rm",
-             "prompts": "data/train_prompts.jsonl", "sampling": {**SAMPLING, "num_samples": plan.rs_samples, "seed": 10 + round_}},
-            {"name": f"rs-{round_}", "stage": "sft", "data_from": f"rs-samples-{round_}", "train": {"epochs": 3, "learning_rate": 5.0e-4}},
-            evaluate(f"rs-{round_}"),
-        ]
+        seed = 12 + round_ if plan.rm_samples > plan.pair_samples else 10 + round_  # not gold-train-more's seed 11
+        stages = [{"name": f"rs-samples-{round_}", "stage": "best-of-n", **source, "reward_from": "rm", "prompts": "data/train_prompts.jsonl",
+                   "sampling": {**SAMPLING, "num_samples": plan.rs_samples, "seed": seed}}]
+        for i, epochs in enumerate(plan.rs_epochs if round_ == 1 else plan.rs_epochs[:1]):
+            arm = f"rs-{round_}" if i == 0 else f"rs-{round_}-e{epochs:g}"
+            stages += [{"name": arm, "stage": "sft", "data_from": f"rs-samples-{round_}", "train": {"epochs": epochs, "learning_rate": 5.0e-4}},
+                       evaluate(arm)]
+        return stages
 
     stages: list[dict] = [
         # Every pair of an opening's samples in one step (ranked rows), margin = VADER gap; one pass, lr annealed
         # to 0. Held-out accuracy at lr 5e-4: 0.60; at 2e-3: 0.75 (two passes: 0.77, twice the time).
+        # About 16 completions a step (4 openings of 4, 1 of 20).
         {"name": "rm", "data": "data/rm_train_ranked.jsonl", "min_gap": plan.min_gap, "margins_from_scores": True,
-         "train": {"epochs": 1, "batch_size": 4, "learning_rate": 2.0e-3, "lr_scheduler": "linear"}},
+         "train": {"epochs": 1, "batch_size": max(1, 16 // plan.rm_samples), "learning_rate": 2.0e-3, "lr_scheduler": "linear"}},
         {"name": "eval-rm", "stage": "eval", "from": "rm", "pairs": "data/rm_test_pairs.jsonl"},
         {"name": "best-of-n", "stage": "best-of-n", "reward_from": "rm", "prompts": "data/test_prompts.jsonl",
          "sampling": {**SAMPLING, "num_samples": max(plan.best_of), "seed": 3}},
+        *rejection_sampling(1),
         *dpo(plan.dpo_betas[0]),
         *ppo(f"ppo-kl{plan.ppo_kl_coefs[0]}", plan.ppo_kl_coefs[0], reward_from="rm"),
         *([rm_check(f"ppo-kl{plan.ppo_kl_coefs[0]}")] if plan.rm_check else []),
     ]
-    for round_ in range(1, plan.rs_rounds + 1):
+    for round_ in range(2, plan.rs_rounds + 1):
         stages += rejection_sampling(round_)
     # The sweeps, interleaved, each at less KL than the main arms (KL 15-17), so the two methods meet at matched KL
     # (PPO at kl 0.3 against DPO at beta 0.3 and GRPO near KL 6): a stopped run has both methods.
@@ -248,11 +257,13 @@ def win_rate(picks: list[float], starts: list[float]) -> float:
     return statistics.fmean((p > s) + 0.5 * (p == s) for p, s in zip(picks, starts))
 
 
-def rm_accuracy(samples: Path, min_gap: float) -> dict:
-    """How often the RM orders two samples of an opening as VADER does (gaps over min_gap)."""
+def rm_accuracy(samples: list[dict], min_gap: float) -> dict:
+    """How often the RM (each sample's `score`) orders two samples of an opening as VADER does: the pairs
+    the data keeps for the RM (both samples non-empty, VADER gap over min_gap)."""
     by_prompt: dict[str, list[dict]] = {}
-    for row in read_jsonl(samples):
-        by_prompt.setdefault(row["prompt"], []).append(row)
+    for row in samples:
+        if row["completion"].strip():
+            by_prompt.setdefault(row["prompt"], []).append(row)
     agree = []
     for rows in by_prompt.values():
         for a, b in itertools.combinations(rows, 2):
@@ -320,13 +331,15 @@ def collect(work: Path, plan: Plan, recipe: dict, counts: dict) -> dict:
         arm = name.removeprefix("eval-")
         family = next(label for prefix, label in families.items() if arm.startswith(prefix))
         metrics = json.loads((runs / f"{name}.json").read_text())
-        trained = cost[arm]
+        trained, point = cost[arm], arm.rsplit("-", 1)[-1].lstrip("bkl")
         if arm.startswith("rs-"):  # round k needs every round's sampling and the fine-tunes it sampled from
-            rounds = range(1, int(arm.removeprefix("rs-")) + 1)
-            trained = sum(cost[f"rs-samples-{k}"] + cost[f"rs-{k}"] for k in rounds)
+            round_, *epochs = arm.removeprefix("rs-").split("-e")
+            rounds = range(1, int(round_))
+            trained = cost[arm] + sum(cost[f"rs-samples-{k}"] for k in (*rounds, int(round_))) + sum(cost[f"rs-{k}"] for k in rounds)
+            point = f"{round_} ({epochs[0]} epoch)" if epochs else round_
         rm_key = next((k for k in metrics if k.startswith("reward/") and k.endswith("/mean") and GOLD not in k), None)
         arms[arm] = {
-            "family": family, "point": arm.rsplit("-", 1)[-1].lstrip("bkl"),
+            "family": family, "point": point,
             "gold": metrics[f"reward/{GOLD}/mean"], "gold_start_eval": metrics[f"reward/{GOLD}/reference_mean"],
             "rm": metrics[rm_key] if rm_key else None,
             "kl": metrics["kl"], "kl_is_bound": False, "win_rate": metrics[f"win_rate/{GOLD}"],
@@ -336,9 +349,13 @@ def collect(work: Path, plan: Plan, recipe: dict, counts: dict) -> dict:
         a["gain"] = a["gold"] - start_gold
     for name in kinds:
         if name.startswith("rm-on-"):
-            arms[name.removeprefix("rm-on-")]["rm_accuracy_on_own_samples"] = rm_accuracy(runs / name / "samples.jsonl", plan.min_gap)
+            arms[name.removeprefix("rm-on-")]["rm_accuracy_on_own_samples"] = rm_accuracy(
+                read_jsonl(runs / name / "samples.jsonl"), plan.min_gap)
     rm_eval = json.loads((runs / "eval-rm.json").read_text())["pairs"] if "eval-rm" in kinds else {}
-    shared = {"rm": cost.get("rm", 0.0)} | {f"gold-{s}": seconds(runs, f"gold-{s}", "best-of-n") for s in ("train", "test")}
+    if "best-of-n" in kinds:  # the same question on 16 samples per held-out opening (120 pairs each, not 6): 20x the pairs
+        rm_eval = {**rm_eval, f"{max(plan.best_of)}_per_opening": rm_accuracy(read_jsonl(runs / "best-of-n" / "samples.jsonl"), plan.min_gap)}
+    data_stages = ["gold-train", "gold-test"] + (["gold-train-more"] if plan.rm_samples > plan.pair_samples else [])
+    shared = {"rm": cost.get("rm", 0.0)} | {stage: seconds(runs, stage, "best-of-n") for stage in data_stages}
     return {"plan": plan.__dict__, "pairs": counts, "start_gold": start_gold, "rm_heldout": rm_eval, "arms": arms,
             "shared_seconds": shared, "stage_seconds": cost, "stages_finished": f"{len(kinds)} of {len(recipe['stages'])}"}
 
@@ -407,22 +424,25 @@ def main() -> None:
         counts = prepare_data(work, plan)
         align_run(recipe, work / "arms.yaml")
     results = {**collect(work, plan, recipe, counts), "this_invocation_seconds": round(time.time() - started, 1)}
-    results["total_stage_minutes"] = round((sum(results["stage_seconds"].values())
-                                            + sum(results["shared_seconds"][f"gold-{s}"] for s in ("train", "test"))) / 60, 1)
+    data_seconds = sum(v for k, v in results["shared_seconds"].items() if k.startswith("gold-"))
+    results["total_stage_minutes"] = round((sum(results["stage_seconds"].values()) + data_seconds) / 60, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot(results, out.with_suffix(".png"))
 
     print(f"\nstarting model: VADER {results['start_gold']:+.3f} on the held-out openings; pairs {counts}")
-    if results["rm_heldout"]:
+    if results["rm_heldout"].get("accuracy") is not None:
         print(f"RM held-out pairwise accuracy {results['rm_heldout']['accuracy']:.3f} on {results['rm_heldout']['count']} pairs")
+        many = results["rm_heldout"].get(f"{max(plan.best_of)}_per_opening")
+        if many:
+            print(f"  on {max(plan.best_of)} samples per held-out opening: {many['accuracy']:.3f} on {many['count']} pairs")
     for name, a in results["arms"].items():
         if "rm_accuracy_on_own_samples" in a:
             own = a["rm_accuracy_on_own_samples"]
             print(f"RM accuracy on {name}'s own samples: {own['accuracy']:.3f} on {own['count']} pairs")
     print(table(results))
     print(f"minutes: RM {results['shared_seconds']['rm'] / 60:.1f} (shared by the RM arms), data "
-          f"{(results['shared_seconds']['gold-train'] + results['shared_seconds']['gold-test']) / 60:.1f}; all stages "
+          f"{sum(v for k, v in results['shared_seconds'].items() if k.startswith('gold-')) / 60:.1f}; all stages "
           f"{results['total_stage_minutes']} ({results['stages_finished']} stages finished; {results['this_invocation_seconds'] / 60:.1f} "
           f"this invocation); {out}, "
           f"{out.with_suffix('.png')}")

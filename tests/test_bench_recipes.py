@@ -30,6 +30,27 @@ def test_sentiment_recipes_validate(align, tmp_path, monkeypatch, plan):
     assert sum(n.startswith("dpo-b") for n in names) == len(chosen.dpo_betas)
     assert sum(n.startswith("ppo-kl") for n in names) == len(chosen.ppo_kl_coefs)
     assert sum(n.startswith("rs-samples-") for n in names) == chosen.rs_rounds
+    rm = next(stage for stage in recipe["stages"] if stage["name"] == "rm")
+    assert rm["train"]["batch_size"] * chosen.rm_samples in (16, 20)  # about 16 completions a step
+    # Round 1 at every epoch count, each a point; rounds after it at the first.
+    assert sum(n.startswith("rs-") and not n.startswith("rs-samples") for n in names) == len(chosen.rs_epochs) + chosen.rs_rounds - 1
+    if plan == "FULL":
+        assert "rs-1-e1" in names and chosen.rm_samples == 20 and chosen.rs_samples == 16
+
+
+def test_sentiment_rm_accuracy_counts_the_pairs_the_data_keeps(monkeypatch):
+    """Hand-worked: the RM's order against VADER's over an opening's pairs, near-ties and empty samples left out."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import sentiment
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    gold = {"good": 0.9, "fine": 0.5, "meh": 0.45, "bad": -0.5, " ": 0.0}
+    monkeypatch.setattr(sentiment, "score", gold.get)
+    rows = [{"prompt": "p", "completion": c, "score": s} for c, s in (("good", 3.0), ("fine", 1.0), ("meh", 2.0), ("bad", 1.5), (" ", 9.0))]
+    # Pairs over gap 0.1: good>fine (RM agrees), good>meh (agrees), good>bad (agrees), fine>bad (RM: 1.0 < 1.5, wrong),
+    # meh>bad (agrees); fine vs meh is a near-tie and " " is empty.
+    assert sentiment.rm_accuracy(rows, 0.1) == {"accuracy": 0.8, "count": 5}
 
 
 def test_arith_checkers_by_hand():
@@ -133,23 +154,19 @@ def test_the_rejection_sampling_transfer_recipe_validates(align, tmp_path, monke
     assert all(name in result.out for name in ("sft-bo4-e1", "samples16", "sft-bo16-e1", "eval-sft-bo16-e3", "samples16-top2", "eval-sft-top4-e1", "samples16-r2", "eval-sft-r2-e2"))
 
 
-def test_the_reward_model_samples_study_adds_samples_to_each_opening_and_validates(align, tmp_path, monkeypatch):
+def test_the_reward_model_samples_study_cuts_each_opening_to_its_first_samples_and_validates(align, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import rm_samples
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    monkeypatch.setattr(rm_samples, "score", len)  # VADER stands aside: the score is the length
     rm_samples.write_jsonl(tmp_path / "data" / "rm_train_ranked.jsonl", [
-        {"prompt": p, "completions": [f"{p} a", f"{p} bb"], "scores": [0.5, -0.5]} for p in ("one", "two")])
-    rm_samples.write_jsonl(tmp_path / "runs-rs-transfer" / "samples16" / "samples.jsonl", [
-        {"prompt": p, "completion": "x" * k, "score": 9.0} for k in range(1, 17) for p in ("two", "one")])
+        {"prompt": p, "completions": [f"{p} {k}" for k in range(20)], "scores": [k / 10 for k in range(20)]} for p in ("one", "two")])
     rows = rm_samples.ranked_rows(tmp_path, 4)
-    assert rows[1] == {"prompt": "two", "completions": ["two a", "two bb", "x", "xx", "xxx", "xxxx"],
-                       "scores": [0.5, -0.5, 1, 2, 3, 4]}
-    assert [len(r["completions"]) for r in rm_samples.ranked_rows(tmp_path, 16)] == [18, 18]
+    assert rows[1] == {"prompt": "two", "completions": ["two 0", "two 1", "two 2", "two 3"], "scores": [0.0, 0.1, 0.2, 0.3]}
+    assert [len(r["completions"]) for r in rm_samples.ranked_rows(tmp_path, 8)] == [8, 8]
     (tmp_path / "rm-samples.yaml").write_text(yaml.safe_dump(rm_samples.recipe(), sort_keys=False), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     result = align("run", "rm-samples.yaml", "--dry-run")
     assert result.code == 0, result.err
-    assert all(name in result.out for name in ("rm-k8", "eval-rm-k8", "rm-k20", "eval-rm-k20"))
+    assert all(name in result.out for name in ("rm-k4", "eval-rm-k4", "rm-k8", "eval-rm-k8"))
