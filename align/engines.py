@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -158,6 +159,8 @@ class VLLMEngine:
         self.lora = None  # the LoRA request rollouts use: the newest synced adapter
         self.lora_rank = max_lora_rank  # None: no adapters served
         self._adapters = Path(tempfile.mkdtemp(prefix="align-engine-")) if max_lora_rank else None
+        # Removed by close(), or when the engine is collected or the process exits without closing it.
+        self._remove_adapters = weakref.finalize(self, shutil.rmtree, self._adapters, True) if self._adapters else None
         self._syncs = 0
 
     # -- sampling ---------------------------------------------------------------------------------
@@ -278,8 +281,8 @@ class VLLMEngine:
             self.sleeping = False
 
     def close(self) -> None:
-        if self._adapters is not None:
-            shutil.rmtree(self._adapters, ignore_errors=True)
+        if self._remove_adapters is not None:
+            self._remove_adapters()
         del self.llm
         import gc
 

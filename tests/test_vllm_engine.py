@@ -7,8 +7,10 @@ The tiny model here has heads of 32 (vLLM's CPU attention has no kernel for the 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -195,11 +197,15 @@ def test_the_guard_stops_ppo_when_a_sync_is_skipped(align, model, ppo_prompts, r
             original(self, *args)
 
     monkeypatch.setattr(VLLMEngine, method, skips_the_third)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the engine keeps synced adapters
+    (tmp_path / "tmp").mkdir()
     out = tmp_path / "ppo"
     result = ppo(align, model, ppo_prompts, out, reward_file, "--set", "generation.max_logprob_gap=0.01", *flags)
     assert_clean_failure(result, 6, "update 3", "serving different weights than the trainer")
     assert gaps(out)[:2] == pytest.approx([0, 0], abs=1e-3)  # the two synced updates ran and were logged
     assert not (out / "align.json").exists()
+    gc.collect()  # the failed run never closed its engine: its adapter folder goes with the engine
+    assert not list((tmp_path / "tmp").glob("align-engine-*"))
 
 
 def test_grpo_samples_through_the_engine_with_the_adapter_applied(align, model, ppo_prompts, reward_file, tmp_path):
