@@ -83,6 +83,11 @@ class Plan:
     eval_samples: int = 2  # per test opening
     rm_check: bool = True  # the RM's accuracy on the main PPO arm's own samples
 
+    @property
+    def gold_train_stages(self) -> list[str]:
+        """The data stages whose samples of the training openings the RM trains on."""
+        return ["gold-train"] + (["gold-train-more"] if self.rm_samples > self.pair_samples else [])
+
 
 FULL = Plan("sentiment")
 # Measured at train_openings=96, ppo_episodes=256 with the RM check: 37.0 minutes; these cuts aim under 30.
@@ -138,13 +143,13 @@ def prepare_data(work: Path, plan: Plan) -> dict:
     sampling = {**DATA_SAMPLING, "num_samples": plan.pair_samples}
     stages = [{"name": f"gold-{split}", "stage": "best-of-n", "reward_fn": GOLD, "prompts": f"data/{split}_prompts.jsonl",
                "min_gap": plan.min_gap, "sampling": {**sampling, "seed": seed}} for split, seed in (("train", 1), ("test", 2))]
-    if plan.rm_samples > plan.pair_samples:
+    if "gold-train-more" in plan.gold_train_stages:
         stages.append({"name": "gold-train-more", "stage": "best-of-n", "reward_fn": GOLD, "prompts": "data/train_prompts.jsonl",
                        "sampling": {**SAMPLING, "num_samples": plan.rm_samples - plan.pair_samples, "seed": 11}})
     align_run({"name": f"{plan.name}-data", "output_dir": "runs", "model": MODEL, "stages": stages}, work / "data.yaml")
     for split in ("train", "test"):
         by_prompt: dict[str, list[dict]] = {}
-        for stage in [f"gold-{split}"] + (["gold-train-more"] if split == "train" and plan.rm_samples > plan.pair_samples else []):
+        for stage in plan.gold_train_stages if split == "train" else ["gold-test"]:
             for row in read_jsonl(work / "runs" / stage / "samples.jsonl"):
                 by_prompt.setdefault(row["prompt"], []).append(row)
         write_jsonl(data / f"rm_{split}_ranked.jsonl", [
@@ -201,7 +206,7 @@ def arms_recipe(plan: Plan) -> dict:
 
     def rejection_sampling(round_: int) -> list[dict]:  # ReST-EM: sample from the last round's policy, fine-tune the start
         source = {"from": f"rs-{round_ - 1}"} if round_ > 1 else {}
-        seed = 12 + round_ if plan.rm_samples > plan.pair_samples else 10 + round_  # not gold-train-more's seed 11
+        seed = 12 + round_ if "gold-train-more" in plan.gold_train_stages else 10 + round_  # not gold-train-more's seed 11
         stages = [{"name": f"rs-samples-{round_}", "stage": "best-of-n", **source, "reward_from": "rm", "prompts": "data/train_prompts.jsonl",
                    "sampling": {**SAMPLING, "num_samples": plan.rs_samples, "seed": seed}}]
         for i, epochs in enumerate(plan.rs_epochs if round_ == 1 else plan.rs_epochs[:1]):
@@ -354,8 +359,7 @@ def collect(work: Path, plan: Plan, recipe: dict, counts: dict) -> dict:
     rm_eval = json.loads((runs / "eval-rm.json").read_text())["pairs"] if "eval-rm" in kinds else {}
     if "best-of-n" in kinds:  # the same question on 16 samples per held-out opening (120 pairs each, not 6): 20x the pairs
         rm_eval = {**rm_eval, f"{max(plan.best_of)}_per_opening": rm_accuracy(read_jsonl(runs / "best-of-n" / "samples.jsonl"), plan.min_gap)}
-    data_stages = ["gold-train", "gold-test"] + (["gold-train-more"] if plan.rm_samples > plan.pair_samples else [])
-    shared = {"rm": cost.get("rm", 0.0)} | {stage: seconds(runs, stage, "best-of-n") for stage in data_stages}
+    shared = {"rm": cost.get("rm", 0.0)} | {stage: seconds(runs, stage, "best-of-n") for stage in [*plan.gold_train_stages, "gold-test"]}
     return {"plan": plan.__dict__, "pairs": counts, "start_gold": start_gold, "rm_heldout": rm_eval, "arms": arms,
             "shared_seconds": shared, "stage_seconds": cost, "stages_finished": f"{len(kinds)} of {len(recipe['stages'])}"}
 
