@@ -49,6 +49,7 @@ class LoraSpec(Closed):
     dropout: Fraction = Field(0.05, description="dropout on the LoRA input")
     target_modules: Union[Literal["all-linear"], list[str]] = Field("all-linear", description="layers that get adapters: all-linear or a list of module names")
     qlora: bool = Field(False, description="LoRA on a 4-bit NF4 base (bitsandbytes)")
+    trainable_layers: PositiveInt | None = Field(None, description="with LoRA off: fine-tune only the last N transformer blocks (and the final norm and head); the embeddings, a head tied to them and the earlier blocks stay frozen, and no backward pass runs through them")
 
     @model_validator(mode="before")
     @classmethod
@@ -59,6 +60,8 @@ class LoraSpec(Closed):
     def _qlora_needs_lora(self) -> LoraSpec:
         if self.qlora and not self.enabled:
             raise ValueError("qlora trains LoRA adapters on a 4-bit base: it cannot be combined with lora disabled")
+        if self.trainable_layers and self.enabled:
+            raise ValueError("trainable_layers fine-tunes the last blocks in full: set lora.enabled false (--no-lora) with it")
         return self
 
 
@@ -141,10 +144,15 @@ class StageConfig(Closed):
     # field: at that default they are left out of the identity, so a run finished before the field existed
     # still counts as up to date (an upgrade never makes `align run --resume` redo finished stages).
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {}
+    # The same for fields added to the specs every stage shares: (the stage's field, the spec's field) -> default.
+    ADDED_SPEC_FIELDS: ClassVar[dict[tuple[str, str], Any]] = {("lora", "trainable_layers"): None}
 
     def identity(self) -> dict[str, Any]:
         """The part of the config that decides the output (for `align run`'s skip check)."""
         identity = self.model_dump(mode="json", exclude=set(self.RUN_CONTROL_FIELDS))
+        for (outer, inner), default in self.ADDED_SPEC_FIELDS.items():
+            if isinstance(identity.get(outer), dict) and inner in identity[outer] and identity[outer][inner] == default:
+                del identity[outer][inner]
         return {key: value for key, value in identity.items()
                 if key not in self.ADDED_FIELDS or value != self.ADDED_FIELDS[key]}
 
@@ -208,6 +216,9 @@ class PRMConfig(TrainStageConfig):
     data: DataSpec = Field(description="stepwise rows: prompt, completions (a list of steps), labels (one per step: bool or a number in [0, 1])")
     step_separator: str = Field("\n", min_length=1, description="what follows each step; a step's label sits on its last token")
     last_step_only: bool = Field(False, description="train on each row's last label only: an outcome reward model from the same data")
+    pairwise: bool = Field(False, description="also rank sibling steps (two solutions sharing the prompt and earlier steps, then a step right in one and wrong in the other): the right one's score above, which a step's difficulty alone cannot do")
+
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"pairwise": False}
 
 
 DPO_LOSSES = {

@@ -539,7 +539,8 @@ def stepwise_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, r
     """Stepwise rows tokenized for a process reward model: input_ids and one label per position, the
     step's label (a float in [0, 1]) on the last token of each step's separator and IGNORE_LABEL elsewhere.
     A step that holds the separator would split differently when scored, so it is refused; over-long
-    rows keep the steps that fit (truncate) or are dropped."""
+    rows keep the steps that fit (truncate) or are dropped. `steps` names each labelled step by what
+    comes before it (the prompt and the earlier steps) and its own text: how sibling steps are found."""
     examples = []
     for index, row in enumerate(rows, start=1):
         for k, step in enumerate(row["completions"]):
@@ -548,20 +549,23 @@ def stepwise_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, r
                                 "split it into two steps or choose another separator (prm --step-separator)")
         ids, ends = step_ids(tokenizer, row["prompt"], row["completions"], separator, chat)
         labels = [float(label) for label in row["labels"]]
+        steps = list(range(len(ends)))
         if last_step_only:
-            ends, labels = ends[-1:], labels[-1:]
+            ends, labels, steps = ends[-1:], labels[-1:], steps[-1:]
         if len(ids) > spec.max_length:
-            kept = [(end, label) for end, label in zip(ends, labels) if end < spec.max_length]
+            kept = [(end, label, k) for end, label, k in zip(ends, labels, steps) if end < spec.max_length]
             if spec.overlong == "drop" or not kept:
                 report.drop(f"longer than max_length={spec.max_length}" if spec.overlong == "drop"
                             else f"no labelled step fits in max_length={spec.max_length}")
                 continue
-            ids, (ends, labels) = ids[:spec.max_length], zip(*kept)
+            ids, (ends, labels, steps) = ids[:spec.max_length], zip(*kept)
             report.truncated += 1
         position_labels = [IGNORE_LABEL] * len(ids)
         for end, label in zip(ends, labels):
             position_labels[end] = label
-        examples.append({"input_ids": ids, "labels": position_labels})
+        prompt = json.dumps(row["prompt"])
+        examples.append({"input_ids": ids, "labels": position_labels,  # what comes before each labelled step, and the step
+                         "steps": [(json.dumps([prompt, *row["completions"][:k]]), row["completions"][k]) for k in steps]})
     return examples
 
 

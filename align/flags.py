@@ -112,7 +112,8 @@ def _choices(annotation: Any) -> list[str]:
 MODEL = flag("model.path", "--model", "-m")
 OUTPUT = flag("output", "--output", "-o")
 SEED = flag("train.seed", "--seed")
-LORA = (flag("lora.enabled", "--lora", off="--no-lora"), flag("lora.qlora", "--qlora"))
+LORA = (flag("lora.enabled", "--lora", off="--no-lora"), flag("lora.qlora", "--qlora"),
+        flag("lora.trainable_layers", "--trainable-layers"))
 PRECISION = (flag("model.dtype", "--dtype"), flag("train.precision", "--precision"))
 ENGINE = flag("generation.engine", "--engine")  # every stage that samples
 

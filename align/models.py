@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from align import hub
 from align.config import LoraSpec, ModelSpec
 from align.errors import ModelError
 from align.precision import weights_dtype
+
+log = logging.getLogger("align")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -232,7 +235,22 @@ def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, ki
         model.dropout.p = model.config.classifier_dropout = 0.0
     if kind != "causal":
         float32_head(score_layer(model, source, outputs=2 if kind == "process" else 1))
+    if trains_base and lora.trainable_layers:
+        train_last_blocks(model, lora.trainable_layers, source)
     return model
+
+
+def train_last_blocks(model, count: int, where: str) -> None:
+    """Freeze the embeddings (and a head tied to them) and every transformer block but the last
+    `count`; what follows the blocks (the final norm, the head) still trains."""
+    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    if blocks is None or len(blocks) < 2:
+        raise ModelError(f"{where}: no stack of transformer blocks found to train the last {count} of")
+    if count > len(blocks):
+        log.warning("%s has %d transformer blocks: training all of them (trainable_layers=%d)", where, len(blocks), count)
+    model.get_input_embeddings().requires_grad_(False)
+    for block in blocks[:max(len(blocks) - count, 0)]:
+        block.requires_grad_(False)
 
 
 STEP_LABELS = {0: "incorrect", 1: "correct"}  # a process reward model's two labels per step

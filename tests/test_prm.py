@@ -96,6 +96,55 @@ def trained_prm(tmp_path_factory, tiny_model):
     return out, held_out
 
 
+def test_sibling_steps_are_paired_by_hand(tiny_model):
+    from align.config import DataSpec, ModelSpec
+    from align.data import DataReport, stepwise_examples
+    from align.models import load_tokenizer
+    from align.stages.prm import StepCollator, sibling_margins, sibling_pairs, training_items
+
+    tokenizer = load_tokenizer(ModelSpec(path="tiny"), str(tiny_model))
+    rows = [
+        {"prompt": "p", "completions": ["1 + 1 = 2", "2 * 3 = 6"], "labels": [True, True]},  # 0
+        {"prompt": "p", "completions": ["1 + 1 = 2", "2 * 3 = 7"], "labels": [True, False]},  # 1: 0's sibling at step 1
+        {"prompt": "q", "completions": ["1 + 1 = 2", "2 * 3 = 7"], "labels": [True, False]},  # 2: another prompt
+        {"prompt": "p", "completions": ["1 + 1 = 2", "2 * 3 = 6"], "labels": [True, 0.0]},  # 3: the same step as 0
+    ]
+    examples = stepwise_examples(rows, tokenizer, True, DataSpec(path="x.jsonl"), DataReport("x"), "\n")
+    positions = [[n for n, label in enumerate(e["labels"]) if label != IGNORE] for e in examples]
+    # 1's wrong step has one right sibling (0); 3's "wrong" step is 0's own text, so it has none.
+    assert sibling_pairs(examples, seed=0) == [(0, positions[0][1], 1, positions[1][1])]
+    items, pairs = training_items(examples, pairwise=True, seed=0)
+    assert pairs == 1 and [len(item["input_ids"]) for item in items] == [2, 1, 1]
+    batch = StepCollator(tokenizer.pad_token_id)([items[1], items[0]])
+    assert batch["input_ids"].shape[0] == 3 and batch["pairs"].tolist() == [[1, positions[0][1], 2, positions[1][1]]]
+    logits = torch.zeros(3, batch["input_ids"].shape[1], 2)
+    logits[1, positions[0][1]] = torch.tensor([0.5, 2.0])  # right step: score 1.5
+    logits[2, positions[1][1]] = torch.tensor([1.0, -1.0])  # wrong step: score -2.0
+    assert sibling_margins(logits, batch["pairs"]).tolist() == [3.5]
+    assert [len(item["input_ids"]) for item in training_items(examples, pairwise=False, seed=0)[0]] == [1, 1, 1, 1]
+
+
+def test_pairwise_prm_ranks_sibling_steps_and_refuses_data_without_them(align, tiny_model, steps_file, tmp_path):
+    rows = []
+    for i in range(12):
+        right = [f"step 1 of {i}", f"step 2 good {i}"]
+        rows += [{"prompt": f"Solve problem {i}.", "completions": right, "labels": [True, True]},
+                 {"prompt": f"Solve problem {i}.", "completions": [right[0], f"step 2 bad {i}"], "labels": [True, False]}]
+    data = write_jsonl(tmp_path / "siblings.jsonl", rows)
+    out = tmp_path / "prm"
+    result = align("prm", "-m", "tiny", "-d", data, "-o", out, "--pairwise", "--epochs", "8", "--batch-size", "4", "--lr", "5e-3")
+    assert result.code == 0, result.err
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["pairwise"] is True and manifest["sibling_pairs"] == 12 and manifest["metrics"]["sibling_accuracy"] == 1.0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [row["sibling_accuracy"] for row in logged if "sibling_accuracy" in row]
+    assert len(accuracies) == 24 and min(accuracies[:3]) < 1.0 and accuracies[-3:] == [1.0] * 3  # 3 steps an epoch
+    # No prompt has two solutions that part at a step: nothing to rank.
+    assert_clean_failure(align("prm", "-m", "tiny", "-d", steps_file, "-o", tmp_path / "none", "--pairwise"), 3,
+                         "steps.jsonl", "no sibling steps")
+    assert not (tmp_path / "none").exists()
+
+
 def test_prm_learns_the_steps_and_loads_as_a_token_classifier(trained_prm):
     from transformers import AutoModelForTokenClassification
 
@@ -305,3 +354,44 @@ def test_an_outcome_model_is_read_at_its_last_step_and_gets_no_dense_rewards(ali
                    "--max-new-tokens", "6", "-o", tmp_path / "ppo")
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "ppo" / "align.json").read_text())["dense_process_rewards"] is False
+
+
+def test_trainable_layers_fine_tunes_only_the_last_blocks(align, tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    rows = []
+    for i in range(8):
+        rows += [{"prompt": f"Solve problem {i}.", "completions": [f"step 1 of {i}", f"step 2 good {i}"], "labels": [True, True]},
+                 {"prompt": f"Solve problem {i}.", "completions": [f"step 1 of {i}", f"step 2 bad {i}"], "labels": [True, False]}]
+    data = write_jsonl(tmp_path / "siblings.jsonl", rows)
+    out = tmp_path / "prm"
+    result = align("prm", "-m", "tiny", "-d", data, "-o", out, "--pairwise", "--no-lora", "--trainable-layers", "1",
+                   "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2")
+    assert result.code == 0, result.err
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {name for name, weight in after.items() if name in before and not torch.equal(weight, before[name].to(weight.dtype))}
+    blocks = {name.split(".")[2] for name in before if name.startswith("model.layers.")}
+    last = str(max(int(b) for b in blocks))
+    assert changed and all(name.startswith((f"model.layers.{last}.", "model.norm.")) for name in changed), changed
+    assert any(name.startswith(f"model.layers.{last}.") for name in changed)
+    # With LoRA on, it is refused in one line before anything loads.
+    assert_clean_failure(align("prm", "-m", "tiny", "-d", data, "-o", tmp_path / "x", "--trainable-layers", "1"), 2,
+                         "trainable_layers", "--no-lora")
+
+
+def test_runs_finished_before_pairwise_and_trainable_layers_existed_stay_up_to_date(tmp_path):
+    """Both fields are left out of the config hash at their defaults: upgrading align never makes
+    `align run --resume` redo a finished stage (bench/arith.py's work dirs)."""
+    from types import SimpleNamespace
+
+    from align.checkpoints import config_hash
+    from align.config import PRMConfig
+
+    common = {"model": "tiny", "data": {"path": "s.jsonl"}, "output": str(tmp_path / "prm")}
+    before = PRMConfig(**common).model_dump(mode="json", exclude={"resume", "overwrite", "name", "pairwise"})
+    del before["lora"]["trainable_layers"]
+    assert config_hash(PRMConfig(**common)) == config_hash(SimpleNamespace(identity=lambda: before))
+    assert config_hash(PRMConfig(**common, pairwise=True)) != config_hash(PRMConfig(**common))
+    full = {**common, "lora": {"enabled": False}}
+    last_two = {**common, "lora": {"enabled": False, "trainable_layers": 2}}
+    assert config_hash(PRMConfig(**last_two)) != config_hash(PRMConfig(**full))

@@ -89,8 +89,10 @@ _ENTRIES = (
         "stepwise rows: prompt, completions (the steps), labels (one per step: true/false or a number in [0, 1]).\n\n"
         "A step's score is P(correct) on the last token of the separator after it; the output loads with "
         "AutoModelForTokenClassification and is used anywhere a reward model goes.",
-        (*TRAINER, flag("step_separator", "--step-separator"), flag("last_step_only", "--last-step-only")),
-        curves=(LOSS_CURVES, ("step_accuracy", "eval_step_accuracy"), ("first_error_accuracy", "eval_first_error_accuracy")),
+        (*TRAINER, flag("step_separator", "--step-separator"), flag("last_step_only", "--last-step-only"),
+         flag("pairwise", "--pairwise")),
+        curves=(LOSS_CURVES, ("step_accuracy", "eval_step_accuracy"), ("first_error_accuracy", "eval_first_error_accuracy"),
+                ("sibling_accuracy", "eval_sibling_accuracy")),
     ),
     Stage(
         "dpo", schema.DPOConfig,

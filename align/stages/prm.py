@@ -10,11 +10,16 @@ the last token of its separator; the separator is recorded in the manifest.
 
 Our own trainer on transformers' Trainer (TRL removed its PRMTrainer in 2026). The loss is the
 cross-entropy of each labelled position against its label, hard (0/1) or soft (Math-Shepherd's
-share of rollouts that reach the right answer), averaged over the batch's steps.
+share of rollouts that reach the right answer), averaged over the batch's steps. With `pairwise`,
+sibling steps (two solutions that share the prompt and every earlier step, then differ at a step
+labelled right in one and wrong in the other) are trained together, and a Bradley-Terry loss ranks
+the right one's score above the wrong one's: what a step's difficulty alone predicts (later steps,
+harder operations are wrong more often) is the same for both, so only the step's content separates them.
 """
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from datasets import Dataset
 from align.config import PRMConfig
 from align.data import IGNORE_LABEL as IGNORE
 from align.data import load_stepwise_data
+from align.errors import DataError
 from align.training import TrainerPlan, run_trainer
 
 
@@ -37,29 +43,83 @@ def _plan(config: PRMConfig, tokenizer) -> TrainerPlan:
     report, train_rows, eval_rows = load_stepwise_data(config.data, tokenizer, config.train.seed, config.step_separator,
                                                        config.last_step_only)
     steps = sum(sum(label != IGNORE for label in row["labels"]) for row in train_rows)
+    train_set, pairs = training_items(train_rows, config.pairwise, config.train.seed)
+    if config.pairwise and not pairs:
+        raise DataError(f"{config.data.path}: --pairwise found no sibling steps (two solutions of one prompt that share "
+                        "every earlier step and differ at a step labelled right in one, wrong in the other); "
+                        "add such solutions or train without --pairwise")
+    eval_set = training_items(eval_rows, config.pairwise, config.train.seed)[0] if eval_rows else None
+    metrics = ("step_accuracy", "first_error_accuracy", "sibling_accuracy")
     return TrainerPlan(
-        process_reward_trainer(), TrainingArguments, Dataset.from_list(train_rows), report,
-        f"{report.rows_used} solutions, {steps} labelled steps", eval_set=Dataset.from_list(eval_rows) if eval_rows else None,
-        model_kind="process", settings=dict(prediction_loss_only=True),
+        process_reward_trainer(), TrainingArguments, Dataset.from_list(train_set), report,
+        f"{report.rows_used} solutions, {steps} labelled steps" + (f", {pairs} sibling pairs" if config.pairwise else ""),
+        eval_set=Dataset.from_list(eval_set) if eval_set else None,
+        model_kind="process", settings=dict(prediction_loss_only=True, remove_unused_columns=False),
         trainer_inputs=lambda: dict(data_collator=StepCollator(tokenizer.pad_token_id)),
-        kept_metrics=("step_accuracy", "first_error_accuracy", "eval_step_accuracy", "eval_first_error_accuracy"),
-        manifest={"step_separator": config.step_separator, "last_step_only": config.last_step_only},
+        kept_metrics=(*metrics, *(f"eval_{name}" for name in metrics)),
+        manifest={"step_separator": config.step_separator, "last_step_only": config.last_step_only,
+                  "pairwise": config.pairwise, "sibling_pairs": pairs},
     )
 
 
+def sibling_pairs(examples: list[dict], seed: int) -> list[tuple[int, int, int, int]]:
+    """(right example, its step's label position, wrong example, its step's label position) for each pair
+    of sibling steps: the same prompt and earlier steps, then a different step labelled right (> 0.5) in
+    one and wrong (< 0.5) in the other. Each example is in one pair at most (matched at random, seeded),
+    so no solution is trained twice in an epoch."""
+    by_parent: dict[str, list[tuple[int, int, str, float]]] = defaultdict(list)
+    for index, example in enumerate(examples):
+        positions = [n for n, label in enumerate(example["labels"]) if label != IGNORE]
+        for position, (parent, step) in zip(positions, example["steps"]):
+            by_parent[parent].append((index, position, step, example["labels"][position]))
+    rng, used, pairs = random.Random(seed), set(), []
+    for siblings in by_parent.values():
+        right = [s for s in siblings if s[3] > 0.5]
+        wrong = [s for s in siblings if s[3] < 0.5]
+        rng.shuffle(right)
+        rng.shuffle(wrong)
+        for index, position, step, _ in wrong:
+            match = next((r for r in right if r[2] != step and r[0] not in used), None)
+            if index not in used and match is not None:
+                used.update((match[0], index))
+                pairs.append((match[0], match[1], index, position))
+    return pairs
+
+
+def training_items(examples: list[dict], pairwise: bool, seed: int) -> tuple[list[dict], int]:
+    """What the trainer batches: each example alone, or with `pairwise` each sibling pair as one item
+    (both solutions, and where the two sibling steps' labels sit) and every other example alone; and
+    how many pairs."""
+    pairs = sibling_pairs(examples, seed) if pairwise else []
+    paired = {pair[n] for pair in pairs for n in (0, 2)}
+    items = [{"input_ids": [examples[right]["input_ids"], examples[wrong]["input_ids"]],
+              "labels": [examples[right]["labels"], examples[wrong]["labels"]], "pair": [right_at, wrong_at]}
+             for right, right_at, wrong, wrong_at in pairs]
+    items += [{"input_ids": [example["input_ids"]], "labels": [example["labels"]], "pair": []}
+              for index, example in enumerate(examples) if index not in paired]
+    return items, len(pairs)
+
+
 class StepCollator:
-    """Stepwise examples as one right-padded batch; padding is labelled IGNORE."""
+    """Items of one or two stepwise examples (see training_items) as one right-padded batch of
+    solutions; padding is labelled IGNORE. `pairs` holds (row, position) of each sibling pair's right
+    step, then its wrong step's: [pairs, 4]."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         from trl.trainer.utils import pad
 
-        ids = [torch.tensor(row["input_ids"], dtype=torch.long) for row in rows]
-        return {"input_ids": pad(ids, padding_value=self.pad_token_id),
-                "attention_mask": pad([torch.ones_like(i) for i in ids]),
-                "labels": pad([torch.tensor(row["labels"], dtype=torch.float32) for row in rows], padding_value=IGNORE)}
+        ids, labels, pairs = [], [], []
+        for item in items:
+            if item["pair"]:
+                right, wrong = item["pair"]
+                pairs.append([len(ids), right, len(ids) + 1, wrong])
+            ids += [torch.tensor(row, dtype=torch.long) for row in item["input_ids"]]
+            labels += [torch.tensor(row, dtype=torch.float32) for row in item["labels"]]
+        return {"input_ids": pad(ids, padding_value=self.pad_token_id), "attention_mask": pad([torch.ones_like(i) for i in ids]),
+                "labels": pad(labels, padding_value=IGNORE), "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 4)}
 
 
 def step_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -69,6 +129,12 @@ def step_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     log_probs = torch.log_softmax(logits[mask].float(), dim=-1)
     target = labels[mask]
     return -(target * log_probs[:, 1] + (1 - target) * log_probs[:, 0]).mean()
+
+
+def sibling_margins(logits: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Each sibling pair's right step's score minus its wrong step's, in logits of P(correct)."""
+    score = (logits[..., 1] - logits[..., 0]).float()
+    return score[pairs[:, 0], pairs[:, 1]] - score[pairs[:, 2], pairs[:, 3]]
 
 
 def step_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -103,10 +169,15 @@ def process_reward_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             loss = step_loss(outputs.logits, inputs["labels"])
+            margins = sibling_margins(outputs.logits, inputs["pairs"])
+            if len(margins):  # the Bradley-Terry loss of the batch's sibling pairs, beside the step loss
+                loss = loss - torch.nn.functional.logsigmoid(margins).mean()
             with torch.no_grad():
-                counts = self.accelerator.gather(step_counts(outputs.logits, inputs["labels"])[None]).sum(0)
+                counts = torch.cat([step_counts(outputs.logits, inputs["labels"]),
+                                    margins.new_tensor([(margins > 0).sum().item(), len(margins)]).double()])
+                counts = self.accelerator.gather(counts[None]).sum(0)
             totals = self._counts["train" if self.model.training else "eval"]
-            for name, value in zip(("step_right", "steps", "first_right", "solutions"), counts.tolist()):
+            for name, value in zip(("step_right", "steps", "first_right", "solutions", "pairs_right", "pairs"), counts.tolist()):
                 totals[name] += value
             return (loss, outputs) if return_outputs else loss
 
@@ -116,6 +187,8 @@ def process_reward_trainer():
             if totals["steps"]:
                 logs[f"{prefix}step_accuracy"] = totals["step_right"] / totals["steps"]
                 logs[f"{prefix}first_error_accuracy"] = totals["first_right"] / totals["solutions"]
+            if totals["pairs"]:
+                logs[f"{prefix}sibling_accuracy"] = totals["pairs_right"] / totals["pairs"]
             totals.clear()
             super().log(logs, start_time)
 
