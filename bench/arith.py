@@ -68,11 +68,14 @@ class Plan:
     prm_epochs: float = 1.0
     ppo_episodes: int = 128
     probe_problems: int = 1600  # synthetic solutions behind the separator probe (separator_probe)
+    twin_problems: int = 2400  # synthetic right solutions and one-step-off twins: the sibling-trained PRM and its ORM
+    twin_layers: int = 10  # ... fine-tune the policy's last blocks in full (LoRA did not learn the check: README)
 
 PLAN = Plan()
 # Every stage on the tiny built-in model, in a minute: what CI runs to keep this script working.
 SMOKE = replace(PLAN, name="arith-smoke", model="tiny", max_new_tokens=16, sft_problems=16, sft_steps=2, prm_problems=4,
-                ms_problems=2, rollouts=2, test_problems=4, best_of=(1, 2, 4), prm_epochs=1.0, ppo_episodes=16, probe_problems=24)
+                ms_problems=2, rollouts=2, test_problems=4, best_of=(1, 2, 4), prm_epochs=1.0, ppo_episodes=16, probe_problems=24,
+                twin_problems=8, twin_layers=1)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
@@ -92,25 +95,42 @@ def prepare_data(work: Path, plan: Plan) -> None:
              "test": plan.test_problems}
     seen: set[str] = set()
     sets: dict[str, list] = {}
-    for split, size in sizes.items():
+
+    def draw(split: str, size: int, rng: random.Random) -> None:
         sets[split] = []
         while len(sets[split]) < size:
             text, ops, start = tasks.problem(rng, rng.choice(plan.operations))
             if text not in seen:
                 seen.add(text)
                 sets[split].append((tasks.INSTRUCTION.format(problem=text), ops, start))
+
+    for split, size in sizes.items():
+        draw(split, size, rng)
     data = work / "data"
     write_jsonl(data / "sft.jsonl", [{"prompt": p, "completion": "\n".join(tasks.solution_steps(start, ops))}
                                       for p, ops, start in sets["sft"]])
     for split in ("prm", "ms", "ppo", "test"):
         write_jsonl(data / f"{split}_prompts.jsonl", [{"prompt": p} for p, _, _ in sets[split]])
-    pairs = []  # a right solution above its twin with one step off by 1 to 3 (carried on after)
-    for p, ops, start in sets["test"]:
-        wrong_at = rng.randrange(len(ops))
-        off = rng.choice([-3, -2, -1, 1, 2, 3])
-        pairs.append({"prompt": p, "chosen": "\n".join(tasks.solution_steps(start, ops)),
-                      "rejected": "\n".join(tasks.solution_steps(start, ops, wrong_at, off))})
-    write_jsonl(data / "test_pairs.jsonl", pairs)
+    def twins(split: str, rng: random.Random) -> list[dict]:  # a right solution above its twin with one step off by 1 to 3 (carried on after)
+        pairs = []
+        for p, ops, start in sets[split]:
+            wrong_at = rng.randrange(len(ops))
+            off = rng.choice([-3, -2, -1, 1, 2, 3])
+            pairs.append({"prompt": p, "chosen": tasks.solution_steps(start, ops),
+                          "rejected": tasks.solution_steps(start, ops, wrong_at, off)})
+        return pairs
+
+    write_jsonl(data / "test_pairs.jsonl", [{**pair, "chosen": "\n".join(pair["chosen"]), "rejected": "\n".join(pair["rejected"])}
+                                            for pair in twins("test", rng)])
+    # Training twins: as stepwise rows, every step labelled by its own checker (the PRM's siblings are the
+    # wrong step and the right one in its place), and as preference pairs of whole solutions (the ORM's).
+    draw("twins", plan.twin_problems, random.Random(1))
+    pairs = twins("twins", random.Random(2))
+    write_jsonl(data / "twins_steps.jsonl", [{"prompt": pair["prompt"], "completions": steps,
+                                              "labels": tasks.step_labels(pair["prompt"], steps)}
+                                             for pair in pairs for steps in (pair["chosen"], pair["rejected"])])
+    write_jsonl(data / "twins_pairs.jsonl", [{**pair, "chosen": "\n".join(pair["chosen"]), "rejected": "\n".join(pair["rejected"])}
+                                             for pair in pairs])
 
 
 def recipe(plan: Plan) -> dict:
@@ -138,6 +158,8 @@ def recipe(plan: Plan) -> dict:
         return {"name": name, "stage": "eval", "from": arm, "prompts": "data/test_prompts.jsonl",  # KL to what it started from
                 "reward_fns": [f"{CHECKS}:answer_reward"], "sampling": {**solving, "num_samples": 2, "seed": 7}}
 
+    twin_training = {"lora": {"enabled": False, "trainable_layers": plan.twin_layers},
+                     "train": {"epochs": 1.0, "batch_size": 8, "learning_rate": 1.0e-4, "lr_scheduler": "constant"}}
     stages = [
         {"name": "sft", "stage": "sft", "data": "data/sft.jsonl",
          "train": {"max_steps": plan.sft_steps, "batch_size": 8, "learning_rate": 1.0e-3, "lr_scheduler": "cosine",
@@ -149,10 +171,16 @@ def recipe(plan: Plan) -> dict:
         prm("orm", "steps-prm", last_step_only=True),
         {"name": "pairs-prm", "stage": "eval", "from": "prm", "pairs": "data/test_pairs.jsonl"},
         {"name": "pairs-orm", "stage": "eval", "from": "orm", "pairs": "data/test_pairs.jsonl"},
+        # Trained on the difference alone: sibling steps ranked (prm --pairwise), whole twins ranked (rm), the
+        # policy's last blocks in full, the same data and budget for both.
+        {"name": "prm-twins", "stage": "prm", "from": "sft", "data": "data/twins_steps.jsonl", "pairwise": True, **twin_training},
+        {"name": "orm-twins", "stage": "rm", "from": "sft", "data": "data/twins_pairs.jsonl", **twin_training},
+        {"name": "pairs-prm-twins", "stage": "eval", "from": "prm-twins", "pairs": "data/test_pairs.jsonl"},
+        {"name": "pairs-orm-twins", "stage": "eval", "from": "orm-twins", "pairs": "data/test_pairs.jsonl"},
+        *ppo("ppo-prm", "prm-twins"),  # dense step rewards against one score at the end
+        *ppo("ppo-orm", "orm-twins"),
         label("steps-ms", "ms", 2, 3, answer_fn=answer, rollouts=plan.rollouts),
         prm("prm-ms", "steps-ms"),
-        *ppo("ppo-prm", "prm"),
-        *ppo("ppo-orm", "orm"),
     ]
     return {"name": plan.name, "output_dir": "runs", "model": plan.model, "lora": LORA,
             "data": {"max_length": 256, "eval_fraction": 0.0}, "stages": stages}
@@ -177,17 +205,28 @@ def pools(runs: Path) -> dict[str, list[dict]]:
     return by_prompt
 
 
+# The reward models each selector reads: a PRM by its steps' min and prod, an outcome model by its one score.
+SELECTORS = {"prm": ("PRM (exact labels)", ("min", "prod")), "orm": ("ORM", ("last",)),
+             "prm-ms": ("PRM (Math-Shepherd labels)", ("min", "prod")),
+             "prm-twins": ("PRM (sibling steps ranked)", ("min", "prod")), "orm-twins": ("ORM (twins ranked)", ("last",))}
+
+
 def score_pools(runs: Path, by_prompt: dict[str, list[dict]], models: list[str]) -> None:
-    """Each solution's step scores by each reward model, stored on the rows."""
+    """Each solution's step scores by each reward model (an `align rm` model's one score as a list of
+    one), stored on the rows."""
     from align.config import ModelSpec
-    from align.rewards import ProcessRewardModel
+    from align.rewards import ProcessRewardModel, RewardModel
 
     rows = [row for solutions in by_prompt.values() for row in solutions]
-    texts = ["\n".join(row["completions"]) for row in rows]
+    prompts, texts = [row["prompt"] for row in rows], ["\n".join(row["completions"]) for row in rows]
     for name in models:
-        scorer = ProcessRewardModel(ModelSpec(path=str(runs / name)), batch_size=32)
-        for row, scores in zip(rows, scorer.step_scores([row["prompt"] for row in rows], texts)):
-            row[name] = scores.tolist()
+        spec = ModelSpec(path=str(runs / name))
+        if read_manifest(runs / name)["stage"] == "rm":
+            scores = [[x] for x in RewardModel(spec, batch_size=32)(prompts, texts).tolist()]
+        else:
+            scores = [x.tolist() for x in ProcessRewardModel(spec, batch_size=32).step_scores(prompts, texts)]
+        for row, steps in zip(rows, scores):
+            row[name] = steps
 
 
 def policy_confidence(runs: Path, prompts: list, texts: list[str], batch_size: int = 32, hidden: bool = False) -> list:
@@ -282,7 +321,8 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
     pickers = {
         "majority vote": None,
         **({"policy's lowest token log-prob": ("policy", "min")} if "policy" in models else {}),
-        **{"ORM" if m == "orm" else f"{m.upper()} {how}": (m, how) for m in models if m != "policy" for how in (("last",) if m == "orm" else ("min", "prod"))},
+        **{name if how == "last" else f"{name}, {how}": (m, how) for m in models if m != "policy"
+           for name, hows in [SELECTORS[m]] for how in hows},
     }
     curves: dict[str, dict[int, float]] = {name: {} for name in [*pickers, "oracle (any right)"]}
     for n in plan.best_of:
@@ -314,7 +354,8 @@ def step_auroc(by_prompt: dict[str, list[dict]], models: list[str], ms_rows: lis
     from align.rewards import auroc, step_metrics
 
     rows = [row for solutions in by_prompt.values() for row in solutions]
-    out = {m: step_metrics([torch.tensor(r[m]) for r in rows], [r["labels"] for r in rows]) for m in models if m != "orm"}
+    out = {m: step_metrics([torch.tensor(r[m]) for r in rows], [r["labels"] for r in rows]) for m in models
+           if SELECTORS[m][1] != ("last",)}
     if rows and "policy" in rows[0]:  # log-probs: no 0.5 threshold, so the AUROC alone
         out["policy's lowest token log-prob"] = {
             "auroc": auroc(torch.tensor([x for r in rows for x in r["policy"]]),
@@ -336,7 +377,7 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         results["policy_accuracy"] = json.loads((runs / "eval-sft.json").read_text())[f"reward/{CHECKS}:answer_reward/mean"]
     if "steps-test" in done:
         by_prompt = pools(runs)
-        models = [m for m in ("prm", "orm", "prm-ms") if m in done]
+        models = [m for m in SELECTORS if m in done]
         score_pools(runs, by_prompt, models)
         rows = [row for solutions in by_prompt.values() for row in solutions]
         for row, steps in zip(rows, policy_confidence(runs, [r["prompt"] for r in rows], ["\n".join(r["completions"]) for r in rows])):
@@ -346,7 +387,7 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         results["step_auroc"] = step_auroc(by_prompt, models, ms_rows)
         results["pool_accuracy"] = statistics.fmean(r["correct"] for s in by_prompt.values() for r in s)
     results["pairwise"] = {m: json.loads((runs / f"pairs-{m}.json").read_text())["pairs"]
-                           for m in ("prm", "orm") if f"pairs-{m}" in done}
+                           for m in SELECTORS if f"pairs-{m}" in done}
     if "sft" in done:
         results["separator_probe"] = separator_probe(runs, plan)
         # the same pairs ranked by the policy's own lowest token log-prob, no reward model
@@ -372,7 +413,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (name, curve), marker in zip(results.get("best_of_n", {}).items(), "os^vDPX*"):
+    for (name, curve), marker in zip(results.get("best_of_n", {}).items(), "os^vDPX*<>hd"):
         ns = sorted(int(n) for n in curve)
         ax.plot(ns, [100 * curve[n] for n in ns], marker=marker, label=name,
                 linestyle=":" if name.startswith("oracle") else "-")

@@ -72,7 +72,8 @@ def test_arith_checkers_by_hand():
 
 
 def test_the_arith_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
-    """Every stage of bench/arith.py (sft, label-steps both ways, prm/orm, eval pairs, dense-PRM and ORM PPO) and its tables."""
+    """Every stage of bench/arith.py (sft, label-steps both ways, prm/orm on the policy's labels and on ranked twins,
+    eval pairs, dense-PRM and ORM PPO) and its tables."""
     import json
     import subprocess
 
@@ -81,10 +82,13 @@ def test_the_arith_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert results["stages_finished"] == "14 of 14"
-    assert set(results["best_of_n"]) == {"majority vote", "policy's lowest token log-prob", "PRM min", "PRM prod", "ORM",
-                                         "PRM-MS min", "PRM-MS prod", "oracle (any right)"}
-    assert set(results["ppo"]) == {"ppo-prm", "ppo-orm"} and set(results["pairwise"]) == {"prm", "orm", "policy"}
+    assert results["stages_finished"] == "18 of 18"
+    assert set(results["best_of_n"]) == {"majority vote", "policy's lowest token log-prob", "PRM (exact labels), min",
+                                         "PRM (exact labels), prod", "ORM", "PRM (Math-Shepherd labels), min",
+                                         "PRM (Math-Shepherd labels), prod", "PRM (sibling steps ranked), min",
+                                         "PRM (sibling steps ranked), prod", "ORM (twins ranked)", "oracle (any right)"}
+    assert set(results["ppo"]) == {"ppo-prm", "ppo-orm"}
+    assert set(results["pairwise"]) == {"prm", "orm", "prm-twins", "orm-twins", "policy"}
     probe = results["separator_probe"]
     assert len(probe["probe_auroc_by_layer"]) == 3 and 0 <= probe["policy_lowest_log_prob_auroc"] <= 1  # tiny: 2 layers + embeddings
     assert out.with_suffix(".png").stat().st_size > 0
