@@ -412,7 +412,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])  # 20 colours, none repeated
     for (name, curve), marker in zip(results.get("best_of_n", {}).items(), "os^vDPX*<>hd"):
         ns = sorted(int(n) for n in curve)
         ax.plot(ns, [100 * curve[n] for n in ns], marker=marker, label=name,
@@ -421,7 +422,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("N = solutions per problem (log scale)")
     ax.set_ylabel("% of held-out problems solved")
     ax.set_title("Best-of-N on multi-step arithmetic, SmolLM2-135M")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
