@@ -563,9 +563,8 @@ def stepwise_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, r
         position_labels = [IGNORE_LABEL] * len(ids)
         for end, label in zip(ends, labels):
             position_labels[end] = label
-        prompt = json.dumps(row["prompt"])
         examples.append({"input_ids": ids, "labels": position_labels,  # what comes before each labelled step, and the step
-                         "steps": [(json.dumps([prompt, *row["completions"][:k]]), row["completions"][k]) for k in steps]})
+                         "steps": [(json.dumps([row["prompt"], *row["completions"][:k]]), row["completions"][k]) for k in steps]})
     return examples
 
 

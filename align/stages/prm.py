@@ -174,7 +174,7 @@ def process_reward_trainer():
                 loss = loss - torch.nn.functional.logsigmoid(margins).mean()
             with torch.no_grad():
                 counts = torch.cat([step_counts(outputs.logits, inputs["labels"]),
-                                    margins.new_tensor([(margins > 0).sum().item(), len(margins)]).double()])
+                                    torch.stack([(margins > 0).double().sum(), margins.new_tensor(len(margins)).double()])])
                 counts = self.accelerator.gather(counts[None]).sum(0)
             totals = self._counts["train" if self.model.training else "eval"]
             for name, value in zip(("step_right", "steps", "first_right", "solutions", "pairs_right", "pairs"), counts.tolist()):
