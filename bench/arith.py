@@ -5,19 +5,21 @@ step a line, then "Answer: 21"; exact checkers for each step and for the answer.
 
 1. `align sft`: SmolLM2-135M-Instruct fine-tuned on clean solutions, briefly, so that its samples at
    temperature 1 are right only part of the time (the policy every later part samples from).
-2. `align label-steps` on the policy's own samples: exact step labels (--step-fn) on training
-   problems, Math-Shepherd labels (--answer-fn, rollouts from every step) on fewer, and exact
-   labels on 16 samples of every held-out problem (the best-of-N pools).
-3. `align prm` from the policy: a PRM on exact labels, an ORM on the same rows' last labels
-   (--last-step-only: is the answer right), and a PRM on Math-Shepherd labels.
+2. `align label-steps` on the policy's own samples: exact labels (--step-fn) on 16 samples of every
+   held-out problem (the best-of-N pools), Math-Shepherd labels (--answer-fn, rollouts from every
+   step) on one sample of each of a few training problems.
+3. From the policy: on synthetic twins (a right solution and one with a step off by 1 to 3), a PRM
+   with `align prm --pairwise` (sibling steps ranked) and an ORM with `align rm` (whole solutions
+   ranked), the same data and budget; and a PRM on the Math-Shepherd labels.
 4. Best-of-N on held-out problems for N = 1..16 (disjoint groups of each pool): majority vote over
-   final answers, ORM, PRM (min and prod), the policy's own lowest token log-prob (no reward model),
-   and the oracle (any right); the PRMs' step AUROC against exact labels; `align eval --pairs` on
-   correct-vs-one-wrong-step twins (pairwise accuracy), and the policy's own ranking of them.
-   The separator probe: can a step's correctness be read, linearly, from the policy's hidden state
-   where a PRM's label sits, layer by layer, against the policy's own log-probs (separator_probe)?
+   final answers, the ORM, the PRMs (min and prod), votes weighted by either model, the policy's
+   own lowest token log-prob (no reward model), and the oracle (any right); the PRMs' step AUROC
+   against exact labels; `align eval --pairs` on held-out twins (pairwise accuracy), and the
+   policy's own ranking of them. The separator probe: can a step's correctness be read, linearly,
+   from the policy's hidden state where a PRM's label sits, layer by layer, against the policy's
+   own log-probs (separator_probe)?
 5. `align ppo` from the policy with the PRM's dense step rewards against PPO with the ORM, the
-   same budget; `align eval` accuracy of each at temperature 1.
+   same budget; `align eval` accuracy of each at temperature 1 (and of the policy it started from).
 
     pip install -e .[bench]
     python bench/arith.py            # bench/results/arith.json + .png
@@ -60,7 +62,7 @@ class Plan:
     sft_problems: int = 1000
     sft_steps: int = 120  # 6.7 s each on 2 cores (batch 8)
     operations: tuple[int, ...] = (3, 4)
-    prm_problems: int = 160  # exact labels: 4 samples each
+    prm_problems: int = 160  # drawn, not used since the policy-labelled PRM/ORM left the run (README); the later sets stay as they were
     ms_problems: int = 32  # Math-Shepherd labels: 2 samples each, `rollouts` from every step
     rollouts: int = 4
     test_problems: int = 64  # 16 samples each: the best-of-N pools
@@ -109,7 +111,7 @@ def prepare_data(work: Path, plan: Plan) -> None:
     data = work / "data"
     write_jsonl(data / "sft.jsonl", [{"prompt": p, "completion": "\n".join(tasks.solution_steps(start, ops))}
                                       for p, ops, start in sets["sft"]])
-    for split in ("prm", "ms", "ppo", "test"):
+    for split in ("ms", "ppo", "test"):
         write_jsonl(data / f"{split}_prompts.jsonl", [{"prompt": p} for p, _, _ in sets[split]])
     def twins(split: str, rng: random.Random) -> list[dict]:  # a right solution above its twin with one step off by 1 to 3 (carried on after)
         pairs = []
@@ -148,7 +150,7 @@ def recipe(plan: Plan) -> dict:
     def ppo(name: str, reward: str) -> list[dict]:
         return [
             {"name": name, "stage": "ppo", "from": "sft", "reward_from": reward, "prompts": "data/ppo_prompts.jsonl",
-             "train": {"batch_size": 16, "learning_rate": 1.0e-4, "lr_scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 4},
+             "train": {"batch_size": 16, "learning_rate": 3.0e-5, "lr_scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 4},
              "ppo": {"episodes": plan.ppo_episodes, "mini_batches": 2, "ppo_epochs": 1, "max_new_tokens": plan.max_new_tokens,
                      "temperature": 1.0, "kl_coef": 0.05, "whiten_advantages": True, "sample_every": 4}},
             evaluate(f"eval-{name}", name),
@@ -164,13 +166,7 @@ def recipe(plan: Plan) -> dict:
         {"name": "sft", "stage": "sft", "data": "data/sft.jsonl",
          "train": {"max_steps": plan.sft_steps, "batch_size": 8, "learning_rate": 1.0e-3, "lr_scheduler": "cosine",
                    "warmup_ratio": 0.05}},
-        evaluate("eval-sft", "sft"),
-        label("steps-prm", "prm", 4, 1, step_fn=steps_fn),
         label("steps-test", "test", max(plan.best_of), 2, step_fn=steps_fn),
-        prm("prm", "steps-prm"),
-        prm("orm", "steps-prm", last_step_only=True),
-        {"name": "pairs-prm", "stage": "eval", "from": "prm", "pairs": "data/test_pairs.jsonl"},
-        {"name": "pairs-orm", "stage": "eval", "from": "orm", "pairs": "data/test_pairs.jsonl"},
         # Trained on the difference alone: sibling steps ranked (prm --pairwise), whole twins ranked (rm), the
         # policy's last blocks in full, the same data and budget for both.
         {"name": "prm-twins", "stage": "prm", "from": "sft", "data": "data/twins_steps.jsonl", "pairwise": True, **twin_training},
@@ -179,7 +175,7 @@ def recipe(plan: Plan) -> dict:
         {"name": "pairs-orm-twins", "stage": "eval", "from": "orm-twins", "pairs": "data/test_pairs.jsonl"},
         *ppo("ppo-prm", "prm-twins"),  # dense step rewards against one score at the end
         *ppo("ppo-orm", "orm-twins"),
-        label("steps-ms", "ms", 2, 3, answer_fn=answer, rollouts=plan.rollouts),
+        label("steps-ms", "ms", 1, 3, answer_fn=answer, rollouts=plan.rollouts),
         prm("prm-ms", "steps-ms"),
     ]
     return {"name": plan.name, "output_dir": "runs", "model": plan.model, "lora": LORA,
@@ -206,9 +202,9 @@ def pools(runs: Path) -> dict[str, list[dict]]:
 
 
 # The reward models each selector reads: a PRM by its steps' min and prod, an outcome model by its one score.
-SELECTORS = {"prm": ("PRM (exact labels)", ("min", "prod")), "orm": ("ORM", ("last",)),
-             "prm-ms": ("PRM (Math-Shepherd labels)", ("min", "prod")),
+SELECTORS = {"prm-ms": ("PRM (Math-Shepherd labels)", ("min", "prod")),
              "prm-twins": ("PRM (sibling steps ranked)", ("min", "prod")), "orm-twins": ("ORM (twins ranked)", ("last",))}
+WEIGHTED_VOTE = ("prm-twins", "orm-twins")  # ... and these also as weights of a majority vote
 
 
 def score_pools(runs: Path, by_prompt: dict[str, list[dict]], models: list[str]) -> None:
@@ -320,9 +316,13 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
 
     pickers = {
         "majority vote": None,
-        **({"policy's lowest token log-prob": ("policy", "min")} if "policy" in models else {}),
-        **{name if how == "last" else f"{name}, {how}": (m, how) for m in models if m != "policy"
+        **({"policy's lowest token log-prob": ("policy", "min", False)} if "policy" in models else {}),
+        **{name if how == "last" else f"{name}, {how}": (m, how, False) for m in models if m != "policy"
            for name, hows in [SELECTORS[m]] for how in hows},
+        # Weighted majority vote (Uesato et al. 2022, Math-Shepherd): each final answer's votes are the
+        # solutions' scores (a PRM's min step probability, an outcome model's sigmoid), the top answer wins.
+        **{f"{name}, {'min-' if how == 'min' else ''}weighted vote": (m, how, True) for m in models if m != "policy"
+           for name, hows in [SELECTORS[m]] for how in hows[:1] if m in WEIGHTED_VOTE},
     }
     curves: dict[str, dict[int, float]] = {name: {} for name in [*pickers, "oracle (any right)"]}
     for n in plan.best_of:
@@ -337,8 +337,16 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
                         top = votes.most_common(1)[0][0] if votes else None
                         hits[name].append(top is not None and any(r["correct"] and answer(r) == top for r in group))
                         continue
-                    model, how = picker
+                    model, how, vote = picker
                     value = (lambda s: s[-1]) if how == "last" else min if how == "min" else math.prod
+                    if vote:
+                        weights: Counter = Counter()
+                        for r in group:
+                            if r[model] and answer(r) is not None:  # an outcome model's score is a logit
+                                weights[answer(r)] += value(r[model]) if how != "last" else 1 / (1 + math.exp(-value(r[model])))
+                        top = max(weights, key=weights.__getitem__) if weights else None
+                        hits[name].append(top is not None and any(r["correct"] and answer(r) == top for r in group))
+                        continue
                     pick = max(group, key=lambda r: value(r[model]) if r[model] else -math.inf)
                     hits[name].append(bool(pick["correct"]))
         for name in curves:
@@ -373,8 +381,6 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
     done = {name: kind for name, kind in kinds.items() if is_complete(STAGES[kind].output_path(runs, name))}
     cost = {name: round(seconds(runs, name, kind), 1) for name, kind in done.items()}
     results: dict = {"plan": plan.__dict__, "stage_seconds": cost, "stages_finished": f"{len(done)} of {len(kinds)}"}
-    if "eval-sft" in done:
-        results["policy_accuracy"] = json.loads((runs / "eval-sft.json").read_text())[f"reward/{CHECKS}:answer_reward/mean"]
     if "steps-test" in done:
         by_prompt = pools(runs)
         models = [m for m in SELECTORS if m in done]
@@ -385,7 +391,7 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         results["best_of_n"] = best_of_n(by_prompt, plan, [*models, "policy"])
         ms_rows = read_jsonl(runs / "steps-ms.jsonl") if "steps-ms" in done else None
         results["step_auroc"] = step_auroc(by_prompt, models, ms_rows)
-        results["pool_accuracy"] = statistics.fmean(r["correct"] for s in by_prompt.values() for r in s)
+        results["policy_accuracy"] = statistics.fmean(r["correct"] for s in by_prompt.values() for r in s)  # 16 x 64 samples
     results["pairwise"] = {m: json.loads((runs / f"pairs-{m}.json").read_text())["pairs"]
                            for m in SELECTORS if f"pairs-{m}" in done}
     if "sft" in done:
@@ -464,8 +470,7 @@ def main() -> None:
     plot(results, out.with_suffix(".png"))
 
     if "policy_accuracy" in results:
-        print(f"\npolicy (SFT) accuracy at temperature 1: {results['policy_accuracy']:.3f}; "
-              f"pools: {results.get('pool_accuracy', float('nan')):.3f}")
+        print(f"\npolicy (SFT) accuracy at temperature 1 (the best-of-N pools): {results['policy_accuracy']:.3f}")
     print(table(results))
     for name, metrics in results.get("step_auroc", {}).items():
         accuracy = (f", step accuracy {metrics['step_accuracy']:.3f}, first-error accuracy {metrics['first_error_accuracy']:.3f}"
