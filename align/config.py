@@ -583,10 +583,16 @@ class BestOfNConfig(OneReward, StageConfig):
         1, description="the best this many samples of each prompt go to best.jsonl (1: Llama 2's and ReST-EM's pick; "
         "more: RAFT's top fraction, more rows per prompt for SFT)"
     )
+    vote: str | None = Field(
+        None, description="MODULE:FUNCTION or FILE.py:FUNCTION, f(prompts, completions, **columns) -> each completion's final "
+        "answer (a string or number; None for none): the samples vote on answers, each vote weighted by its score, and "
+        "the best are taken from the heaviest answer's samples (weighted majority vote, Uesato et al. 2022 and "
+        "Math-Shepherd); scores must not be negative (a PRM's probabilities, a judge's grades; not a reward model's logits)"
+    )
     score_batch_size: PositiveInt = Field(16, description="samples per reward-model batch")
     reward_in_4bit: bool = Field(False, description="load the reward model in 4-bit NF4 (bitsandbytes)")
 
-    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"keep": 1}
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"keep": 1, "vote": None}
 
     def data_files(self) -> list[str]:
         return [self.prompts.path] + self.question_files()

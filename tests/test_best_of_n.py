@@ -182,13 +182,79 @@ def test_eval_best_of_scores_the_pick_of_n(align, prompts_file, reward_file, tmp
     assert_clean_failure(align("eval", *common, "-o", tmp_path / "e2.json", "--best-of", "4", "--no-reference"), 2, "--best-of")
 
 
-def test_runs_finished_before_keep_existed_stay_up_to_date(reward_file, tmp_path):
+def test_runs_finished_before_keep_and_vote_existed_stay_up_to_date(reward_file, tmp_path):
     """A field added later is left out of the config hash at its default: upgrading align never makes
     `align run --resume` redo a finished best-of-n stage (the sentiment benchmark's data stages)."""
     from align.checkpoints import config_hash
     from align.config import BestOfNConfig
 
     common = {"model": "tiny", "prompts": {"path": "p.jsonl"}, "output": str(tmp_path / "bon"), "reward_fn": f"{reward_file}:length"}
-    before = BestOfNConfig(**common).model_dump(mode="json", exclude={"resume", "overwrite", "name", "keep"})
+    before = BestOfNConfig(**common).model_dump(mode="json", exclude={"resume", "overwrite", "name", "keep", "vote"})
     assert config_hash(BestOfNConfig(**common)) == config_hash(SimpleNamespace(identity=lambda: before))
     assert config_hash(BestOfNConfig(**common, keep=2)) != config_hash(BestOfNConfig(**common))
+    assert config_hash(BestOfNConfig(**common, vote="answers.py:final")) != config_hash(BestOfNConfig(**common))
+
+
+def test_a_vote_weighted_by_the_scores_picks_the_heaviest_answer_not_the_best_sample():
+    """--vote by hand: prompt 0's answers A, B, B, A, none score 0.9, 0.4, 0.5, 0.1, 0.95: A weighs 1.0, B 0.9, so
+    the best is A's best sample (0.9), not the best-scored one (0.95, no answer); the pair is it against the worst of
+    all (0.1). Prompt 1: A, A, A, B at 0.1 each and 0.9: B (0.9) outweighs three As (0.3). Prompt 2 has no answers."""
+    import torch
+
+    from align.generation import Completion
+    from align.stages.best_of_n import choose
+
+    scores = [0.9, 0.4, 0.5, 0.1, 0.95, 0.1, 0.1, 0.1, 0.9, 0.2, 0.7]
+    texts = [f"sample {k}" for k in range(len(scores))]
+    samples = [[Completion(t, [], True) for t in texts[:5]], [Completion(t, [], True) for t in texts[5:9]],
+               [Completion(t, [], True) for t in texts[9:]]]
+    answers = [["A", "B", "B", "A", None], ["A", "A", "A", "B"], [None, None]]
+    rows, counts = choose(["p0", "p1", "p2"], samples, lambda prompts, completions: torch.tensor(scores), 0.0, answers=answers)
+    assert [(r["prompt"], r["completion"], r["score"]) for r in rows["best"]] == [("p0", "sample 0", pytest.approx(0.9)),
+                                                                                ("p1", "sample 8", pytest.approx(0.9))]
+    assert [(r["chosen"], r["rejected"]) for r in rows["pairs"]] == [("sample 0", "sample 3"), ("sample 8", "sample 5")]
+    assert rows["pairs"][0]["margin"] == pytest.approx(0.8)
+    assert [r["answer"] for r in rows["samples"]] == sum(answers, [])
+    assert counts["no_answer"] == 1 and counts["kept"] == 2
+    assert counts["vote_share_sum"] == pytest.approx(1.0 / 1.9 + 0.9 / 1.2)
+    # Without a vote the best-scored sample wins.
+    rows, _ = choose(["p0", "p1", "p2"], samples, lambda prompts, completions: torch.tensor(scores), 0.0)
+    assert [r["completion"] for r in rows["best"]] == ["sample 4", "sample 8", "sample 10"]
+
+
+def test_best_of_n_vote_end_to_end_and_its_bad_input(align, prompts_file, reward_file, pairs_file, tmp_path):
+    voters = tmp_path / "voters.py"
+    voters.write_text("def first_word(prompts, completions):\n"
+                      "    return [c.split()[0] if c.split() else None for c in completions]\n\n"
+                      "def a_list(prompts, completions):\n    return [[1] for _ in completions]\n\n"
+                      "def negative(prompts, completions):\n    return [-1.0 for _ in completions]\n")
+    out = tmp_path / "bon"
+    result = best_of_n(align, prompts_file, out, "--reward-fn", f"{reward_file}:length", "--vote", f"{voters}:first_word")
+    assert result.code == 0, result.err
+    samples, best = read_rows(out / "samples.jsonl"), read_rows(out / "best.jsonl")
+    assert best
+    for chosen in best:
+        mine = [s for s in samples if s["prompt"] == chosen["prompt"] and s["completion"].strip()]
+        assert all(s["answer"] == s["completion"].split()[0] for s in mine)
+        weights = {}
+        for s in mine:
+            weights[s["answer"]] = weights.get(s["answer"], 0.0) + s["score"]
+        top = max(weights, key=weights.__getitem__)
+        assert chosen["score"] == max(s["score"] for s in mine if s["answer"] == top)
+        assert chosen["completion"].split()[0] == top
+    metrics = json.loads((out / "align.json").read_text())["metrics"]
+    assert 0 < metrics["mean_vote_share"] <= 1 and metrics["skipped_no_answer"] == 0
+    assert json.loads((out / "align.json").read_text())["config"]["vote"] == f"{voters}:first_word"
+
+    assert_clean_failure(best_of_n(align, prompts_file, tmp_path / "list", "--reward-fn", f"{reward_file}:length",
+                                   "--vote", f"{voters}:a_list"), 2, "vote function", "prompt row 1", "[1]")
+    assert_clean_failure(best_of_n(align, prompts_file, tmp_path / "neg", "--reward-fn", f"{voters}:negative",
+                                   "--vote", f"{voters}:first_word"), 2, "-1", "prompt row 1", "not negative")
+    assert_clean_failure(best_of_n(align, prompts_file, tmp_path / "missing", "--reward-fn", f"{reward_file}:length",
+                                   "--vote", f"{voters}:nothing"), 2, "vote function", "no function 'nothing'")
+    assert not (tmp_path / "missing").exists()
+    rm = tmp_path / "rm"  # an outcome reward model scores in logits of any sign: no votes by them
+    assert align("rm", "-m", "tiny", "-d", pairs_file, "-o", rm, "--max-steps", "1").code == 0
+    assert_clean_failure(best_of_n(align, prompts_file, tmp_path / "by-rm", "--reward-model", rm, "--vote", f"{voters}:first_word"),
+                         2, "logits", "vote with a PRM")
+    assert not (tmp_path / "by-rm" / "align.json").exists()

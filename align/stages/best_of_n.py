@@ -12,6 +12,13 @@ A prompt whose best and worst samples score within --min-gap of each other (all 
 default) says nothing about which answer is better: it is skipped and counted. Empty samples
 are scored but never chosen.
 
+With --vote, a function names each sample's final answer and the samples vote: each answer's
+weight is the sum of its samples' scores, and the best are the best-scored samples of the
+heaviest answer (weighted majority vote: Uesato et al. 2022; Math-Shepherd's self-consistency
+with a PRM), which on bench/arith.py beats both majority vote and the PRM's own pick. The pair
+is still that best sample against the worst of all. A prompt none of whose samples gives an
+answer is skipped and counted.
+
 The best-of-n policy is KL-cheap: its KL to the model it samples from is at most
 log n - (n - 1) / n (Beirami et al. 2024), written to the manifest as kl_bound.
 
@@ -34,11 +41,12 @@ from tqdm.auto import tqdm
 from align.checkpoints import PartialRows, prepare_output, write_manifest
 from align.config import BestOfNConfig
 from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
-from align.errors import TrainingError
+from align.errors import ConfigError, TrainingError
 from align.generation import Completion, row_seed, sample
 from align.engines import open_sampler
 from align.models import load_tokenizer, resolve_model
-from align.rewards import load_reward
+from align.rewards import ProcessRewardModel, RewardModel, load_reward
+from align.stages.label_steps import Checker
 
 log = logging.getLogger("align")
 FILES = ("best", "pairs", "samples")
@@ -51,7 +59,11 @@ def run(config: BestOfNConfig) -> Path:
     _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
     prompts = [row["prompt"] for row in rows]
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
+    voter = Checker(config.vote, "vote function") if config.vote else None
     reward = load_reward(config, config.score_batch_size, config.reward_in_4bit, conversational=is_messages(prompts[0]))
+    if voter and isinstance(reward, RewardModel) and not isinstance(reward, ProcessRewardModel):
+        raise ConfigError(f"--vote weighs each sample by its score, and the reward model {config.reward_model.path} scores "
+                          "in logits (any sign): vote with a PRM, a judge or a reward function whose scores are not negative")
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
     with open_sampler(config.model, source, config.generation, config.sampling.seed) as model:
         outputs = PartialRows({k: out / f"{k}.jsonl" for k in FILES}, out / "progress.json", resume=config.resume)
@@ -65,7 +77,9 @@ def run(config: BestOfNConfig) -> Path:
                 end = min(start + chunk, len(prompts))
                 sampling = config.sampling.model_copy(update={"seed": row_seed(config.sampling.seed, 0, start)})
                 samples = sample(model, tokenizer, prompts[start:end], sampling, chat)
-                rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, config.keep, first_row=start)
+                answers = voter and final_answers(voter, rows[start:end], samples, first_row=start)
+                rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, config.keep, first_row=start,
+                                          answers=answers)
                 outputs.append(rows_out, done=end, counts=counts)
                 bar.update(end - start)
                 kept = outputs.counts.get("kept", 0)
@@ -77,6 +91,8 @@ def run(config: BestOfNConfig) -> Path:
     metrics = {
         "prompts": len(prompts), "samples": len(prompts) * n, "kept": kept, "best_rows": int(counts.get("best_rows", 0)),
         "skipped_min_gap": int(counts.get("skipped", 0)), "empty_samples": int(counts.get("empty", 0)),
+        **({"skipped_no_answer": int(counts.get("no_answer", 0)),
+            "mean_vote_share": counts.get("vote_share_sum", 0.0) / max(1, kept)} if voter else {}),
         "mean_sample_score": counts.get("score_sum", 0.0) / max(1, counts.get("scored", 0)),
         "mean_best_score": counts.get("best_sum", 0.0) / max(1, kept),
         "mean_margin": counts.get("margin_sum", 0.0) / max(1, kept),
@@ -93,8 +109,18 @@ def kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: float, keep: int = 1, first_row: int = 0):
-    """Score every sample; per prompt the best `keep` and the best-worst pair, when those two differ by more than min_gap."""
+def final_answers(voter: Checker, rows: list[dict], samples: list[list[Completion]], first_row: int) -> list[list]:
+    """Each sample's final answer by the user's vote function, one call per chunk, grouped by prompt."""
+    flat = [(rows[i], c.text, first_row + i + 1) for i, completions in enumerate(samples) for c in completions]
+    found = iter(voter.final_answers(*map(list, zip(*flat)))) if flat else iter(())
+    return [[next(found) for _ in completions] for completions in samples]
+
+
+def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: float, keep: int = 1, first_row: int = 0,
+           answers: list[list] | None = None):
+    """Score every sample; per prompt the best `keep` and the best-worst pair, when those two differ by more than min_gap.
+    With `answers` (each sample's final answer, None for none) the best are drawn from the answer whose samples' scores
+    sum highest (ties: the answer sampled first)."""
     flat = [(i, k, c) for i, completions in enumerate(samples) for k, c in enumerate(completions)]
     scores = reward([prompts[i] for i, _, _ in flat], [c.text for _, _, c in flat]).float().cpu()
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
@@ -102,13 +128,19 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         i, k, c = flat[bad[0]]
         raise TrainingError(f"the reward returned {scores[bad[0]].item()} for sample {k} of prompt row {first_row + i + 1}: "
                             f"{c.text[:60]!r}")
+    if answers is not None and (scores < 0).any():
+        first = int((scores < 0).nonzero()[0])
+        i, k, c = flat[first]
+        raise ConfigError(f"--vote weighs samples by their scores, and the reward gave {scores[first].item():.4g} to sample "
+                            f"{k} of prompt row {first_row + i + 1} ({c.text[:60]!r}): votes need scores that are not negative")
     rows: dict[str, list[dict]] = {key: [] for key in FILES}
     counts: Counter = Counter()
     by_prompt = scores.split([len(c) for c in samples])
     for i, (completions, values) in enumerate(zip(samples, by_prompt)):
         prompt = prompts[i]
         rows["samples"] += [{"prompt": prompt, "completion": c.text, "score": float(v), "finished": c.finished, "sample": k,
-                             "prompt_row": first_row + i + 1} for k, (c, v) in enumerate(zip(completions, values.tolist()))]
+                             "prompt_row": first_row + i + 1, **({"answer": answers[i][k]} if answers is not None else {})}
+                            for k, (c, v) in enumerate(zip(completions, values.tolist()))]
         counts["scored"] += len(values)
         counts["score_sum"] += float(values.sum())
         candidates = [k for k, c in enumerate(completions) if c.text.strip()]
@@ -116,7 +148,19 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         if len(candidates) < 2:
             counts["skipped"] += 1
             continue
-        picks = sorted(candidates, key=lambda k: -values[k])[:keep]  # stable: equal scores keep sampling order
+        voters, share = candidates, 0.0
+        if answers is not None:
+            weights: dict = {}
+            for k in candidates:
+                if answers[i][k] is not None:
+                    weights[answers[i][k]] = weights.get(answers[i][k], 0.0) + float(values[k])
+            if not weights:
+                counts["no_answer"] += 1
+                continue
+            top = max(weights, key=weights.__getitem__)  # the first-sampled of tied answers
+            voters = [k for k in candidates if answers[i][k] == top]
+            share = weights[top] / max(sum(weights.values()), 1e-12)
+        picks = sorted(voters, key=lambda k: -values[k])[:keep]  # stable: equal scores keep sampling order
         best, worst = picks[0], min(candidates, key=lambda k: values[k])  # min: the first of tied worst, as before
         margin = float(values[best] - values[worst])
         if margin <= min_gap:
@@ -128,6 +172,7 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         rows["pairs"].append({"prompt": prompt, "chosen": completions[best].text, "rejected": completions[worst].text,
                               "margin": margin})
         counts["kept"] += 1
+        counts["vote_share_sum"] += share
         counts["best_sum"] += float(values[best])
         counts["margin_sum"] += margin
     return rows, counts

@@ -23,6 +23,7 @@ import inspect
 import logging
 import time
 from collections import Counter
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,15 @@ class Checker:
                 raise ConfigError(f"{self.what} {self.name} returned {value!r} for prompt row {row_number} "
                                   f"(completion {completion[:60]!r}); expected true or false")
         return [bool(value) for value in values]
+
+    def final_answers(self, rows: list[dict], completions: list[str], numbers: list[int]) -> list:
+        """A vote function's answers (best-of-n --vote): a string or a number each, None for no answer."""
+        values = self._call(rows, completions, numbers)
+        for value, row_number, completion in zip(values, numbers, completions):
+            if value is not None and (_is_bool(value) or not isinstance(value, (str, Real)) or value != value):
+                raise ConfigError(f"{self.what} {self.name} returned {value!r} for prompt row {row_number} "
+                                  f"(completion {completion[:60]!r}); expected the final answer as a string or number, or None")
+        return [int(v) if isinstance(v, Integral) else float(v) if isinstance(v, Real) else v for v in values]
 
     def step_labels(self, rows: list[dict], steps: list[list[str]], numbers: list[int]) -> list[list[float | bool]]:
         values = self._call(rows, steps, numbers)
