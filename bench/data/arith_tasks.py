@@ -78,6 +78,11 @@ def final_answer(solution: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def final_answers(prompts, completions) -> list[int | None]:
+    """final_answer of each solution: a vote function for `align best-of-n --vote`."""
+    return [final_answer(completion) for completion in completions]
+
+
 def right_answer(prompts, completions) -> list[bool]:
     """Does each completed solution end with the right answer?"""
     out = []
