@@ -45,7 +45,7 @@ from align.errors import ConfigError, TrainingError
 from align.generation import Completion, row_seed, sample
 from align.engines import open_sampler
 from align.models import load_tokenizer, resolve_model
-from align.rewards import ProcessRewardModel, RewardModel, load_reward
+from align.rewards import RewardModel, load_reward
 from align.stages.label_steps import Checker
 
 log = logging.getLogger("align")
@@ -61,7 +61,7 @@ def run(config: BestOfNConfig) -> Path:
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
     voter = Checker(config.vote, "vote function") if config.vote else None
     reward = load_reward(config, config.score_batch_size, config.reward_in_4bit, conversational=is_messages(prompts[0]))
-    if voter and isinstance(reward, RewardModel) and not isinstance(reward, ProcessRewardModel):
+    if voter and isinstance(reward, RewardModel):  # an outcome model (a PRM is its own class, scoring in [0, 1])
         raise ConfigError(f"--vote weighs each sample by its score, and the reward model {config.reward_model.path} scores "
                           "in logits (any sign): vote with a PRM, a judge or a reward function whose scores are not negative")
     prepare_output(out, resume=config.resume, overwrite=config.overwrite)
@@ -132,7 +132,7 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         first = int((scores < 0).nonzero()[0])
         i, k, c = flat[first]
         raise ConfigError(f"--vote weighs samples by their scores, and the reward gave {scores[first].item():.4g} to sample "
-                            f"{k} of prompt row {first_row + i + 1} ({c.text[:60]!r}): votes need scores that are not negative")
+                          f"{k} of prompt row {first_row + i + 1} ({c.text[:60]!r}): votes need scores that are not negative")
     rows: dict[str, list[dict]] = {key: [] for key in FILES}
     counts: Counter = Counter()
     by_prompt = scores.split([len(c) for c in samples])
@@ -148,7 +148,7 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         if len(candidates) < 2:
             counts["skipped"] += 1
             continue
-        voters, share = candidates, 0.0
+        eligible, share = candidates, 0.0
         if answers is not None:
             weights: dict = {}
             for k in candidates:
@@ -158,9 +158,9 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
                 counts["no_answer"] += 1
                 continue
             top = max(weights, key=weights.__getitem__)  # the first-sampled of tied answers
-            voters = [k for k in candidates if answers[i][k] == top]
+            eligible = [k for k in candidates if answers[i][k] == top]
             share = weights[top] / max(sum(weights.values()), 1e-12)
-        picks = sorted(voters, key=lambda k: -values[k])[:keep]  # stable: equal scores keep sampling order
+        picks = sorted(eligible, key=lambda k: -values[k])[:keep]  # stable: equal scores keep sampling order
         best, worst = picks[0], min(candidates, key=lambda k: values[k])  # min: the first of tied worst, as before
         margin = float(values[best] - values[worst])
         if margin <= min_gap:
