@@ -15,9 +15,9 @@ are scored but never chosen.
 With --vote, a function names each sample's final answer and the samples vote: each answer's
 weight is the sum of its samples' scores, and the best are the best-scored samples of the
 heaviest answer (weighted majority vote: Uesato et al. 2022; Math-Shepherd's self-consistency
-with a PRM), which on bench/arith.py beats both majority vote and the PRM's own pick. The pair
-is still that best sample against the worst of all. A prompt none of whose samples gives an
-answer is skipped and counted.
+with a PRM), which on bench/arith.py beats the PRM's own pick from N = 4 on and majority vote
+from N = 2 to 8 (a tie at 16). The pair is still that best sample against the worst of all. A
+prompt none of whose samples gives an answer is skipped and counted.
 
 The best-of-n policy is KL-cheap: its KL to the model it samples from is at most
 log n - (n - 1) / n (Beirami et al. 2024), written to the manifest as kl_bound.
