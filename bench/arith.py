@@ -314,15 +314,35 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
     def answer(row) -> int | None:
         return tasks.final_answer("\n".join(row["completions"]))
 
+    def score(model: str, how: str):  # a solution's score by a model's steps (None for none)
+        value = (lambda s: s[-1]) if how == "last" else min if how == "min" else math.prod
+        return lambda r: value(r[model]) if r[model] else None
+
+    def best(score):  # is the best-scored solution right?
+        return lambda group: bool(max(group, key=lambda r: -math.inf if score(r) is None else score(r))["correct"])
+
+    def vote(weight):  # is the answer whose solutions' weights sum highest (ties: the first sampled) right?
+        def right(group: list[dict]) -> bool:
+            weights: Counter = Counter()
+            for r in group:
+                if answer(r) is not None and (w := weight(r)) is not None:
+                    weights[answer(r)] += w
+            top = max(weights, key=weights.__getitem__) if weights else None
+            return top is not None and any(r["correct"] and answer(r) == top for r in group)
+        return right
+
+    def probability(score):  # an outcome model's score is a logit: its sigmoid weighs a vote
+        return lambda r: None if score(r) is None else 1 / (1 + math.exp(-score(r)))
+
     pickers = {
-        "majority vote": None,
-        **({"policy's lowest token log-prob": ("policy", "min", False)} if "policy" in models else {}),
-        **{name if how == "last" else f"{name}, {how}": (m, how, False) for m in models if m != "policy"
+        "majority vote": vote(lambda r: 1),
+        **({"policy's lowest token log-prob": best(score("policy", "min"))} if "policy" in models else {}),
+        **{name if how == "last" else f"{name}, {how}": best(score(m, how)) for m in models if m != "policy"
            for name, hows in [SELECTORS[m]] for how in hows},
         # Weighted majority vote (Uesato et al. 2022, Math-Shepherd): each final answer's votes are the
         # solutions' scores (a PRM's min step probability, an outcome model's sigmoid), the top answer wins.
-        **{f"{name}, {'min-' if how == 'min' else ''}weighted vote": (m, how, True) for m in models if m != "policy"
-           for name, hows in [SELECTORS[m]] for how in hows[:1] if m in WEIGHTED_VOTE},
+        **{f"{name}, {'min-' if how == 'min' else ''}weighted vote": vote(probability(score(m, how)) if how == "last" else score(m, how))
+           for m in models if m in WEIGHTED_VOTE for name, hows in [SELECTORS[m]] for how in hows[:1]},
     }
     curves: dict[str, dict[int, float]] = {name: {} for name in [*pickers, "oracle (any right)"]}
     for n in plan.best_of:
@@ -331,24 +351,8 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
             for g in range(len(solutions) // n):
                 group = solutions[g * n:(g + 1) * n]
                 hits["oracle (any right)"].append(any(r["correct"] for r in group))
-                for name, picker in pickers.items():
-                    if picker is None:  # the most common final answer; ties to the first sampled
-                        votes = Counter(a for a in map(answer, group) if a is not None)
-                        top = votes.most_common(1)[0][0] if votes else None
-                        hits[name].append(top is not None and any(r["correct"] and answer(r) == top for r in group))
-                        continue
-                    model, how, vote = picker
-                    value = (lambda s: s[-1]) if how == "last" else min if how == "min" else math.prod
-                    if vote:
-                        weights: Counter = Counter()
-                        for r in group:
-                            if r[model] and answer(r) is not None:  # an outcome model's score is a logit
-                                weights[answer(r)] += value(r[model]) if how != "last" else 1 / (1 + math.exp(-value(r[model])))
-                        top = max(weights, key=weights.__getitem__) if weights else None
-                        hits[name].append(top is not None and any(r["correct"] and answer(r) == top for r in group))
-                        continue
-                    pick = max(group, key=lambda r: value(r[model]) if r[model] else -math.inf)
-                    hits[name].append(bool(pick["correct"]))
+                for name, right in pickers.items():
+                    hits[name].append(right(group))
         for name in curves:
             curves[name][n] = statistics.fmean(hits[name])
     return curves
