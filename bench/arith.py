@@ -225,19 +225,20 @@ def score_pools(runs: Path, by_prompt: dict[str, list[dict]], models: list[str])
             row[name] = steps
 
 
-def policy_confidence(runs: Path, prompts: list, texts: list[str], batch_size: int = 32, hidden: bool = False) -> list:
-    """Each solution's steps scored by the SFT policy itself, no reward model: a step's lowest token
-    log-prob (the separator after it left out: after the answer the policy ends, it does not write one),
-    the steps tokenized as a PRM reads them. With `hidden`, each row is (scores, every layer's hidden
-    state at each step's separator, [steps, layers + 1, width]): where a PRM's label sits."""
+def policy_confidence(checkpoint: Path, prompts: list, texts: list[str], batch_size: int = 32, hidden: bool = False) -> list:
+    """Each solution's steps scored by the causal LM at `checkpoint` (runs/sft: the policy itself), no
+    reward model: a step's lowest token log-prob (the separator after it left out: after the answer
+    the policy ends, it does not write one), the steps tokenized as a PRM reads them. With `hidden`,
+    each row is (scores, every layer's hidden state at each step's separator, [steps, layers + 1,
+    width]): where a PRM's label sits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align.data import prompt_ids, split_steps, step_ids
     from align.losses import token_logprobs
 
-    tokenizer = AutoTokenizer.from_pretrained(runs / "sft")
-    model = AutoModelForCausalLM.from_pretrained(runs / "sft", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     chat, separator = bool(tokenizer.chat_template), len(tokenizer("\n", add_special_tokens=False)["input_ids"])
     rows = [(*step_ids(tokenizer, prompt, [step for step, _ in split_steps(text, "\n")], "\n", chat),
              len(prompt_ids(tokenizer, prompt, chat))) for prompt, text in zip(prompts, texts)]
@@ -284,7 +285,7 @@ def separator_probe(runs: Path, plan: Plan) -> dict:
             value = written  # carried on, as the policy's own slips are
         prompts.append(prompt)
         texts.append("\n".join(steps + [f"Answer: {value}"]))
-    scored = policy_confidence(runs, prompts, texts, hidden=True)
+    scored = policy_confidence(runs / "sft", prompts, texts, hidden=True)
     own = torch.tensor([x for scores, _ in scored for x in scores[:-1]])  # the answer steps left out
     states = torch.cat([h[:-1] for _, h in scored])
     right = torch.tensor(labels, dtype=torch.float32)
@@ -390,7 +391,7 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         models = [m for m in SELECTORS if m in done]
         score_pools(runs, by_prompt, models)
         rows = [row for solutions in by_prompt.values() for row in solutions]
-        for row, steps in zip(rows, policy_confidence(runs, [r["prompt"] for r in rows], ["\n".join(r["completions"]) for r in rows])):
+        for row, steps in zip(rows, policy_confidence(runs / "sft", [r["prompt"] for r in rows], ["\n".join(r["completions"]) for r in rows])):
             row["policy"] = steps
         results["best_of_n"] = best_of_n(by_prompt, plan, [*models, "policy"])
         ms_rows = read_jsonl(runs / "steps-ms.jsonl") if "steps-ms" in done else None
@@ -402,7 +403,7 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         results["separator_probe"] = separator_probe(runs, plan)
         # the same pairs ranked by the policy's own lowest token log-prob, no reward model
         pairs = read_jsonl(work / "data" / "test_pairs.jsonl")
-        lowest = [min(steps) for steps in policy_confidence(runs, [p["prompt"] for p in pairs] * 2,
+        lowest = [min(steps) for steps in policy_confidence(runs / "sft", [p["prompt"] for p in pairs] * 2,
                                                              [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])]
         results["pairwise"]["policy"] = {"accuracy": statistics.fmean(c > r for c, r in zip(lowest, lowest[len(pairs):])),
                                          "count": len(pairs)}
