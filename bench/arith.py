@@ -225,7 +225,7 @@ def score_pools(runs: Path, by_prompt: dict[str, list[dict]], models: list[str])
             row[name] = steps
 
 
-def policy_confidence(checkpoint: Path, prompts: list, texts: list[str], batch_size: int = 32, hidden: bool = False) -> list:
+def lowest_step_logprobs(checkpoint: Path, prompts: list, texts: list[str], batch_size: int = 32, hidden: bool = False) -> list:
     """Each solution's steps scored by the causal LM at `checkpoint` (runs/sft: the policy itself), no
     reward model: a step's lowest token log-prob (the separator after it left out: after the answer
     the policy ends, it does not write one), the steps tokenized as a PRM reads them. With `hidden`,
@@ -285,7 +285,7 @@ def separator_probe(runs: Path, plan: Plan) -> dict:
             value = written  # carried on, as the policy's own slips are
         prompts.append(prompt)
         texts.append("\n".join(steps + [f"Answer: {value}"]))
-    scored = policy_confidence(runs / "sft", prompts, texts, hidden=True)
+    scored = lowest_step_logprobs(runs / "sft", prompts, texts, hidden=True)
     own = torch.tensor([x for scores, _ in scored for x in scores[:-1]])  # the answer steps left out
     states = torch.cat([h[:-1] for _, h in scored])
     right = torch.tensor(labels, dtype=torch.float32)
@@ -319,8 +319,8 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
         value = (lambda s: s[-1]) if how == "last" else min if how == "min" else math.prod
         return lambda r: value(r[model]) if r[model] else None
 
-    def best(score):  # is the best-scored solution right?
-        return lambda group: bool(max(group, key=lambda r: -math.inf if score(r) is None else score(r))["correct"])
+    def best(by):  # is the solution scored highest by `by` right?
+        return lambda group: bool(max(group, key=lambda r: -math.inf if by(r) is None else by(r))["correct"])
 
     def vote(weight):  # is the answer whose solutions' weights sum highest (ties: the first sampled) right?
         def right(group: list[dict]) -> bool:
@@ -332,8 +332,8 @@ def best_of_n(by_prompt: dict[str, list[dict]], plan: Plan, models: list[str]) -
             return top is not None and any(r["correct"] and answer(r) == top for r in group)
         return right
 
-    def probability(score):  # an outcome model's score is a logit: its sigmoid weighs a vote
-        return lambda r: None if score(r) is None else 1 / (1 + math.exp(-score(r)))
+    def probability(logit):  # an outcome model's score is a logit: its sigmoid weighs a vote
+        return lambda r: None if logit(r) is None else 1 / (1 + math.exp(-logit(r)))
 
     pickers = {
         "majority vote": vote(lambda r: 1),
@@ -391,7 +391,7 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         models = [m for m in SELECTORS if m in done]
         score_pools(runs, by_prompt, models)
         rows = [row for solutions in by_prompt.values() for row in solutions]
-        for row, steps in zip(rows, policy_confidence(runs / "sft", [r["prompt"] for r in rows], ["\n".join(r["completions"]) for r in rows])):
+        for row, steps in zip(rows, lowest_step_logprobs(runs / "sft", [r["prompt"] for r in rows], ["\n".join(r["completions"]) for r in rows])):
             row["policy"] = steps
         results["best_of_n"] = best_of_n(by_prompt, plan, [*models, "policy"])
         ms_rows = read_jsonl(runs / "steps-ms.jsonl") if "steps-ms" in done else None
@@ -403,7 +403,7 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         results["separator_probe"] = separator_probe(runs, plan)
         # the same pairs ranked by the policy's own lowest token log-prob, no reward model
         pairs = read_jsonl(work / "data" / "test_pairs.jsonl")
-        lowest = [min(steps) for steps in policy_confidence(runs / "sft", [p["prompt"] for p in pairs] * 2,
+        lowest = [min(steps) for steps in lowest_step_logprobs(runs / "sft", [p["prompt"] for p in pairs] * 2,
                                                              [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])]
         results["pairwise"]["policy"] = {"accuracy": statistics.fmean(c > r for c, r in zip(lowest, lowest[len(pairs):])),
                                          "count": len(pairs)}

@@ -100,12 +100,12 @@ def test_the_arith_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from arith import policy_confidence
+    from arith import lowest_step_logprobs
 
     from align.data import prompt_ids
 
     runs, prompt = tmp_path / "work" / "runs", "Start with 7. Add 5. Multiply by 2."
-    right, slipped = policy_confidence(runs / "sft", [prompt, prompt], ["7 + 5 = 12\n12 * 2 = 24\nAnswer: 24", "7 + 5 = 12\n12 * 2 = 25\nAnswer: 25"])
+    right, slipped = lowest_step_logprobs(runs / "sft", [prompt, prompt], ["7 + 5 = 12\n12 * 2 = 24\nAnswer: 24", "7 + 5 = 12\n12 * 2 = 25\nAnswer: 25"])
     assert len(right) == len(slipped) == 3 and right[0] == slipped[0]
     tokenizer, model = AutoTokenizer.from_pretrained(runs / "sft"), AutoModelForCausalLM.from_pretrained(runs / "sft")
     ids = [prompt_ids(tokenizer, prompt, bool(tokenizer.chat_template))]
