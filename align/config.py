@@ -579,6 +579,11 @@ class BestOfNConfig(OneReward, StageConfig):
     min_gap: Annotated[float, Field(ge=0)] = Field(
         0.0, description="skip a prompt whose best and worst samples score within this of each other (0: only exact ties)"
     )
+    min_score: float | None = Field(
+        None, description="best.jsonl keeps a prompt's best samples that score at least this, whether or not its samples "
+        "differ (ReST-EM: with a 0/1 reward, 1 keeps every prompt the model solved, the ones it always solves included); "
+        "unset: only prompts with a pair (best and worst more than min_gap apart) get a best"
+    )
     keep: PositiveInt = Field(
         1, description="the best this many samples of each prompt go to best.jsonl (1: Llama 2's and ReST-EM's pick; "
         "more: RAFT's top fraction, more rows per prompt for SFT)"
@@ -592,7 +597,7 @@ class BestOfNConfig(OneReward, StageConfig):
     score_batch_size: PositiveInt = Field(16, description="samples per reward-model batch")
     reward_in_4bit: bool = Field(False, description="load the reward model in 4-bit NF4 (bitsandbytes)")
 
-    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"keep": 1, "vote": None}
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"keep": 1, "vote": None, "min_score": None}
 
     def data_files(self) -> list[str]:
         return [self.prompts.path] + self.question_files()

@@ -74,6 +74,52 @@ def test_prompts_whose_samples_all_score_alike_are_skipped_and_counted(align, pr
     assert json.loads((tmp_path / "gap" / "align.json").read_text())["metrics"]["skipped_min_gap"] == 5
 
 
+def test_min_score_keeps_the_prompts_always_solved_and_drops_those_never_solved():
+    """ReST-EM with a 0/1 reward, by hand: p0's samples all score 1 (always solved), p1's all 0 (never), p2's 1, 0, 1, 0,
+    p3 has one non-empty sample, scoring 1. Without --min-score only p2 differs, so only p2 gets a best; with
+    --min-score 1, p0, p2 and p3 do (p2's both right samples with keep 2); p1 none. Pairs need a gap either way."""
+    import torch
+
+    from align.generation import Completion
+    from align.stages.best_of_n import choose
+
+    scores = [1.0] * 4 + [0.0] * 4 + [1.0, 0.0, 1.0, 0.0] + [1.0, 0.0]
+    texts = [f"sample {k}" for k in range(len(scores) - 1)] + [" "]
+    samples = [[Completion(t, [], True) for t in texts[k:k + 4]] for k in (0, 4, 8)] + [[Completion(t, [], True) for t in texts[12:]]]
+    reward = lambda prompts, completions: torch.tensor(scores)  # noqa: E731
+    prompts = ["p0", "p1", "p2", "p3"]
+    rows, counts = choose(prompts, samples, reward, 0.0)
+    assert [r["completion"] for r in rows["best"]] == ["sample 8"] and counts["kept"] == counts["pairs"] == 1
+    assert counts["skipped"] == 3 and counts["below_min_score"] == 0
+    rows, counts = choose(prompts, samples, reward, 0.0, keep=2, min_score=1.0)
+    assert [(r["prompt"], r["completion"]) for r in rows["best"]] == [
+        ("p0", "sample 0"), ("p0", "sample 1"), ("p2", "sample 8"), ("p2", "sample 10"), ("p3", "sample 12")]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows["pairs"]] == [("p2", "sample 8", "sample 9")]
+    assert (counts["kept"], counts["best_rows"], counts["pairs"], counts["skipped"], counts["below_min_score"]) == (3, 5, 1, 3, 1)
+    # A threshold between the scores keeps only what reaches it: p2's right samples, not its wrong ones.
+    rows, _ = choose(prompts, samples, reward, 0.0, keep=3, min_score=0.5)
+    assert [r["completion"] for r in rows["best"] if r["prompt"] == "p2"] == ["sample 8", "sample 10"]
+
+
+def test_min_score_on_the_command_line_keeps_samples_that_all_score_alike(align, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "bon"
+    assert best_of_n(align, prompts_file, out, "--reward-fn", f"{reward_file}:constant", "--min-score", "1").code == 0
+    best, samples = read_rows(out / "best.jsonl"), read_rows(out / "samples.jsonl")
+    assert read_rows(out / "pairs.jsonl") == [] and len(best) == 5
+    assert all(row["score"] == 1.0 for row in best)
+    firsts = {}
+    for s in samples:
+        if s["completion"].strip():
+            firsts.setdefault(s["prompt_row"], s["completion"])
+    assert [row["completion"] for row in best] == list(firsts.values())  # equal scores: the first sampled
+    metrics = json.loads((out / "align.json").read_text())["metrics"]
+    assert (metrics["kept"], metrics["pairs"], metrics["skipped_min_gap"], metrics["skipped_below_min_score"]) == (5, 0, 5, 0)
+    assert best_of_n(align, prompts_file, tmp_path / "high", "--reward-fn", f"{reward_file}:constant", "--min-score", "1.5").code == 0
+    assert read_rows(tmp_path / "high" / "best.jsonl") == []
+    metrics = json.loads((tmp_path / "high" / "align.json").read_text())["metrics"]
+    assert (metrics["kept"], metrics["skipped_below_min_score"]) == (0, 5)
+
+
 def test_a_killed_run_resumes_to_the_same_files(align, prompts_file, reward_file, tmp_path, monkeypatch):
     from align.stages import best_of_n as stage
 
@@ -182,17 +228,19 @@ def test_eval_best_of_scores_the_pick_of_n(align, prompts_file, reward_file, tmp
     assert_clean_failure(align("eval", *common, "-o", tmp_path / "e2.json", "--best-of", "4", "--no-reference"), 2, "--best-of")
 
 
-def test_runs_finished_before_keep_and_vote_existed_stay_up_to_date(reward_file, tmp_path):
+def test_runs_finished_before_keep_vote_and_min_score_existed_stay_up_to_date(reward_file, tmp_path):
     """A field added later is left out of the config hash at its default: upgrading align never makes
     `align run --resume` redo a finished best-of-n stage (the sentiment benchmark's data stages)."""
     from align.checkpoints import config_hash
     from align.config import BestOfNConfig
 
     common = {"model": "tiny", "prompts": {"path": "p.jsonl"}, "output": str(tmp_path / "bon"), "reward_fn": f"{reward_file}:length"}
-    before = BestOfNConfig(**common).model_dump(mode="json", exclude={"resume", "overwrite", "name", "keep", "vote"})
+    before = BestOfNConfig(**common).model_dump(mode="json", exclude={"resume", "overwrite", "name", "keep", "vote",
+                                                                                         "min_score"})
     assert config_hash(BestOfNConfig(**common)) == config_hash(SimpleNamespace(identity=lambda: before))
     assert config_hash(BestOfNConfig(**common, keep=2)) != config_hash(BestOfNConfig(**common))
     assert config_hash(BestOfNConfig(**common, vote="answers.py:final")) != config_hash(BestOfNConfig(**common))
+    assert config_hash(BestOfNConfig(**common, min_score=1.0)) != config_hash(BestOfNConfig(**common))
 
 
 def test_a_vote_weighted_by_the_scores_picks_the_heaviest_answer_not_the_best_sample():

@@ -174,7 +174,7 @@ _ENTRIES = (
         "manifest has the mean sample and best scores and the best-of-n policy's KL bound, log n - (n-1)/n.",
         (MODEL, PROMPTS, OUTPUT, flag("reward_model.path", "--reward-model"), flag("reward_fn", "--reward-fn"),
          *REWARD_JUDGE, flag("reward_aggregate", "--reward-aggregate"), *SAMPLING, flag("sampling.top_p", "--top-p"), flag("min_gap", "--min-gap"),
-         flag("keep", "--keep"), flag("vote", "--vote"), flag("model.dtype", "--dtype"), ENGINE),
+         flag("min_score", "--min-score"), flag("keep", "--keep"), flag("vote", "--vote"), flag("model.dtype", "--dtype"), ENGINE),
         output_help="Output directory (best.jsonl, pairs.jsonl, samples.jsonl).",
         trains=False, writes={"sft": "best.jsonl", "pairs": "pairs.jsonl"},
     ),

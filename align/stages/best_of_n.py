@@ -9,8 +9,10 @@ the output directory:
 `finished` is false for a sample cut at --max-new-tokens: `align sft` trains it without an end of
 turn, so a round of rejection sampling does not teach the model to stop mid-sentence.
 A prompt whose best and worst samples score within --min-gap of each other (all alike, by
-default) says nothing about which answer is better: it is skipped and counted. Empty samples
-are scored but never chosen.
+default) says nothing about which answer is better: it gets no pair, and no best either unless
+--min-score is given, which keeps every best that scores at least that, alike or not (ReST-EM's
+filter: with a 0/1 reward, --min-score 1 keeps the prompts the model always solves and drops
+those it never does). Empty samples are scored but never chosen.
 
 With --vote, a function names each sample's final answer and the samples vote: each answer's
 weight is the sum of its samples' scores, and the best are the best-scored samples of the
@@ -79,7 +81,7 @@ def run(config: BestOfNConfig) -> Path:
                 samples = sample(model, tokenizer, prompts[start:end], sampling, chat)
                 answers = voter and final_answers(voter, rows[start:end], samples, first_row=start)
                 rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, config.keep, first_row=start,
-                                          answers=answers)
+                                          answers=answers, min_score=config.min_score)
                 outputs.append(rows_out, done=end, counts=counts)
                 bar.update(end - start)
                 kept = outputs.counts.get("kept", 0)
@@ -87,15 +89,16 @@ def run(config: BestOfNConfig) -> Path:
         outputs.finish()
 
     counts = outputs.counts
-    kept = int(counts.get("kept", 0))
+    kept, pairs = int(counts.get("kept", 0)), int(counts.get("pairs", 0))
     metrics = {
         "prompts": len(prompts), "samples": len(prompts) * n, "kept": kept, "best_rows": int(counts.get("best_rows", 0)),
-        "skipped_min_gap": int(counts.get("skipped", 0)), "empty_samples": int(counts.get("empty", 0)),
+        "pairs": pairs, "skipped_min_gap": int(counts.get("skipped", 0)), "empty_samples": int(counts.get("empty", 0)),
+        **({"skipped_below_min_score": int(counts.get("below_min_score", 0))} if config.min_score is not None else {}),
         **({"skipped_no_answer": int(counts.get("no_answer", 0)),
             "mean_vote_share": counts.get("vote_share_sum", 0.0) / max(1, kept)} if voter else {}),
         "mean_sample_score": counts.get("score_sum", 0.0) / max(1, counts.get("scored", 0)),
         "mean_best_score": counts.get("best_sum", 0.0) / max(1, kept),
-        "mean_margin": counts.get("margin_sum", 0.0) / max(1, kept),
+        "mean_margin": counts.get("margin_sum", 0.0) / max(1, pairs),
         "kl_bound": kl_bound(n),
     }
     write_manifest(out, config=config, metrics=metrics, started=started, reward=reward.name)
@@ -117,10 +120,11 @@ def final_answers(voter: Checker, rows: list[dict], samples: list[list[Completio
 
 
 def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: float, keep: int = 1, first_row: int = 0,
-           answers: list[list] | None = None):
-    """Score every sample; per prompt the best `keep` and the best-worst pair, when those two differ by more than min_gap.
-    With `answers` (each sample's final answer, None for none) the best are drawn from the answer whose samples' scores
-    sum highest (ties: the answer sampled first)."""
+           answers: list[list] | None = None, min_score: float | None = None):
+    """Score every sample; per prompt the best-worst pair when those two differ by more than min_gap, and the best `keep`:
+    those of the pair, or with min_score those scoring at least that, whether or not the samples differ. With `answers`
+    (each sample's final answer, None for none) the best are drawn from the answer whose samples' scores sum highest
+    (ties: the answer sampled first)."""
     flat = [(i, k, c) for i, completions in enumerate(samples) for k, c in enumerate(completions)]
     scores = reward([prompts[i] for i, _, _ in flat], [c.text for _, _, c in flat]).float().cpu()
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
@@ -145,7 +149,7 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         counts["score_sum"] += float(values.sum())
         candidates = [k for k, c in enumerate(completions) if c.text.strip()]
         counts["empty"] += len(completions) - len(candidates)
-        if len(candidates) < 2:
+        if not candidates:
             counts["skipped"] += 1
             continue
         eligible, share = candidates, 0.0
@@ -164,15 +168,21 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
         best, worst = picks[0], min(candidates, key=lambda k: values[k])  # min: the first of tied worst, as before
         margin = float(values[best] - values[worst])
         if margin <= min_gap:
-            counts["skipped"] += 1
+            counts["skipped"] += 1  # no pair: the samples say nothing about which answer is better
+        else:
+            rows["pairs"].append({"prompt": prompt, "chosen": completions[best].text, "rejected": completions[worst].text,
+                                  "margin": margin})
+            counts["pairs"] += 1
+            counts["margin_sum"] += margin
+        # best.jsonl: with min_score, every pick that scores at least that (alike or not); without, the picks of a pair
+        picks = [k for k in picks if values[k] >= min_score] if min_score is not None else picks if margin > min_gap else []
+        if not picks:
+            counts["below_min_score"] += min_score is not None
             continue
         rows["best"] += [{"prompt": prompt, "completion": completions[k].text, "score": float(values[k]),
                           "finished": completions[k].finished} for k in picks]
         counts["best_rows"] += len(picks)
-        rows["pairs"].append({"prompt": prompt, "chosen": completions[best].text, "rejected": completions[worst].text,
-                              "margin": margin})
         counts["kept"] += 1
         counts["vote_share_sum"] += share
-        counts["best_sum"] += float(values[best])
-        counts["margin_sum"] += margin
+        counts["best_sum"] += float(values[picks[0]])
     return rows, counts
