@@ -8,9 +8,10 @@ step a line, then "Answer: 21"; exact checkers for each step and for the answer.
 2. `align label-steps` on the policy's own samples: exact labels (--step-fn) on 16 samples of every
    held-out problem (the best-of-N pools), Math-Shepherd labels (--answer-fn, rollouts from every
    step) on one sample of each of a few training problems.
-3. From the policy: on synthetic twins (a right solution and one with a step off by 1 to 3), a PRM
-   with `align prm --pairwise` (sibling steps ranked) and an ORM with `align rm` (whole solutions
-   ranked), the same data and budget; and a PRM on the Math-Shepherd labels.
+3. From the policy: on synthetic twins (a right solution and one with a step off by 1 to 3, carried
+   on: each step labelled on its own, so that step is the twin's only wrong one), a PRM with `align
+   prm --pairwise` (sibling steps ranked) and an ORM with `align rm` (whole solutions ranked), the
+   same data and budget; and a PRM on the Math-Shepherd labels.
 4. Best-of-N on held-out problems for N = 1..16 (disjoint groups of each pool): majority vote over
    final answers, the ORM, the PRMs (min and prod), votes weighted by either model, the policy's
    own lowest token log-prob (no reward model), and the oracle (any right); the PRMs' step AUROC
@@ -124,8 +125,9 @@ def prepare_data(work: Path, plan: Plan) -> None:
 
     write_jsonl(data / "test_pairs.jsonl", [{**pair, "chosen": "\n".join(pair["chosen"]), "rejected": "\n".join(pair["rejected"])}
                                             for pair in twins("test", rng)])
-    # Training twins: as stepwise rows, every step labelled by its own checker (the PRM's siblings are the
-    # wrong step and the right one in its place), and as preference pairs of whole solutions (the ORM's).
+    # Training twins: as stepwise rows, every step labelled on its own (the wrong step is the twin's only wrong one:
+    # the steps after it carry its value on correctly; the PRM's siblings are the wrong step and the right one in its
+    # place), and as preference pairs of whole solutions (the ORM's).
     draw("twins", plan.twin_problems, random.Random(1))
     pairs = twins("twins", random.Random(2))
     write_jsonl(data / "twins_steps.jsonl", [{"prompt": pair["prompt"], "completions": steps,
@@ -375,7 +377,7 @@ def step_auroc(by_prompt: dict[str, list[dict]], models: list[str], ms_rows: lis
                            torch.tensor([float(x) > 0.5 for r in rows for x in r["labels"]])),
             "steps": sum(len(r["labels"]) for r in rows)}
     if ms_rows:
-        exact = [tasks.step_labels(r["prompt"], r["completions"]) for r in ms_rows]
+        exact = [tasks.on_track_labels(r["prompt"], r["completions"]) for r in ms_rows]  # what the rollouts estimate
         out["math-shepherd labels vs exact"] = step_metrics([torch.tensor([float(x) for x in r["labels"]]) for r in ms_rows], exact)
     return out
 

@@ -63,11 +63,18 @@ def test_arith_checkers_by_hand():
     right = ["7 + 5 = 12", "12 * 2 = 24", "24 - 3 = 21", "Answer: 21"]
     assert tasks.solution_steps(7, [("Add", 5), ("Multiply by", 2), ("Subtract", 3)]) == right
     assert tasks.right_steps([prompt], [right]) == [[True] * 4]
-    # One step off by 2, carried on: that step and every later one is wrong, and so is the answer.
+    # One step off by 2, carried on: judged on its own, that step is the only wrong one; on track, every later one is
+    # wrong too, the answer among them.
     twin = tasks.solution_steps(7, [("Add", 5), ("Multiply by", 2), ("Subtract", 3)], wrong_at=1, off=2)
     assert twin == ["7 + 5 = 12", "12 * 2 = 26", "26 - 3 = 23", "Answer: 23"]
-    assert tasks.step_labels(prompt, twin) == [True, False, False, False]
-    assert tasks.step_labels(prompt, right + ["more"]) == [True] * 4 + [False]
+    assert tasks.step_labels(prompt, twin) == [True, False, True, True]
+    assert tasks.on_track_labels(prompt, twin) == [True, False, False, False]
+    # A step that does not start from the value reached, or the wrong operation, or an unreadable step (and all after it).
+    assert tasks.step_labels(prompt, ["7 + 5 = 12", "13 * 2 = 26", "26 - 3 = 23", "Answer: 23"]) == [True, False, True, True]
+    assert tasks.step_labels(prompt, ["7 + 5 = 12", "12 + 2 = 14", "14 - 3 = 11", "Answer: 11"]) == [True, False, True, True]
+    assert tasks.step_labels(prompt, ["7 + 5 = 12", "twice that", "26 - 3 = 23", "Answer: 23"]) == [True, False, False, False]
+    assert tasks.step_labels(prompt, right[:3] + ["Answer: 22"]) == [True] * 3 + [False]
+    assert tasks.step_labels(prompt, right + ["more"]) == tasks.on_track_labels(prompt, right + ["more"]) == [True] * 4 + [False]
     assert tasks.right_answer([prompt] * 3, ["\n".join(right), "\n".join(twin), "21"]) == [True, False, False]
 
 

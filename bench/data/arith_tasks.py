@@ -10,8 +10,10 @@ then gives the answer:
 
 The checkers read the problem back from the prompt text, so they need no other column:
 `right_answer` (align label-steps --answer-fn, and a reward for eval) and `right_steps`
-(--step-fn: a step is right when it is the problem's own next operation with its true result, so
-every step after a first error is wrong too, as Math-Shepherd's rollouts would find).
+(--step-fn: a step is right when it applies the problem's next operation to the value the solution
+has reached and gets its result, so a mistake carried on correctly is the one wrong step).
+`on_track_labels` instead marks every step after a first error wrong too, as Math-Shepherd's
+rollouts would find.
 """
 
 from __future__ import annotations
@@ -98,8 +100,33 @@ def answer_reward(prompts, completions) -> list[float]:
 
 
 def step_labels(prompt, steps: list[str]) -> list[bool]:
-    """Exact labels: step k is right when it applies the problem's k-th operation to the true value
-    and gets the true result; the answer step when it gives the true final value; any step past it is wrong."""
+    """Exact labels, each step judged on its own: step k is right when it applies the problem's k-th
+    operation to the value the solution has reached (the start, or step k-1's result) and gets its result;
+    the answer step when it states the value reached after the last operation; a step past it is wrong, and
+    so is every step after one that cannot be read. A solution's steps are all right exactly when its
+    answer is, and a mistake carried on correctly is its only wrong step (PRM800K's judgement of a step
+    given the steps before it)."""
+    start, ops = parse(prompt)
+    labels, value = [], start
+    for k, step in enumerate(steps):
+        if k < len(ops):
+            match = _STEP.match(step) if value is not None else None
+            name, operand = ops[k]
+            labels.append(bool(match) and (int(match.group(1)), match.group(2), int(match.group(3))) == (value, OPS[name], operand)
+                          and int(match.group(4)) == apply(value, OPS[name], operand))
+            value = int(match.group(4)) if match else None
+        elif k == len(ops):
+            match = _ANSWER.match(step)
+            labels.append(bool(match) and value is not None and int(match.group(1)) == value)
+        else:
+            labels.append(False)
+    return labels
+
+
+def on_track_labels(prompt, steps: list[str]) -> list[bool]:
+    """Is the solution still on its way to the right answer after each step: step k is right when it is
+    the problem's k-th operation on the true value with the true result, so every step after a first
+    error is wrong too. What Math-Shepherd's rollouts estimate."""
     start, ops = parse(prompt)
     truth, labels = [start] + values(start, ops), []
     for k, step in enumerate(steps):
