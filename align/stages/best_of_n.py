@@ -175,9 +175,12 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
             counts["pairs"] += 1
             counts["margin_sum"] += margin
         # best.jsonl: with min_score, every pick that scores at least that (alike or not); without, the picks of a pair
-        picks = [k for k in picks if values[k] >= min_score] if min_score is not None else picks if margin > min_gap else []
+        if min_score is not None:
+            picks = [k for k in picks if values[k] >= min_score]
+            counts["below_min_score"] += not picks
+        elif margin <= min_gap:
+            picks = []
         if not picks:
-            counts["below_min_score"] += min_score is not None
             continue
         rows["best"] += [{"prompt": prompt, "completion": completions[k].text, "score": float(values[k]),
                           "finished": completions[k].finished} for k in picks]

@@ -106,40 +106,32 @@ def step_labels(prompt, steps: list[str]) -> list[bool]:
     so is every step after one that cannot be read. A solution's steps are all right exactly when its
     answer is, and a mistake carried on correctly is its only wrong step (PRM800K's judgement of a step
     given the steps before it)."""
-    start, ops = parse(prompt)
-    labels, value = [], start
-    for k, step in enumerate(steps):
-        if k < len(ops):
-            match = _STEP.match(step) if value is not None else None
-            name, operand = ops[k]
-            labels.append(bool(match) and (int(match.group(1)), match.group(2), int(match.group(3))) == (value, OPS[name], operand)
-                          and int(match.group(4)) == apply(value, OPS[name], operand))
-            value = int(match.group(4)) if match else None
-        elif k == len(ops):
-            match = _ANSWER.match(step)
-            labels.append(bool(match) and value is not None and int(match.group(1)) == value)
-        else:
-            labels.append(False)
-    return labels
+    return _judged(prompt, steps, carried=True)
 
 
 def on_track_labels(prompt, steps: list[str]) -> list[bool]:
     """Is the solution still on its way to the right answer after each step: step k is right when it is
     the problem's k-th operation on the true value with the true result, so every step after a first
     error is wrong too. What Math-Shepherd's rollouts estimate."""
+    return _judged(prompt, steps, carried=False)
+
+
+def _judged(prompt, steps: list[str], carried: bool) -> list[bool]:
+    """Each step against the value it should start from: the solution's own last result (`carried`; None
+    once a step cannot be read) or the true one."""
     start, ops = parse(prompt)
-    truth, labels = [start] + values(start, ops), []
+    labels, value = [], start
     for k, step in enumerate(steps):
         if k < len(ops):
-            match = _STEP.match(step)
             name, operand = ops[k]
+            match = _STEP.match(step) if value is not None else None
+            result = apply(value, OPS[name], operand) if value is not None else None
             labels.append(bool(match) and (int(match.group(1)), match.group(2), int(match.group(3)), int(match.group(4)))
-                          == (truth[k], OPS[name], operand, truth[k + 1]))
-        elif k == len(ops):
-            match = _ANSWER.match(step)
-            labels.append(bool(match) and int(match.group(1)) == truth[-1])
+                          == (value, OPS[name], operand, result))
+            value = (int(match.group(4)) if match else None) if carried else result
         else:
-            labels.append(False)
+            match = _ANSWER.match(step) if k == len(ops) and value is not None else None
+            labels.append(bool(match) and int(match.group(1)) == value)
     return labels
 
 
