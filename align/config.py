@@ -579,7 +579,7 @@ class BestOfNConfig(OneReward, StageConfig):
     min_gap: Annotated[float, Field(ge=0)] = Field(
         0.0, description="skip a prompt whose best and worst samples score within this of each other (0: only exact ties)"
     )
-    min_score: float | None = Field(
+    min_score: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
         None, description="best.jsonl keeps a prompt's best samples that score at least this, whether or not its samples "
         "differ (ReST-EM: with a 0/1 reward, 1 keeps every prompt the model solved, the ones it always solves included); "
         "unset: only prompts with a pair (best and worst more than min_gap apart) get a best"

@@ -118,6 +118,10 @@ def test_min_score_on_the_command_line_keeps_samples_that_all_score_alike(align,
     assert read_rows(tmp_path / "high" / "best.jsonl") == []
     metrics = json.loads((tmp_path / "high" / "align.json").read_text())["metrics"]
     assert (metrics["kept"], metrics["skipped_below_min_score"]) == (0, 5)
+    # A threshold nothing can reach or fail is refused before anything loads.
+    assert_clean_failure(best_of_n(align, prompts_file, tmp_path / "nan", "--reward-fn", f"{reward_file}:constant",
+                                   "--min-score", "nan"), 2, "min_score: Input should be a finite number")
+    assert not (tmp_path / "nan").exists()
 
 
 def test_a_killed_run_resumes_to_the_same_files(align, prompts_file, reward_file, tmp_path, monkeypatch):
