@@ -222,9 +222,10 @@ def validate_rows(rows: list[dict], columns: tuple[str, ...], source: str) -> No
                 )
         if "margin" in row and not isinstance(row["margin"], (int, float)):
             raise DataError(f"{source}: row {index}: 'margin' must be a number, got {row['margin']!r}")
-        if "finished" in row and not isinstance(row["finished"], bool):
-            raise DataError(f"{source}: row {index}: 'finished' must be true or false (false: the completion was cut at a "
-                            f"length limit and is trained without an end of turn), got {row['finished']!r}")
+        for flag in ("finished", "chosen_finished", "rejected_finished"):
+            if flag in row and not isinstance(row[flag], bool):
+                raise DataError(f"{source}: row {index}: '{flag}' must be true or false (false: the response was cut at a "
+                                f"length limit and is trained without an end of turn), got {row[flag]!r}")
 
 
 def _check_ranked(row: dict, where: str) -> None:
@@ -408,8 +409,12 @@ def tokenize_sft(examples, tokenizer, chat: bool, spec: DataSpec, report: DataRe
     return processed
 
 
-def preference_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, report: DataReport):
-    """Rows ready for TRL's DPO/Reward trainers; identical pairs and (if asked) over-long pairs dropped."""
+def preference_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, report: DataReport,
+                        sides_finished: bool = False):
+    """Rows ready for TRL's DPO/Reward trainers; identical pairs and (if asked) over-long pairs dropped.
+    With `sides_finished` (DPO) every row carries `chosen_finished` and `rejected_finished` (true unless
+    the row says false: a side cut at a length limit, as `best-of-n` and `label` mark them, which
+    dpo trains without an end of turn)."""
     examples = []
     for row in rows:
         if row["chosen"] == row["rejected"]:
@@ -429,21 +434,26 @@ def preference_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec,
                 report.drop(f"longer than max_length={spec.max_length}")
                 continue
             report.truncated += 1
-        examples.append({k: example[k] for k in ("prompt", "chosen", "rejected", "margin") if k in example})
+        kept = {k: example[k] for k in ("prompt", "chosen", "rejected", "margin") if k in example}
+        if sides_finished:
+            for side in ("chosen", "rejected"):
+                kept[f"{side}_finished"] = row.get(f"{side}_finished", True)
+                report.unfinished += not kept[f"{side}_finished"]
+        examples.append(kept)
     return examples
 
 
 def load_preference_data(spec: DataSpec, tokenizer, seed: int) -> tuple[DataReport, list[dict], list[dict]]:
     """Train and eval preference pairs, validated, filtered and rendered for TRL's trainers."""
     _, train_rows, eval_rows = load_split(spec, PREFERENCE_FORMATS, seed)
-    return _preference_data(spec, tokenizer, train_rows, eval_rows)
+    return _preference_data(spec, tokenizer, train_rows, eval_rows, sides_finished=True)
 
 
-def _preference_data(spec: DataSpec, tokenizer, train_rows: list[dict], eval_rows: list[dict]):
+def _preference_data(spec: DataSpec, tokenizer, train_rows: list[dict], eval_rows: list[dict], sides_finished: bool = False):
     chat = use_chat_template(tokenizer, spec, is_messages(train_rows[0]["chosen"]), spec.path)
     report = DataReport(spec.path, format="preference", rows_read=len(train_rows) + len(eval_rows))
-    train = preference_examples(train_rows, tokenizer, chat, spec, report)
-    evals = preference_examples(eval_rows, tokenizer, chat, spec, report)
+    train = preference_examples(train_rows, tokenizer, chat, spec, report, sides_finished)
+    evals = preference_examples(eval_rows, tokenizer, chat, spec, report, sides_finished)
     if not train:
         raise DataError(f"{spec.path}: no usable preference pairs left after filtering ({report.dropped})")
     report.rows_used = len(train)
@@ -590,5 +600,5 @@ def warn_report(report: DataReport) -> None:
     if report.truncated:
         log.warning("%s: truncated %d row(s) to max_length", report.source, report.truncated)
     if report.unfinished:
-        log.info("%s: %d completion(s) marked finished: false (cut at a length limit) are trained without an end of turn",
+        log.info("%s: %d response(s) marked as cut at a length limit (finished: false) are trained without an end of turn",
                  report.source, report.unfinished)

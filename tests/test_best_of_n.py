@@ -34,6 +34,8 @@ def test_the_best_sample_is_kept_and_paired_with_the_worst(align, prompts_file, 
         assert chosen["score"] == max(lengths) == len(chosen["completion"])
         assert (pair["chosen"], pair["margin"]) == (chosen["completion"], max(lengths) - min(lengths))
         assert len(pair["rejected"]) == min(lengths) and pair["margin"] > 0
+        finished = {s["completion"]: s["finished"] for s in mine}  # each side says whether it was cut, for dpo
+        assert (pair["chosen_finished"], pair["rejected_finished"]) == (finished[pair["chosen"]], finished[pair["rejected"]])
     manifest = json.loads((out / "align.json").read_text())
     metrics = manifest["metrics"]
     assert metrics["kl_bound"] == pytest.approx(math.log(4) - 3 / 4)  # 0.6363
@@ -174,7 +176,10 @@ stages:
     best = read_rows(runs / "round-1" / "best.jsonl")
     assert sft["data"]["unfinished"] == sum(not row["finished"] for row in best) > 0
     assert json.loads((runs / "round-2" / "align.json").read_text())["base_model"] == str(runs / "sft-1")
-    assert json.loads((runs / "dpo-2" / "align.json").read_text())["data"]["source"] == str(runs / "round-2" / "pairs.jsonl")
+    dpo = json.loads((runs / "dpo-2" / "align.json").read_text())
+    assert dpo["data"]["source"] == str(runs / "round-2" / "pairs.jsonl")
+    pairs = read_rows(runs / "round-2" / "pairs.jsonl")  # ... and dpo trains a pair's cut side without one either
+    assert dpo["data"]["unfinished"] == sum((not p["chosen_finished"]) + (not p["rejected_finished"]) for p in pairs) > 0
 
 
 def test_best_of_n_bad_input(align, prompts_file, reward_file, tmp_path):

@@ -183,6 +183,7 @@ def test_labels_are_swap_averaged_soft_probabilities(align, label_pairs, tmp_pat
     for row, p, src in zip(rows, prob_a.tolist(), source):
         assert row["label_prob"] == pytest.approx(max(p, 1 - p), abs=1e-5) and row["label_prob"] >= 0.5
         assert row["chosen"] == (src["chosen"] if p > 0.5 else src["rejected"])
+        assert row["chosen_finished"] is row["rejected_finished"] is True  # rows that say nothing ended their turn
     consistent = ((a_first > 0.5) == (b_first < 0.5)).float().mean().item()
     assert manifest["metrics"]["position_consistency"] == pytest.approx(consistent)
     assert "ALIGN" not in json.dumps(manifest) or "api_key_env" in json.dumps(manifest)
@@ -196,6 +197,13 @@ def test_labels_are_swap_averaged_soft_probabilities(align, label_pairs, tmp_pat
     assert len(kept) == sum(r["label_prob"] >= threshold - 1e-6 for r in rows) and metrics["dropped_low_confidence"] == 6 - len(kept)
     assert align("dpo", "-m", "tiny", "-d", out, "-o", tmp_path / "dpo", "--max-steps", "1", "--batch-size", "2").code == 0
     assert align("rm", "-m", "tiny", "-d", out, "-o", tmp_path / "rm", "--max-steps", "1", "--batch-size", "2").code == 0
+    # A response marked cut at its length limit stays marked on whichever side the judge puts it.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(json.dumps({**r, "rejected_finished": False}) + "\n" for r in source))
+    assert align("label", "--judge", "tiny", "--pairs", cut, "-o", tmp_path / "cut-prefs.jsonl", "--question", "Which is kinder?").code == 0
+    for row, src in zip(read_rows(tmp_path / "cut-prefs.jsonl"), source):
+        assert {side: row[f"{side}_finished"] for side in ("chosen", "rejected")} == {
+            side: row[side] != src["rejected"] for side in ("chosen", "rejected")}
 
 
 def test_labelling_sampled_pairs_with_a_constitution_and_chain_of_thought(align, red_team, tmp_path):
@@ -206,6 +214,8 @@ def test_labelling_sampled_pairs_with_a_constitution_and_chain_of_thought(align,
     rows, metrics = read_rows(out), json.loads((tmp_path / "prefs.jsonl.align.json").read_text())["metrics"]
     assert len(rows) + metrics["skipped_samples"] == 5 and "position_consistency" not in metrics
     assert {r["principle"] for r in rows} <= {"warmth", "encouragement", "positive-framing"}
+    # 6 new tokens cut the tiny model's samples: marked so, for dpo
+    assert all(r["chosen_finished"] is r["rejected_finished"] is False for r in rows) and rows
     assert not (tmp_path / "prefs.jsonl.pairs.json").exists()
 
 

@@ -140,6 +140,41 @@ def test_dpo_full_finetuning_with_precomputed_reference(align, tiny_model, pairs
     assert manifest(out)["config"]["dpo"]["precompute_ref_log_probs"] is True
 
 
+@pytest.mark.parametrize("template", ["auto", "never"])
+def test_dpo_trains_a_side_cut_at_its_length_limit_without_an_end_of_turn(align, tiny_model, tmp_path, monkeypatch, template):
+    """best-of-n and label mark a response cut at its length limit (`chosen_finished`/`rejected_finished`
+    false): dpo trains that side as it was sampled, with no end of turn, so a preference round does not
+    teach the model to stop mid-sentence; a finished side keeps TRL's rendering. With the chat template
+    and as plain text."""
+    from transformers import AutoTokenizer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    rows = [{"prompt": "How was it?", "chosen": "It was wonderful and", "rejected": "It was awful.",
+             "chosen_finished": False, "rejected_finished": True},
+            {"prompt": "How was it?", "chosen": "It was wonderful and", "rejected": "It was awful.", "rejected_finished": False},
+            {"prompt": "How was it?", "chosen": "It was wonderful and", "rejected": "It was awful."}] * 2
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trained, batch = [], DataCollatorForPreference.torch_call  # the examples TRL's collator batches for training
+    monkeypatch.setattr(DataCollatorForPreference, "torch_call", lambda self, examples: trained.extend(examples) or batch(self, examples))
+    result = align("dpo", "-m", "tiny", "-d", data, "-o", tmp_path / "dpo", "--set", f"data.chat_template={template}", *FAST)
+    assert result.code == 0, result.err
+    assert manifest(tmp_path / "dpo")["data"]["unfinished"] == 4  # one side in each of rows 1 and 2, twice
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    end = "<|im_end|>\n" if template == "auto" else tokenizer.eos_token
+    ends = lambda row: tuple(tokenizer.decode(row[f"{side}_ids"]).endswith(end) for side in ("chosen", "rejected"))  # noqa: E731
+    by_ends = {ends(row): row for row in trained}
+    assert set(by_ends) == {(False, True), (True, False), (True, True)}  # the cut side of rows 1 and 2 has none
+    ended = by_ends[True, True]
+    for (chosen_done, rejected_done), row in by_ends.items():
+        for side, done in (("chosen", chosen_done), ("rejected", rejected_done)):
+            text = tokenizer.decode(row[f"{side}_ids"])
+            assert text[:len(text) - len(end) * done].endswith(rows[2][side]), (side, text)
+            if not done:  # exactly the finished rendering less its end of turn
+                assert ended[f"{side}_ids"][:len(row[f"{side}_ids"])] == row[f"{side}_ids"]
+                assert tokenizer.decode(ended[f"{side}_ids"][len(row[f"{side}_ids"]):]) == end
+
+
 def test_dpo_checkpoints_gradients_by_default_as_trl_ships_it_with_the_same_losses(align, pairs_file, tmp_path, monkeypatch):
     """DPO recomputes each layer in the backward pass unless --no-gradient-checkpointing (bench/dpo_vs_trl.py:
     0.88x TRL's peak memory instead of 1.14x); the losses are the same either way. Other stages keep it off."""

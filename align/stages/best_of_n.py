@@ -4,10 +4,12 @@ The data of Llama 2's rejection-sampling rounds, WebGPT's best-of-n, RAFT and Re
 the output directory:
   best.jsonl     the best sample per prompt (the best --keep), best first:
                  prompt, completion, score, finished                              -> align sft
-  pairs.jsonl    best vs worst per prompt: prompt, chosen, rejected, margin      -> align rm / dpo
+  pairs.jsonl    best vs worst per prompt: prompt, chosen, rejected, margin,
+                 chosen_finished, rejected_finished                               -> align rm / dpo
   samples.jsonl  every sample with its score
 `finished` is false for a sample cut at --max-new-tokens: `align sft` trains it without an end of
-turn, so a round of rejection sampling does not teach the model to stop mid-sentence.
+turn, and `align dpo` a pair's side whose `chosen_finished`/`rejected_finished` is false, so a
+round of rejection sampling does not teach the model to stop mid-sentence.
 A prompt whose best and worst samples score within --min-gap of each other (all alike, by
 default) says nothing about which answer is better: it gets no pair, and no best either unless
 --min-score is given, which keeps every best that scores at least that, alike or not (ReST-EM's
@@ -171,7 +173,8 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
             counts["skipped"] += 1  # no pair: the samples say nothing about which answer is better
         else:
             rows["pairs"].append({"prompt": prompt, "chosen": completions[best].text, "rejected": completions[worst].text,
-                                  "margin": margin})
+                                  "margin": margin, "chosen_finished": completions[best].finished,
+                                  "rejected_finished": completions[worst].finished})
             counts["pairs"] += 1
             counts["margin_sum"] += margin
         # best.jsonl: with min_score, every pick that scores at least that (alike or not); without, the picks of a pair

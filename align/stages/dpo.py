@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from align import pair_rows
 from align.config import DPOConfig
-from align.data import load_preference_data
+from align.data import last_text, load_preference_data
 from align.models import load_model
 from align.training import TrainerPlan, run_trainer
 
@@ -47,6 +47,16 @@ def _trainer_class(DPOTrainer):
     """TRL's DPOTrainer whose models run each pair as one row (pair_rows.install)."""
 
     class PairRowsDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            """TRL's tokenisation, then a side cut at a length limit (`chosen_finished`/`rejected_finished`
+            false) loses the end of turn TRL gave it: the response as it was sampled, so DPO does not
+            teach the model to stop mid-sentence (what sft does with `finished: false`)."""
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if "chosen_finished" not in dataset.column_names:
+                return dataset
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            return dataset.map(lambda row: without_end_of_turn(row, tokenizer), desc=f"Cut {dataset_name} sides as sampled")
+
         def __init__(self, *args, one_row_per_pair: bool = True, **kwargs):
             super().__init__(*args, **kwargs)
             if not one_row_per_pair:
@@ -64,3 +74,19 @@ def _trainer_class(DPOTrainer):
                          ", ".join(sorted(pair_rows.FAMILIES)))
 
     return PairRowsDPOTrainer
+
+
+def without_end_of_turn(row: dict, tokenizer) -> dict:
+    """A pair's unfinished sides tokenized as they were sampled: a chat response's own tokens (no end
+    of turn: the prompt already holds the assistant header), a plain one without the EOS TRL appends."""
+    for side in ("chosen", "rejected"):
+        if row[f"{side}_finished"]:
+            continue
+        ids = row[f"{side}_ids"]
+        if isinstance(row[side], list):  # messages: cut after the response's own tokens, where the template's end of turn starts
+            own = tokenizer(last_text(row[side]), add_special_tokens=False)["input_ids"]
+            ends = [k + len(own) for k in range(len(ids) - len(own), -1, -1) if ids[k:k + len(own)] == own]
+            row[f"{side}_ids"] = ids[:ends[0]] if ends else own
+        elif ids and ids[-1] == tokenizer.eos_token_id:
+            row[f"{side}_ids"] = ids[:-1]
+    return row

@@ -4,7 +4,9 @@ The label is soft: P(A better) read from the judge's next-token distribution ove
 Every pair is judged in both orders and the two probabilities averaged (Lee et al., RLAIF),
 which removes the judge's preference for a position; the manifest reports how often the
 preferred response survives the swap (position consistency). Output rows are ready for
-`align rm` / `align dpo`: prompt, chosen, rejected, label_prob (the confidence), principle.
+`align rm` / `align dpo`: prompt, chosen, rejected, label_prob (the confidence), principle, and
+chosen_finished/rejected_finished (false for a response cut at its length limit, which dpo trains
+without an end of turn; carried over from --pairs rows that have them).
 
 Rows are written as they are labelled (FILE.partial) with progress recorded after every batch,
 so a run that dies (an unreachable judge server, a kill) keeps what it labelled and `--resume`
@@ -81,7 +83,8 @@ def _pairs(config: LabelConfig, sidecar: Path) -> tuple[list[dict], int]:
     if config.pairs is not None:
         _, rows, _ = load_split(config.pairs, PAIR_FORMATS, 0)
         first, second = ("chosen", "rejected") if "chosen" in rows[0] else ("response_a", "response_b")
-        return [{"prompt": r["prompt"], "a": last_text(r[first]), "b": last_text(r[second])} for r in rows], 0
+        return [{"prompt": r["prompt"], "a": last_text(r[first]), "b": last_text(r[second]),
+                 "a_finished": r.get(f"{first}_finished", True), "b_finished": r.get(f"{second}_finished", True)} for r in rows], 0
     if config.resume and sidecar.is_file():
         saved = json.loads(sidecar.read_text(encoding="utf-8"))
         return saved["pairs"], saved["skipped"]
@@ -100,7 +103,7 @@ def _pairs(config: LabelConfig, sidecar: Path) -> tuple[list[dict], int]:
             if a.text.strip() == b.text.strip() or not a.text.strip() or not b.text.strip():
                 skipped += 1  # nothing to compare, or a pair that rm/dpo would refuse
                 continue
-            pairs.append({"prompt": prompt, "a": a.text, "b": b.text})
+            pairs.append({"prompt": prompt, "a": a.text, "b": b.text, "a_finished": a.finished, "b_finished": b.finished})
     del model  # an hf policy's memory, before the judge loads
     atomic_write_text(sidecar, json.dumps({"pairs": pairs, "skipped": skipped}))
     return pairs, skipped
@@ -132,9 +135,10 @@ def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, consti
         if confidence < config.min_confidence:
             counts["low_confidence"] += 1
             continue
-        chosen, rejected = (pair["a"], pair["b"]) if p > 0.5 else (pair["b"], pair["a"])
-        row = {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "label_prob": round(confidence, 6),
-               "principle": names[n]}
+        chosen, rejected = ("a", "b") if p > 0.5 else ("b", "a")
+        row = {"prompt": pair["prompt"], "chosen": pair[chosen], "rejected": pair[rejected], "label_prob": round(confidence, 6),
+               "principle": names[n], "chosen_finished": pair.get(f"{chosen}_finished", True),
+               "rejected_finished": pair.get(f"{rejected}_finished", True)}
         if consistent is not None:
             row["position_consistent"] = bool(consistent[n])
         rows.append(row)
