@@ -217,8 +217,9 @@ class PRMConfig(TrainStageConfig):
     step_separator: str = Field("\n", min_length=1, description="what follows each step; a step's label sits on its last token")
     last_step_only: bool = Field(False, description="train on each row's last label only: an outcome reward model from the same data")
     pairwise: bool = Field(False, description="also rank sibling steps (two solutions sharing the prompt and earlier steps, then a step right in one and wrong in the other): the right one's score above, which a step's difficulty alone cannot do")
+    share_prefix: bool = Field(True, description="with pairwise: run each sibling pair as one row, the prompt and steps they share computed once (the same losses; false: two rows)")
 
-    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"pairwise": False}
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"pairwise": False, "share_prefix": True}
 
 
 DPO_LOSSES = {

@@ -89,14 +89,28 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
     seg = torch.full((pairs, width), -1, dtype=torch.long)
     for i, (row, at, kind) in enumerate(zip(packed_ids, positions, segments)):
         ids[i, : len(row)], pos[i, : len(row)], seg[i, : len(row)] = row.cpu(), at, kind
-    seg = seg.to(device)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    query, key = seg[:, :, None], seg[:, None, :]
-    allowed = causal & (query >= 0) & ((key == 0) | (key == query))
-    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding attends to itself: no empty softmax row
     as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return PairRows(ids.to(device), pos.to(device), allowed[:, None], (as_index(source_row), as_index(source_index)),
+    return PairRows(ids.to(device), pos.to(device), segment_mask(seg.to(device)), (as_index(source_row), as_index(source_index)),
                     (as_index(target_row), as_index(target_index)), torch.cat(tokens).to(device))
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, N, N) bool, query q may attend to key k, from (B, N) segments: 0 the shared part, 1 and 2
+    each side's own tokens, -1 padding. Causal; a side sees the shared part and itself, never the other."""
+    width = segments.size(1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = causal & (query >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool, device=segments.device)  # padding attends to itself: no empty softmax row
+    return allowed[:, None]
+
+
+def for_attention(model, allowed: torch.Tensor) -> torch.Tensor:
+    """segment_mask as the model's attention takes it: as it is for sdpa, additive for eager."""
+    if model.config._attn_implementation != "eager":
+        return allowed
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def install(model, outputs: tuple[str, ...]) -> bool:
@@ -119,11 +133,7 @@ def install(model, outputs: tuple[str, ...]) -> bool:
             rows = pack(input_ids, mask, labels, pad_id)
         if rows is None:
             return fallback(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-        allowed = rows.allowed
-        if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            dtype = self.get_input_embeddings().weight.dtype
-            allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-        hidden = self.base_model(input_ids=rows.input_ids, attention_mask=allowed, position_ids=rows.position_ids,
+        hidden = self.base_model(input_ids=rows.input_ids, attention_mask=for_attention(self, rows.allowed), position_ids=rows.position_ids,
                                  use_cache=False).last_hidden_state
         head = self.get_output_embeddings()
         picked = hidden[rows.source].to(head.weight.device)

@@ -143,6 +143,21 @@ def test_the_dpo_benchmark_runs_both_trainers_on_the_same_tokens(tmp_path):
     assert run["speedup_wall"] > 0 and run["memory_ratio"] > 0
 
 
+def test_the_prm_pairs_benchmark_trains_both_layouts_to_the_same_loss(tmp_path):
+    """bench/prm_pairs.py on the tiny model: one row per sibling pair and two rows train the same
+    steps to the same loss, and the ratio is written."""
+    import json
+    import subprocess
+
+    out = tmp_path / "prm_pairs.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "prm_pairs.py"), "--model", "tiny", "--steps", "2", "--runs", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    one, two = results["runs"]["one row"][0], results["runs"]["two rows"][0]
+    assert abs(one["loss"] - two["loss"]) < 1e-3 and results["speedup"] > 0
+
+
 def test_the_ppo_floor_does_each_part_of_an_update_once(tmp_path, monkeypatch):
     """bench/ppo_floor.py (the `floor` row of bench/ppo_vs_trl.py) on the tiny model: every part of
     the matched update is timed, the three phases add up to its parts, and the run's total covers them."""

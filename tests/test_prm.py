@@ -124,6 +124,77 @@ def test_sibling_steps_are_paired_by_hand(tiny_model):
     assert [len(item["input_ids"]) for item in training_items(examples, pairwise=False, seed=0)[0]] == [1, 1, 1, 1]
 
 
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_sibling_pairs_share_one_row_with_the_same_logits_and_gradients(family, attention):
+    """share_prefix: a sibling pair runs as one row, what the two share computed once; its logits come
+    back in the two-row layout equal to the two rows' own, and so do the gradients."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    from align import pair_rows
+    from align.stages.prm import StepCollator, pack_siblings, sibling_margins, step_loss
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                                  num_labels=2)
+    config._attn_implementation = attention
+    model = AutoModelForTokenClassification.from_config(config).eval()  # no dropout: the two layouts draw it differently
+    labelled = lambda ids, at: [IGNORE if n not in at else float(n % 2) for n in range(len(ids))]  # noqa: E731
+    right, wrong = [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 9, 10]  # share 5 tokens, then part (different lengths)
+    lone = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]  # longer than either: the two-row batch's width
+    items = [{"input_ids": [right, wrong], "labels": [labelled(right, {2, 7}), labelled(wrong, {2, 6})], "pair": [7, 6]},
+             {"input_ids": [lone], "labels": [labelled(lone, {4, 10})], "pair": []},
+             {"input_ids": [wrong[:6], right[:6]], "labels": [labelled(wrong[:6], {5}), labelled(right[:6], {5})], "pair": [5, 5]}]
+    batch = StepCollator(0)(items)
+    shared = pack_siblings(batch["input_ids"], batch["attention_mask"], batch["pairs"], 0)
+    # 3 rows instead of 5: 8 + 2 tokens, 11, and 6 + 1 (the second pair shares all but its last token)
+    assert shared.input_ids.shape == (3, 11) and shared.input_ids[0].tolist() == right + [9, 10] + [0]
+    assert shared.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 5, 6, 0]
+    assert shared.input_ids[2, :7].tolist() == wrong[:6] + [6] and shared.position_ids[2, :7].tolist() == [0, 1, 2, 3, 4, 5, 5]
+
+    def run(packed: bool):
+        model.zero_grad()
+        if packed:
+            allowed = pair_rows.for_attention(model, shared.allowed)
+            logits = model(input_ids=shared.input_ids, attention_mask=allowed, position_ids=shared.position_ids).logits[shared.source]
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = step_loss(logits, batch["labels"]) - torch.nn.functional.logsigmoid(sibling_margins(logits, batch["pairs"])).mean()
+        loss.backward()
+        return logits.detach(), loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (two, two_loss, two_grads), (one, one_loss, one_grads) = run(False), run(True)
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(one[real], two[real], atol=1e-5) and abs(one_loss - two_loss) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one_grads, two_grads))
+
+
+def test_prm_trains_the_same_with_siblings_in_one_row_or_two(align, tmp_path, monkeypatch):
+    from align.stages import prm
+
+    packed, original = [], prm.pack_siblings
+    monkeypatch.setattr(prm, "pack_siblings", lambda *a: packed.append(original(*a)) or packed[-1])
+    rows = []
+    for i in range(8):
+        right = [f"step 1 of {i}", f"step 2 good {i}"]
+        rows += [{"prompt": f"Solve problem {i}.", "completions": right, "labels": [True, True]},
+                 {"prompt": f"Solve problem {i}.", "completions": [right[0], f"step 2 bad {i}"], "labels": [True, False]},
+                 {"prompt": f"Solve problem {i} again.", "completions": right, "labels": [True, i % 2 == 0]}]
+    data = write_jsonl(tmp_path / "siblings.jsonl", rows)
+    curves = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        result = align("prm", "-m", "tiny", "-d", data, "-o", out, "--pairwise", "--max-steps", "4", "--batch-size", "4",
+                       "--lr", "5e-3", "--set", f"share_prefix={flag}", "--set", "train.logging_steps=1",
+                       "--set", "lora.dropout=0")  # LoRA's dropout would draw differently in the two layouts
+        assert result.code == 0, result.err
+        curves[flag] = [(r["loss"], r["sibling_accuracy"], r["step_accuracy"]) for r in
+                        map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r and "sibling_accuracy" in r]
+    assert len(curves["true"]) == 4 and len(packed) == 4 and all(packed)  # every step of the first run packed its pairs
+    for (loss, siblings, steps), (loss_two, siblings_two, steps_two) in zip(curves["true"], curves["false"], strict=True):
+        assert abs(loss - loss_two) < 1e-4 and (siblings, steps) == (siblings_two, steps_two)
+
+
 def test_pairwise_prm_ranks_sibling_steps_and_refuses_data_without_them(align, tiny_model, steps_file, tmp_path):
     rows = []
     for i in range(12):
@@ -379,8 +450,8 @@ def test_trainable_layers_fine_tunes_only_the_last_blocks(align, tiny_model, tmp
                          "trainable_layers", "--no-lora")
 
 
-def test_runs_finished_before_pairwise_and_trainable_layers_existed_stay_up_to_date(tmp_path):
-    """Both fields are left out of the config hash at their defaults: upgrading align never makes
+def test_runs_finished_before_pairwise_share_prefix_and_trainable_layers_existed_stay_up_to_date(tmp_path):
+    """These fields are left out of the config hash at their defaults: upgrading align never makes
     `align run --resume` redo a finished stage (bench/arith.py's work dirs)."""
     from types import SimpleNamespace
 
@@ -388,7 +459,7 @@ def test_runs_finished_before_pairwise_and_trainable_layers_existed_stay_up_to_d
     from align.config import PRMConfig
 
     common = {"model": "tiny", "data": {"path": "s.jsonl"}, "output": str(tmp_path / "prm")}
-    before = PRMConfig(**common).model_dump(mode="json", exclude={"resume", "overwrite", "name", "pairwise"})
+    before = PRMConfig(**common).model_dump(mode="json", exclude={"resume", "overwrite", "name", "pairwise", "share_prefix"})
     del before["lora"]["trainable_layers"]
     assert config_hash(PRMConfig(**common)) == config_hash(SimpleNamespace(identity=lambda: before))
     assert config_hash(PRMConfig(**common, pairwise=True)) != config_hash(PRMConfig(**common))

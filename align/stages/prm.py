@@ -15,22 +15,32 @@ sibling steps (two solutions that share the prompt and every earlier step, then 
 labelled right in one and wrong in the other) are trained together, and a Bradley-Terry loss ranks
 the right one's score above the wrong one's: what a step's difficulty alone predicts (later steps,
 harder operations are wrong more often) is the same for both, so only the step's content separates them.
+Each sibling pair runs as one row (`share_prefix`): the prompt and the steps the two share, then the
+rest of each, the second kept from seeing the first by the attention mask and its positions
+restarting where the shared part ends (align/pair_rows.py does this for DPO); the logits come back
+in the two-row layout, so every loss and metric reads them unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers.modeling_outputs import TokenClassifierOutput
 
+from align import pair_rows
 from align.config import PRMConfig
 from align.data import IGNORE_LABEL as IGNORE
 from align.data import load_stepwise_data
 from align.errors import DataError
 from align.training import TrainerPlan, run_trainer
+
+log = logging.getLogger("align")
 
 
 def run(config: PRMConfig) -> Path:
@@ -55,7 +65,7 @@ def _plan(config: PRMConfig, tokenizer) -> TrainerPlan:
         f"{report.rows_used} solutions, {steps} labelled steps" + (f", {pairs} sibling pairs" if config.pairwise else ""),
         eval_set=Dataset.from_list(eval_set) if eval_set else None,
         model_kind="process", settings=dict(prediction_loss_only=True, remove_unused_columns=False),
-        trainer_inputs=lambda: dict(data_collator=StepCollator(tokenizer.pad_token_id)),
+        trainer_inputs=lambda: dict(data_collator=StepCollator(tokenizer.pad_token_id), share_prefix=config.share_prefix),
         kept_metrics=(*metrics, *(f"eval_{name}" for name in metrics)),
         manifest={"step_separator": config.step_separator, "last_step_only": config.last_step_only,
                   "pairwise": config.pairwise, "sibling_pairs": pairs},
@@ -122,6 +132,63 @@ class StepCollator:
                 "labels": pad(labels, padding_value=IGNORE), "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 4)}
 
 
+@dataclass
+class SharedRows:
+    """A batch's sibling pairs one row each (see pack_siblings), and where each position of the
+    two-row batch sits in it."""
+
+    input_ids: torch.Tensor  # (R, N)
+    position_ids: torch.Tensor  # (R, N)
+    allowed: torch.Tensor  # (R, 1, N, N) bool: query q may attend to key k
+    source: tuple[torch.Tensor, torch.Tensor]  # (B, T) each: the packed (row, index) of two-row position (b, t)
+
+
+def pack_siblings(input_ids: torch.Tensor, attention_mask: torch.Tensor, pairs: torch.Tensor, pad_id: int) -> SharedRows | None:
+    """StepCollator's right-padded batch with each sibling pair (rows `pairs[:, 0]` and `pairs[:, 2]`)
+    as one row: the tokens the two share from the start, the rest of the first, then the rest of the
+    second, which attends to the shared part and itself only and is positioned where it sits in its
+    own row; every other row as it is. None when the batch has no pairs."""
+    if not len(pairs):
+        return None
+    lengths = attention_mask.sum(1).tolist()
+    partner = {int(a): int(b) for a, _, b, _ in pairs.tolist()}
+    seconds = set(partner.values())
+    rows, index = input_ids.size(0), torch.arange(input_ids.size(1))
+    source_row, source_index = torch.zeros_like(input_ids, device="cpu"), index.repeat(rows, 1)
+    packed, positions, segments = [], [], []
+    for b in range(rows):
+        if b in seconds:
+            continue
+        first, n = input_ids[b, :lengths[b]], len(packed)
+        source_row[b] = n
+        if b not in partner:
+            packed.append(first)
+            positions.append(torch.arange(len(first)))
+            segments.append(torch.zeros(len(first), dtype=torch.long))
+            continue
+        c = partner[b]
+        second = input_ids[c, :lengths[c]]
+        common = min(len(first), len(second)) - 1  # each keeps a token of its own
+        differ = (first[:common] != second[:common]).nonzero()
+        shared = int(differ[0]) if len(differ) else common
+        packed.append(torch.cat([first, second[shared:]]))
+        positions.append(torch.cat([torch.arange(len(first)), torch.arange(shared, len(second))]))
+        segments.append(torch.tensor([0] * shared + [1] * (len(first) - shared) + [2] * (len(second) - shared)))
+        source_row[c] = n
+        # the second row's own tokens sit after the first's; its padding maps anywhere (labelled IGNORE)
+        source_index[c] = torch.where(index < shared, index, (index + len(first) - shared).clamp(max=len(packed[-1]) - 1))
+    width = max(len(row) for row in packed)
+    ids = torch.full((len(packed), width), pad_id, dtype=input_ids.dtype)
+    pos = torch.zeros((len(packed), width), dtype=torch.long)
+    seg = torch.full((len(packed), width), -1, dtype=torch.long)
+    for n, (row, at, kind) in enumerate(zip(packed, positions, segments)):
+        ids[n, :len(row)], pos[n, :len(row)], seg[n, :len(row)] = row.cpu(), at, kind
+    device = input_ids.device
+    source_index = torch.minimum(source_index, torch.tensor(width - 1))  # a lone row's padding past the packed width
+    return SharedRows(ids.to(device), pos.to(device), pair_rows.segment_mask(seg.to(device)),
+                      (source_row.to(device), source_index.to(device)))
+
+
 def step_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the labelled positions of (B, T, 2) logits against (B, T) labels in
     [0, 1] (IGNORE elsewhere): -(p log P(correct) + (1 - p) log P(incorrect))."""
@@ -157,17 +224,28 @@ def process_reward_trainer():
     from transformers import Trainer
 
     class ProcessRewardTrainer(Trainer):
-        def __init__(self, *args, model, peft_config=None, **kwargs):
+        def __init__(self, *args, model, peft_config=None, share_prefix: bool = True, **kwargs):
             if peft_config is not None:
                 from peft import get_peft_model
 
                 model = get_peft_model(model, peft_config)
             super().__init__(*args, model=model, **kwargs)
+            self.share_prefix = share_prefix and pair_rows.supported(model)
+            if share_prefix and not self.share_prefix:
+                log.info("prm: %s sibling pairs run as two rows (one row per pair covers %s)", model.config.model_type,
+                         ", ".join(sorted(pair_rows.FAMILIES)))
             self.model_accepts_loss_kwargs = False  # the loss is a batch mean: the Trainer averages over accumulation
             self._counts = {"train": defaultdict(float), "eval": defaultdict(float)}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            shared = pack_siblings(inputs["input_ids"], inputs["attention_mask"], inputs["pairs"],
+                                   self.model.config.pad_token_id or 0) if self.share_prefix else None
+            if shared is None:
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            else:
+                packed = model(input_ids=shared.input_ids, attention_mask=pair_rows.for_attention(self.model, shared.allowed),
+                               position_ids=shared.position_ids, use_cache=False)
+                outputs = TokenClassifierOutput(logits=packed.logits[shared.source])  # back in the two-row layout
             loss = step_loss(outputs.logits, inputs["labels"])
             margins = sibling_margins(outputs.logits, inputs["pairs"])
             if len(margins):  # the Bradley-Terry loss of the batch's sibling pairs, beside the step loss
