@@ -155,12 +155,13 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def fingerprint(paths: list[str]) -> str:
-    """A content hash of local data files (hub names hash as their names)."""
+def fingerprint(paths: list[str], portable: bool = True) -> str:
+    """A content hash of local data files (hub names hash as their names), each named as config_hash
+    names it."""
     digest = hashlib.sha256()
     for name in paths:
         path = Path(name)
-        digest.update(name.encode())
+        digest.update((in_project(name) if portable else name).encode())
         if path.is_file():
             with path.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
@@ -168,9 +169,26 @@ def fingerprint(paths: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def config_hash(config: Any) -> str:
-    """A hash of the config fields that decide a stage's output (not --resume/--overwrite)."""
-    return hashlib.sha256(json.dumps(config.identity(), sort_keys=True).encode()).hexdigest()[:16]
+def config_hash(config: Any, portable: bool = True) -> str:
+    """A hash of the config fields that decide a stage's output (not --resume/--overwrite). Paths inside
+    the directory align runs from count relative to it (`portable`), so a project moved or copied
+    elsewhere, runs and all, finds its finished stages up to date."""
+    identity = config.identity()
+    return hashlib.sha256(json.dumps(in_project(identity) if portable else identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def in_project(value: Any) -> Any:
+    """`value` with every absolute path under the working directory (a data file, a reward
+    function's file) written relative to it; everything else as it is."""
+    try:
+        root = os.getcwd().rstrip(os.sep) + os.sep
+    except OSError:  # the working directory was removed: nothing is inside it
+        return value
+    if isinstance(value, dict):
+        return {key: in_project(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [in_project(item) for item in value]
+    return value[len(root):] if isinstance(value, str) and value.startswith(root) else value
 
 
 def input_run_id(config: Any) -> str | None:
@@ -188,8 +206,9 @@ def is_up_to_date(config: Any) -> bool:
     return bool(
         manifest
         and manifest.get("completed")
-        and manifest.get("config_hash") == config_hash(config)
-        and manifest.get("data_fingerprint") == fingerprint(config.data_files())
+        # Outputs written before paths counted relative to the project (absolute) stay up to date where they are.
+        and manifest.get("config_hash") in {config_hash(config), config_hash(config, portable=False)}
+        and manifest.get("data_fingerprint") in {fingerprint(config.data_files()), fingerprint(config.data_files(), portable=False)}
         and manifest.get("input_run_id") == input_run_id(config)
     )
 

@@ -121,3 +121,53 @@ def test_a_recipe_named_by_another_path_to_the_same_file_is_still_up_to_date(ali
     for same in ("./gen.yaml", str(tmp_path / "gen.yaml")):
         again = align("run", same)
         assert again.code == 0 and "skipped" in again.out, again.err
+
+
+def moved_project(tmp_path, sft_file, prompts_file):
+    """A project directory: its data, a reward function file beside the recipe, and a recipe naming them relatively."""
+    project = tmp_path / "here"
+    project.mkdir()
+    shutil.copy(sft_file, project / "sft.jsonl")
+    shutil.copy(prompts_file, project / "prompts.jsonl")
+    (project / "score.py").write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
+    (project / "recipe.yaml").write_text(
+        "name: here\noutput_dir: runs\nmodel: tiny\nstages:\n"
+        "  - {name: sft, data: sft.jsonl, train: {max_steps: 1}}\n"
+        "  - {name: eval, stage: eval, from: sft, prompts: prompts.jsonl, reward_fns: [score.py:length],"
+        " sampling: {max_new_tokens: 2}}\n")
+    return project
+
+
+def test_a_project_moved_elsewhere_finds_its_finished_stages_up_to_date(align, tmp_path, sft_file, prompts_file, monkeypatch):
+    """Paths inside the directory align runs from (data files, a reward function's file) count relative to
+    it, so a project moved or copied, runs and all (another disk, a GPU machine), reruns nothing; changed
+    data is still a change."""
+    project = moved_project(tmp_path, sft_file, prompts_file)
+    monkeypatch.chdir(project)
+    assert align("run", "recipe.yaml").code == 0
+    assert json.loads((project / "runs" / "eval.json.align.json").read_text())["config"]["prompts"]["path"] == str(project / "prompts.jsonl")
+    moved = tmp_path / "elsewhere" / "there"
+    moved.parent.mkdir()
+    shutil.move(project, moved)
+    monkeypatch.chdir(moved)
+    again = align("run", "recipe.yaml")
+    assert again.code == 0, again.err
+    assert again.out.count("skipped") == 2
+    (moved / "prompts.jsonl").write_text('{"prompt": "Something else."}\n')
+    assert_clean_failure(align("run", "recipe.yaml"), 5, "runs/eval.json", "different config, data")
+
+
+def test_outputs_finished_before_paths_counted_relative_to_the_project_stay_up_to_date(align, tmp_path, sft_file, prompts_file,
+                                                                                       monkeypatch):
+    """Manifests written with absolute paths in the config hash and data fingerprint (align before this
+    change) still count as up to date where they are."""
+    from align import checkpoints
+
+    project = moved_project(tmp_path, sft_file, prompts_file)
+    monkeypatch.chdir(project)
+    with monkeypatch.context() as old:
+        old.setattr(checkpoints, "in_project", lambda value: value)  # what align wrote before
+        assert align("run", "recipe.yaml").code == 0
+    again = align("run", "recipe.yaml")
+    assert again.code == 0, again.err
+    assert again.out.count("skipped") == 2
