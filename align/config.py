@@ -207,6 +207,9 @@ class RMConfig(TrainStageConfig):
     margins_from_scores: bool = Field(
         False, description="ranked rows: each comparison's margin is its score gap (as the 'margin' column of pair rows)"
     )
+    pair_rows: bool = Field(True, description="pair rows: run each pair as one row (prompt, chosen, rejected), the prompt computed once (the same scores; false: TRL's two rows)")
+
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"pair_rows": True}
 
 
 class PRMConfig(TrainStageConfig):

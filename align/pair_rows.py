@@ -11,6 +11,10 @@ to float rounding (tests/test_pair_rows.py).
 
 Installed on the model's forward (`install`): a call that is not a DPO batch of pairs sharing
 their prompts, or a model this does not cover, goes to TRL's own forward.
+
+`share_prefixes` is the same packing for any batch of paired rows, mapped back position by
+position: `align rm` runs a preference pair as one row the same way (a score at each side's last
+token), and `align prm --pairwise` a pair of sibling solutions (their shared steps computed once too).
 """
 
 from __future__ import annotations
@@ -111,6 +115,60 @@ def for_attention(model, allowed: torch.Tensor) -> torch.Tensor:
         return allowed
     dtype = model.get_input_embeddings().weight.dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class SharedPrefixes:
+    """A batch's pairs of rows one row each (see share_prefixes), and where each position of the
+    two-row batch sits in it."""
+
+    input_ids: torch.Tensor  # (R, N)
+    position_ids: torch.Tensor  # (R, N)
+    allowed: torch.Tensor  # (R, 1, N, N) bool: query q may attend to key k
+    source: tuple[torch.Tensor, torch.Tensor]  # (B, T) each: the packed (row, index) of two-row position (b, t)
+
+
+def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, partners: dict[int, int], pad_id: int) -> SharedPrefixes:
+    """A right-padded batch with each pair of rows (`partners`: first row -> second row) as one row:
+    the tokens the two share from the start, the rest of the first, then the rest of the second,
+    which attends to the shared part and itself only and is positioned where it sits in its own row;
+    every other row as it is. A DPO pair shares its prompt, a PRM's siblings their earlier steps too."""
+    lengths = attention_mask.sum(1).tolist()
+    seconds = set(partners.values())
+    rows, index = input_ids.size(0), torch.arange(input_ids.size(1))
+    source_row, source_index = torch.zeros_like(input_ids, device="cpu"), index.repeat(rows, 1)
+    packed, positions, segments = [], [], []
+    for b in range(rows):
+        if b in seconds:
+            continue
+        first, n = input_ids[b, :lengths[b]], len(packed)
+        source_row[b] = n
+        if b not in partners:
+            packed.append(first)
+            positions.append(torch.arange(len(first)))
+            segments.append(torch.zeros(len(first), dtype=torch.long))
+            continue
+        c = partners[b]
+        second = input_ids[c, :lengths[c]]
+        common = min(len(first), len(second)) - 1  # each keeps a token of its own
+        differ = (first[:common] != second[:common]).nonzero()
+        shared = int(differ[0]) if len(differ) else common
+        packed.append(torch.cat([first, second[shared:]]))
+        positions.append(torch.cat([torch.arange(len(first)), torch.arange(shared, len(second))]))
+        segments.append(torch.tensor([0] * shared + [1] * (len(first) - shared) + [2] * (len(second) - shared)))
+        source_row[c] = n
+        # the second row's own tokens sit after the first's; its padding maps anywhere (never read)
+        source_index[c] = torch.where(index < shared, index, (index + len(first) - shared).clamp(max=len(packed[-1]) - 1))
+    width = max(len(row) for row in packed)
+    ids = torch.full((len(packed), width), pad_id, dtype=input_ids.dtype)
+    pos = torch.zeros((len(packed), width), dtype=torch.long)
+    seg = torch.full((len(packed), width), -1, dtype=torch.long)
+    for n, (row, at, kind) in enumerate(zip(packed, positions, segments)):
+        ids[n, :len(row)], pos[n, :len(row)], seg[n, :len(row)] = row.cpu(), at, kind
+    device = input_ids.device
+    source_index = torch.minimum(source_index, torch.tensor(width - 1))  # a lone row's padding past the packed width
+    return SharedPrefixes(ids.to(device), pos.to(device), segment_mask(seg.to(device)),
+                          (source_row.to(device), source_index.to(device)))
 
 
 def install(model, outputs: tuple[str, ...]) -> bool:

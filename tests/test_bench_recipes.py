@@ -89,14 +89,14 @@ def test_the_arith_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert results["stages_finished"] == "12 of 12"
+    assert results["stages_finished"] == "13 of 13"
     assert set(results["best_of_n"]) == {"majority vote", "policy's lowest token log-prob", "PRM (Math-Shepherd labels), min",
                                          "PRM (Math-Shepherd labels), prod", "PRM (sibling steps ranked), min",
                                          "PRM (sibling steps ranked), prod", "ORM (twins ranked)",
                                          "PRM (sibling steps ranked), min-weighted vote", "ORM (twins ranked), weighted vote",
                                          "oracle (any right)"}
     assert set(results["ppo"]) == {"ppo-prm", "ppo-orm"}
-    assert set(results["pairwise"]) == {"prm-twins", "orm-twins", "policy"}
+    assert set(results["pairwise"]) == {"prm-twins", "prm-twins-prod", "orm-twins", "policy"}
     probe = results["separator_probe"]
     assert len(probe["probe_auroc_by_layer"]) == 3 and 0 <= probe["policy_lowest_log_prob_auroc"] <= 1  # tiny: 2 layers + embeddings
     assert out.with_suffix(".png").stat().st_size > 0
@@ -143,19 +143,20 @@ def test_the_dpo_benchmark_runs_both_trainers_on_the_same_tokens(tmp_path):
     assert run["speedup_wall"] > 0 and run["memory_ratio"] > 0
 
 
-def test_the_prm_pairs_benchmark_trains_both_layouts_to_the_same_loss(tmp_path):
-    """bench/prm_pairs.py on the tiny model: one row per sibling pair and two rows train the same
-    steps to the same loss, and the ratio is written."""
+def test_the_shared_prefix_benchmark_trains_both_layouts_to_the_same_loss(tmp_path):
+    """bench/shared_prefix.py on the tiny model: for the PRM and the RM, one row per pair and two rows
+    train the same steps to the same loss, and the ratios are written."""
     import json
     import subprocess
 
-    out = tmp_path / "prm_pairs.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "prm_pairs.py"), "--model", "tiny", "--steps", "2", "--runs", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    out = tmp_path / "shared_prefix.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "shared_prefix.py"), "--model", "tiny", "--steps", "2",
+                           "--runs", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    one, two = results["runs"]["one row"][0], results["runs"]["two rows"][0]
-    assert abs(one["loss"] - two["loss"]) < 1e-3 and results["speedup"] > 0
+    for stage in ("prm", "rm"):
+        one, two = results[stage]["runs"]["one row"][0], results[stage]["runs"]["two rows"][0]
+        assert abs(one["loss"] - two["loss"]) < 1e-3 and results[stage]["speedup"] > 0
 
 
 def test_the_ppo_floor_does_each_part_of_an_update_once(tmp_path, monkeypatch):

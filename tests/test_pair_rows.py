@@ -124,3 +124,54 @@ def test_dpo_trains_the_same_with_one_row_or_two(align, pairs_file, tmp_path, mo
     assert curves["one"][-1][1] > curves["one"][0][1]  # it learns: the margin grows
     for (loss_one, margin_one), (loss_two, margin_two) in zip(curves["one"], curves["two"]):
         assert abs(loss_one - loss_two) < 1e-4 and abs(margin_one - margin_two) < 1e-4
+
+
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_a_reward_pair_in_one_row_scores_as_two_rows(family, attention):
+    """align rm: TRL's reward batch (chosen rows, then rejected rows) as one row per pair gives each side
+    the score transformers reads at its last token, and the same gradients."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from align.stages.rm import install_pair_rows
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                                  num_labels=1)
+    config._attn_implementation = attention
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    sides = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [1, 2, 3, 4, 10], [7, 8, 11, 12, 13]]  # chosen 0, 1; rejected 0, 1
+    ids = torch.zeros(4, 6, dtype=torch.long)
+    for row, side in enumerate(sides):
+        ids[row, :len(side)] = torch.tensor(side)
+    inputs = dict(input_ids=ids, attention_mask=(ids != 0).long(), use_cache=False)
+
+    def scores_and_grads():
+        model.zero_grad()
+        logits = model(**inputs).logits
+        (logits[:2] - logits[2:]).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    two, two_grads = scores_and_grads()
+    assert install_pair_rows(model)
+    one, one_grads = scores_and_grads()
+    assert one.shape == (4, 1) and torch.allclose(one, two, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one_grads, two_grads))
+    assert torch.allclose(model(input_ids=ids[:3], attention_mask=inputs["attention_mask"][:3]).logits, two[:3], atol=1e-5)  # odd: its own forward
+
+
+def test_rm_trains_the_same_with_one_row_or_two(align, pairs_file, tmp_path, monkeypatch):
+    from align.checkpoints import METRICS, read_records
+
+    packed, original = [], pair_rows.share_prefixes
+    monkeypatch.setattr(pair_rows, "share_prefixes", lambda *a: packed.append(1) or original(*a))
+    curves = {}
+    for name, flag in (("one", "true"), ("two", "false")):
+        out = tmp_path / name
+        result = align("rm", "-m", "tiny", "-d", pairs_file, "-o", out, "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3",
+                       "--save-steps", "100", "--set", f"pair_rows={flag}", "--set", "lora.dropout=0")
+        assert result.code == 0, result.err
+        curves[name] = [(r["loss"], r["accuracy"]) for r in read_records(out / METRICS) if "accuracy" in r]
+    assert len(curves["one"]) == 3 and len(packed) == 3  # every step of the first run went through one row per pair
+    for (loss_one, accuracy_one), (loss_two, accuracy_two) in zip(curves["one"], curves["two"], strict=True):
+        assert abs(loss_one - loss_two) < 1e-4 and accuracy_one == accuracy_two

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,61 +131,12 @@ class StepCollator:
                 "labels": pad(labels, padding_value=IGNORE), "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 4)}
 
 
-@dataclass
-class SharedRows:
-    """A batch's sibling pairs one row each (see pack_siblings), and where each position of the
-    two-row batch sits in it."""
-
-    input_ids: torch.Tensor  # (R, N)
-    position_ids: torch.Tensor  # (R, N)
-    allowed: torch.Tensor  # (R, 1, N, N) bool: query q may attend to key k
-    source: tuple[torch.Tensor, torch.Tensor]  # (B, T) each: the packed (row, index) of two-row position (b, t)
-
-
-def pack_siblings(input_ids: torch.Tensor, attention_mask: torch.Tensor, pairs: torch.Tensor, pad_id: int) -> SharedRows | None:
-    """StepCollator's right-padded batch with each sibling pair (rows `pairs[:, 0]` and `pairs[:, 2]`)
-    as one row: the tokens the two share from the start, the rest of the first, then the rest of the
-    second, which attends to the shared part and itself only and is positioned where it sits in its
-    own row; every other row as it is. None when the batch has no pairs."""
+def pack_siblings(input_ids: torch.Tensor, attention_mask: torch.Tensor, pairs: torch.Tensor, pad_id: int):
+    """StepCollator's batch with each sibling pair (rows `pairs[:, 0]` and `pairs[:, 2]`) as one row
+    (pair_rows.share_prefixes); None when it has no pairs."""
     if not len(pairs):
         return None
-    lengths = attention_mask.sum(1).tolist()
-    partner = {int(a): int(b) for a, _, b, _ in pairs.tolist()}
-    seconds = set(partner.values())
-    rows, index = input_ids.size(0), torch.arange(input_ids.size(1))
-    source_row, source_index = torch.zeros_like(input_ids, device="cpu"), index.repeat(rows, 1)
-    packed, positions, segments = [], [], []
-    for b in range(rows):
-        if b in seconds:
-            continue
-        first, n = input_ids[b, :lengths[b]], len(packed)
-        source_row[b] = n
-        if b not in partner:
-            packed.append(first)
-            positions.append(torch.arange(len(first)))
-            segments.append(torch.zeros(len(first), dtype=torch.long))
-            continue
-        c = partner[b]
-        second = input_ids[c, :lengths[c]]
-        common = min(len(first), len(second)) - 1  # each keeps a token of its own
-        differ = (first[:common] != second[:common]).nonzero()
-        shared = int(differ[0]) if len(differ) else common
-        packed.append(torch.cat([first, second[shared:]]))
-        positions.append(torch.cat([torch.arange(len(first)), torch.arange(shared, len(second))]))
-        segments.append(torch.tensor([0] * shared + [1] * (len(first) - shared) + [2] * (len(second) - shared)))
-        source_row[c] = n
-        # the second row's own tokens sit after the first's; its padding maps anywhere (labelled IGNORE)
-        source_index[c] = torch.where(index < shared, index, (index + len(first) - shared).clamp(max=len(packed[-1]) - 1))
-    width = max(len(row) for row in packed)
-    ids = torch.full((len(packed), width), pad_id, dtype=input_ids.dtype)
-    pos = torch.zeros((len(packed), width), dtype=torch.long)
-    seg = torch.full((len(packed), width), -1, dtype=torch.long)
-    for n, (row, at, kind) in enumerate(zip(packed, positions, segments)):
-        ids[n, :len(row)], pos[n, :len(row)], seg[n, :len(row)] = row.cpu(), at, kind
-    device = input_ids.device
-    source_index = torch.minimum(source_index, torch.tensor(width - 1))  # a lone row's padding past the packed width
-    return SharedRows(ids.to(device), pos.to(device), pair_rows.segment_mask(seg.to(device)),
-                      (source_row.to(device), source_index.to(device)))
+    return pair_rows.share_prefixes(input_ids, attention_mask, {int(a): int(b) for a, _, b, _ in pairs.tolist()}, pad_id)
 
 
 def step_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,21 +10,28 @@ epoch, which InstructGPT found overfits within one epoch. On several processes e
 its own comparisons and DDP averages the processes, as for pairs; equal when they hold as many.
 
 The output is a 1-label sequence classifier: AutoModelForSequenceClassification loads it, and
-its score for a sequence is read at the last real token.
+its score for a sequence is read at the last real token. Pair rows run each pair as one row, the
+prompt computed once (`pair_rows`, as `align dpo` does: align/pair_rows.py); the scores equal the
+two rows' up to float rounding.
 """
 
 from __future__ import annotations
 
+import logging
+import types
 from functools import partial
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 
+from align import pair_rows
 from align.config import RMConfig
 from align.data import load_reward_data
 from align.errors import ConfigError
 from align.training import TrainerPlan, run_trainer
+
+log = logging.getLogger("align")
 
 
 def run(config: RMConfig) -> Path:
@@ -40,7 +47,8 @@ def _plan(config: RMConfig, tokenizer) -> TrainerPlan:
         if config.min_gap or config.margins_from_scores:
             raise ConfigError(f"{config.data.path}: --min-gap and --margins-from-scores apply to ranked rows (prompt, "
                               "completions, scores); pair rows give each pair's margin in a 'margin' column")
-        trainer, summary, inputs = RewardTrainer, f"{report.rows_used} pairs", dict
+        trainer, summary = _pair_rows_trainer(RewardTrainer), f"{report.rows_used} pairs"
+        inputs = partial(dict, one_row_per_pair=config.pair_rows)
     else:
         comparisons = sum(len(row["pairs"]) for row in train_rows)
         sequences = sum(len(row["sequence_ids"]) for row in train_rows)
@@ -52,6 +60,54 @@ def _plan(config: RMConfig, tokenizer) -> TrainerPlan:
         settings=dict(max_length=config.data.max_length, center_rewards_coefficient=config.center_rewards or None),
         trainer_inputs=inputs, kept_metrics=("accuracy", "eval_accuracy"),
     )
+
+
+def _pair_rows_trainer(RewardTrainer):
+    """TRL's RewardTrainer whose model runs each pair as one row (install_pair_rows)."""
+
+    class PairRowsRewardTrainer(RewardTrainer):
+        def __init__(self, *args, one_row_per_pair: bool = True, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not one_row_per_pair:
+                return
+            model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            if install_pair_rows(model):
+                log.info("rm: one row per pair (the prompt computed once for chosen and rejected)")
+            else:
+                log.info("rm: %s pairs run as two rows (one row per pair covers %s)", model.config.model_type,
+                         ", ".join(sorted(pair_rows.FAMILIES)))
+
+    return PairRowsRewardTrainer
+
+
+def install_pair_rows(model) -> bool:
+    """Route a sequence classifier's calls on TRL's reward batches (chosen rows, then rejected rows,
+    right-padded) through one row per pair (pair_rows.share_prefixes), each side scored at the token
+    transformers reads it at (its last one that is not padding); anything else, and models
+    pair_rows does not cover, keep their own forward. Returns whether it was installed."""
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    pad_id = model.config.pad_token_id
+    if not pair_rows.supported(model) or pad_id is None:
+        return False
+    fallback = model.forward
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        # PEFT passes inputs_embeds, labels and the like as None, TRL the pairs' margins (which the model never reads)
+        other = {k for k, v in kwargs.items() if v is not None and k not in {"use_cache", "return_dict", "margin"}}
+        if other or input_ids is None or attention_mask is None or attention_mask.dim() != 2 or input_ids.size(0) % 2:
+            return fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        half = input_ids.size(0) // 2
+        shared = pair_rows.share_prefixes(input_ids, attention_mask, {i: i + half for i in range(half)}, pad_id)
+        hidden = getattr(self, self.base_model_prefix)(input_ids=shared.input_ids, attention_mask=pair_rows.for_attention(self, shared.allowed),
+                                                       position_ids=shared.position_ids, use_cache=False).last_hidden_state
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        last = (positions * (input_ids != pad_id)).argmax(-1)  # the rightmost token that is not padding, as transformers reads it
+        rows = torch.arange(input_ids.size(0), device=input_ids.device)
+        return SequenceClassifierOutput(logits=self.score(hidden[shared.source[0][rows, last], shared.source[1][rows, last]]))
+
+    model.forward = types.MethodType(forward, model)
+    return True
 
 
 class RankedCollator:
