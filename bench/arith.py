@@ -67,6 +67,7 @@ class Plan:
     ms_problems: int = 32  # Math-Shepherd labels: 2 samples each, `rollouts` from every step
     rollouts: int = 4
     test_problems: int = 64  # 16 samples each: the best-of-N pools
+    test_twins: int = 4  # held-out twins per test problem, each different: 256 pairs (the first 64 are the earlier runs' set)
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
     prm_epochs: float = 1.0
     ppo_episodes: int = 128
@@ -78,7 +79,7 @@ PLAN = Plan()
 # Every stage on the tiny built-in model, in a minute: what CI runs to keep this script working.
 SMOKE = replace(PLAN, name="arith-smoke", model="tiny", max_new_tokens=16, sft_problems=16, sft_steps=2, prm_problems=4,
                 ms_problems=2, rollouts=2, test_problems=4, best_of=(1, 2, 4), prm_epochs=1.0, ppo_episodes=16, probe_problems=24,
-                twin_problems=8, twin_layers=1)
+                twin_problems=8, twin_layers=1, test_twins=2)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
@@ -114,17 +115,25 @@ def prepare_data(work: Path, plan: Plan) -> None:
                                       for p, ops, start in sets["sft"]])
     for split in ("ms", "ppo", "test"):
         write_jsonl(data / f"{split}_prompts.jsonl", [{"prompt": p} for p, _, _ in sets[split]])
-    def twins(split: str, rng: random.Random) -> list[dict]:  # a right solution above its twin with one step off by 1 to 3 (carried on after)
+    def twins(split: str, rng: random.Random, taken: set | None = None) -> list[dict]:
+        """A right solution above its twin with one step off by 1 to 3 (carried on after), one per problem;
+        none twice for a problem when `taken` collects (problem, step, offset) across calls."""
         pairs = []
         for p, ops, start in sets[split]:
-            wrong_at = rng.randrange(len(ops))
-            off = rng.choice([-3, -2, -1, 1, 2, 3])
+            while True:
+                wrong_at = rng.randrange(len(ops))
+                off = rng.choice([-3, -2, -1, 1, 2, 3])
+                if taken is None or (p, wrong_at, off) not in taken:
+                    break
+            if taken is not None:
+                taken.add((p, wrong_at, off))
             pairs.append({"prompt": p, "chosen": tasks.solution_steps(start, ops),
                           "rejected": tasks.solution_steps(start, ops, wrong_at, off)})
         return pairs
 
+    taken: set = set()  # the held-out twins: `test_twins` rounds of one per problem, each twin different
     write_jsonl(data / "test_pairs.jsonl", [{**pair, "chosen": "\n".join(pair["chosen"]), "rejected": "\n".join(pair["rejected"])}
-                                            for pair in twins("test", rng)])
+                                            for _ in range(plan.test_twins) for pair in twins("test", rng, taken)])
     # Training twins: as stepwise rows, every step labelled on its own (the wrong step is the twin's only wrong one:
     # the steps after it carry its value on correctly; the PRM's siblings are the wrong step and the right one in its
     # place), and as preference pairs of whole solutions (the ORM's).
@@ -174,6 +183,8 @@ def recipe(plan: Plan) -> dict:
         {"name": "prm-twins", "stage": "prm", "from": "sft", "data": "data/twins_steps.jsonl", "pairwise": True, **twin_training},
         {"name": "orm-twins", "stage": "rm", "from": "sft", "data": "data/twins_pairs.jsonl", **twin_training},
         {"name": "pairs-prm-twins", "stage": "eval", "from": "prm-twins", "pairs": "data/test_pairs.jsonl"},
+        {"name": "pairs-prm-twins-prod", "stage": "eval", "from": "prm-twins", "pairs": "data/test_pairs.jsonl",
+         "reward_aggregate": "prod"},
         {"name": "pairs-orm-twins", "stage": "eval", "from": "orm-twins", "pairs": "data/test_pairs.jsonl"},
         *ppo("ppo-prm", "prm-twins"),  # dense step rewards against one score at the end
         *ppo("ppo-orm", "orm-twins"),
@@ -187,7 +198,9 @@ def recipe(plan: Plan) -> dict:
 def align_run(config: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     print("$ align run", path, "--resume", flush=True)
-    subprocess.run([sys.executable, "-m", "align", "run", str(path), "--resume"], check=True, cwd=path.parent)
+    code = subprocess.run([sys.executable, "-m", "align", "run", str(path), "--resume"], cwd=path.parent).returncode
+    if code:  # align has said why in one line
+        sys.exit(code)
 
 
 def seconds(runs: Path, name: str, kind: str) -> float:
@@ -400,7 +413,7 @@ def collect(work: Path, plan: Plan, config: dict) -> dict:
         results["step_auroc"] = step_auroc(by_prompt, models, ms_rows)
         results["policy_accuracy"] = statistics.fmean(r["correct"] for s in by_prompt.values() for r in s)  # 16 x 64 samples
     results["pairwise"] = {m: json.loads((runs / f"pairs-{m}.json").read_text())["pairs"]
-                           for m in SELECTORS if f"pairs-{m}" in done}
+                           for m in [*SELECTORS, "prm-twins-prod"] if f"pairs-{m}" in done}  # a PRM by its min, and by its prod
     if "sft" in done:
         results["separator_probe"] = separator_probe(runs, plan)
         # the same pairs ranked by the policy's own lowest token log-prob, no reward model

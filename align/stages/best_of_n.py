@@ -20,7 +20,7 @@ With --vote, a function names each sample's final answer and the samples vote: e
 weight is the sum of its samples' scores, and the best are the best-scored samples of the
 heaviest answer (weighted majority vote: Uesato et al. 2022; Math-Shepherd's self-consistency
 with a PRM), which on bench/arith.py beats the PRM's own pick from N = 4 on and majority vote
-from N = 2 to 8 (a tie at 16). The pair is still that best sample against the worst of all. A
+at every N from 2 to 16 (in the previous run a tie at 16). The pair is still that best sample against the worst of all. A
 prompt none of whose samples gives an answer is skipped and counted.
 
 The best-of-n policy is KL-cheap: its KL to the model it samples from is at most
