@@ -86,16 +86,22 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
         target_row += [c] * (lc - p) + [r] * (lr - p)
         target_index += (chosen_t - 1).tolist() + (rejected_t - 1).tolist()
         tokens.append(torch.cat([input_ids[c, p:lc], input_ids[r, p:lr]]))
-    width = max(len(ids) for ids in packed_ids)
     device = input_ids.device
-    ids = torch.full((pairs, width), pad_id, dtype=input_ids.dtype)
-    pos = torch.zeros((pairs, width), dtype=torch.long)
-    seg = torch.full((pairs, width), -1, dtype=torch.long)
-    for i, (row, at, kind) in enumerate(zip(packed_ids, positions, segments)):
-        ids[i, : len(row)], pos[i, : len(row)], seg[i, : len(row)] = row.cpu(), at, kind
+    ids, pos, allowed = padded(packed_ids, positions, segments, pad_id, device)
     as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return PairRows(ids.to(device), pos.to(device), segment_mask(seg.to(device)), (as_index(source_row), as_index(source_index)),
+    return PairRows(ids, pos, allowed, (as_index(source_row), as_index(source_index)),
                     (as_index(target_row), as_index(target_index)), torch.cat(tokens).to(device))
+
+
+def padded(rows: list[torch.Tensor], positions: list[torch.Tensor], segments: list[torch.Tensor], pad_id: int, device):
+    """Packed rows right-padded into (ids, position ids, segment_mask) on `device`."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=rows[0].dtype)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    for n, (row, at, kind) in enumerate(zip(rows, positions, segments)):
+        ids[n, :len(row)], pos[n, :len(row)], seg[n, :len(row)] = row.cpu(), at, kind
+    return ids.to(device), pos.to(device), segment_mask(seg.to(device))
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -159,16 +165,9 @@ def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, partne
         source_row[c] = n
         # the second row's own tokens sit after the first's; its padding maps anywhere (never read)
         source_index[c] = torch.where(index < shared, index, (index + len(first) - shared).clamp(max=len(packed[-1]) - 1))
-    width = max(len(row) for row in packed)
-    ids = torch.full((len(packed), width), pad_id, dtype=input_ids.dtype)
-    pos = torch.zeros((len(packed), width), dtype=torch.long)
-    seg = torch.full((len(packed), width), -1, dtype=torch.long)
-    for n, (row, at, kind) in enumerate(zip(packed, positions, segments)):
-        ids[n, :len(row)], pos[n, :len(row)], seg[n, :len(row)] = row.cpu(), at, kind
+    # every packed row is at least as long as the rows it holds, so each (row, index) is inside the packed batch
     device = input_ids.device
-    source_index = torch.minimum(source_index, torch.tensor(width - 1))  # a lone row's padding past the packed width
-    return SharedPrefixes(ids.to(device), pos.to(device), segment_mask(seg.to(device)),
-                          (source_row.to(device), source_index.to(device)))
+    return SharedPrefixes(*padded(packed, positions, segments, pad_id, device), (source_row.to(device), source_index.to(device)))
 
 
 def install(model, outputs: tuple[str, ...]) -> bool:
