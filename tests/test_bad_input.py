@@ -34,6 +34,11 @@ def test_wrong_columns_say_what_was_found_and_expected(align, tmp_path):
     )
     typed = write_jsonl(tmp_path / "typed.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": 5, "rejected": "r"}])
     assert_clean_failure(align("rm", "-m", "tiny", "-d", typed, "-o", tmp_path / "o"), 3, "row 2", "'chosen'")
+    flagged = write_jsonl(tmp_path / "flagged.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r", "rejected_finished": False},
+                                                       {"prompt": "p", "chosen": "c", "rejected": "r", "chosen_finished": "no"}])
+    assert_clean_failure(align("dpo", "-m", "tiny", "-d", flagged, "-o", tmp_path / "o"), 3, "flagged.jsonl", "row 2",
+                         "'chosen_finished' must be true or false", "'no'")
+    assert not (tmp_path / "o").exists()
 
 
 def test_identical_pairs_are_dropped_with_a_warning(align, tmp_path):

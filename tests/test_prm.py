@@ -411,6 +411,38 @@ def test_ppo_with_dense_process_rewards_sums_the_step_scores(align, trained_prm,
     assert [s["score"] for s in samples] == pytest.approx(sums, abs=1e-4)
 
 
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_online_rl_scores_with_a_prm_by_the_chosen_aggregate(align, method, trained_prm, ppo_prompts, tmp_path, monkeypatch):
+    """GRPO and RLOO take a PRM as their reward model: it is read as one (not refused as a sequence
+    classifier), aggregates by --reward-aggregate, and each logged step's reward is the mean of the
+    aggregated scores it gave that step's completions."""
+    from align.config import ModelSpec
+    from align.rewards import ProcessRewardModel
+
+    out, _ = trained_prm
+    calls = []
+    real_call = ProcessRewardModel.__call__
+
+    def recorded(self, prompts, completions):
+        scores = real_call(self, prompts, completions)
+        calls.append((self.aggregate, list(prompts), list(completions), scores))
+        return scores
+
+    monkeypatch.setattr(ProcessRewardModel, "__call__", recorded)
+    result = align(method, "-m", "tiny", "-p", ppo_prompts, "-o", tmp_path / method, "--reward-model", out,
+                   "--reward-aggregate", "prod", "--num-generations", "4", "--batch-size", "8", "--max-new-tokens", "12",
+                   "--max-steps", "2")
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / method / "align.json").read_text())["rewards"] == [str(out)]
+    logged = [json.loads(line)["rewards/reward_0/mean"] for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(calls) == len(logged) == 2 and {aggregate for aggregate, *_ in calls} == {"prod"}
+    assert logged == pytest.approx([float(scores.mean()) for *_, scores in calls], abs=1e-5)
+    _, prompts, completions, scores = calls[0]
+    steps = ProcessRewardModel(ModelSpec(path=str(out))).step_scores(prompts, completions)  # by hand: the product of the steps
+    assert scores.tolist() == pytest.approx([float(s.prod()) for s in steps], abs=1e-5)
+
+
 def test_an_outcome_model_is_read_at_its_last_step_and_gets_no_dense_rewards(align, steps_file, ppo_prompts, tmp_path):
     from align.config import ModelSpec
     from align.rewards import ProcessRewardModel
