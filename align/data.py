@@ -355,7 +355,9 @@ def sft_examples(rows: list[dict], kind: str, completion_only: bool) -> list[tup
     A conversation yields one example per assistant turn, with the turns before it as the
     prompt, so every assistant turn is trained on and no user turn is. A prompt-completion row
     with `finished: false` (a sample cut at its length limit, as `generate` and `best-of-n` mark
-    them) is trained without an end of turn, so the model does not learn to stop mid-sentence.
+    them) is trained without an end of turn, so the model does not learn to stop mid-sentence; in a
+    conversation with `finished: false` (as `critique` marks a cut revision) that is its last
+    assistant turn.
     """
     examples = []
     for row in rows:
@@ -364,10 +366,12 @@ def sft_examples(rows: list[dict], kind: str, completion_only: bool) -> list[tup
         elif kind == "prompt-completion":
             examples.append((row["prompt"], row["completion"], row.get("finished", True)))
         elif not completion_only:
-            examples.append(([], row["messages"], True))
+            examples.append(([], row["messages"], row.get("finished", True)))
         else:
-            messages = row["messages"]
-            examples += [(messages[:i], [m], True) for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+            messages, finished = row["messages"], row.get("finished", True)
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+            examples += [(messages[:i], [m], finished or i != last)
+                         for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
     return examples
 
 
@@ -385,8 +389,9 @@ def tokenize_sft(examples, tokenizer, chat: bool, spec: DataSpec, report: DataRe
             full = render_ids(tokenizer, prompt_msgs + as_messages(completion, "assistant"), chat=True)
             if prompt_msgs:
                 prompt_ids = render_ids(tokenizer, prompt_msgs, chat=True, generation_prompt=True)
-            else:  # no prompt: the mask starts at the first token, an unfinished row keeps the assistant header
-                prompt_ids = [] if finished else render_ids(tokenizer, as_messages("", "assistant"), chat=True)
+            else:  # no prompt: the mask starts at the first token; an unfinished row is cut after its last turn's header
+                before = as_messages(completion, "assistant")[:-1] + as_messages("", "assistant")
+                prompt_ids = [] if finished else render_ids(tokenizer, before, chat=True)
         else:
             full = render_ids(tokenizer, prompt + completion, chat=False) + [tokenizer.eos_token_id] * finished
             prompt_ids = render_ids(tokenizer, prompt, chat=False) if prompt else []

@@ -114,6 +114,14 @@ def test_critique_writes_sft_pairs_and_trace_that_feed_sft_and_dpo(align, red_te
     kept = [t for t in trace if t["kept"]]
     assert [s["messages"][-1]["content"] for s in sft] == [t["final"] for t in kept]
     assert all(p["rejected"] == t["answer"] for p, t in zip(pairs, (t for t in kept if t["answer"])))
+    # A text cut at --max-new-tokens is marked so: the final text's flag is its own (the last revision kept, or the answer).
+    for t in trace:
+        own = [s["revision_finished"] for s in t["steps"] if s["filtered"] is None] or [t["answer_finished"]]
+        assert t["final_finished"] is own[-1]
+    assert [s["finished"] for s in sft] == [t["final_finished"] for t in kept]
+    assert [(p["chosen_finished"], p["rejected_finished"]) for p in pairs] == [
+        (t["final_finished"], t["answer_finished"]) for t in kept if t["answer"]]
+    assert metrics["kept_unfinished"] == sum(not s["finished"] for s in sft) > 0  # 6 new tokens cut most texts
     filtered = sum(step["filtered"] is not None for t in trace for step in t["steps"])
     assert filtered == sum(v for k, v in metrics.items() if k.startswith("filtered_"))
     names = {p.name for p in __import__("align.constitution", fromlist=["x"]).load_constitution("harmless-helpful").principles}

@@ -146,6 +146,30 @@ def test_a_completion_cut_at_its_length_limit_is_trained_without_an_end_of_turn(
         validate_rows([rows[0], {**rows[0], "finished": "no"}], SFT_FORMATS["prompt-completion"], "best.jsonl")
 
 
+def test_a_conversation_whose_last_turn_was_cut_is_trained_without_its_end_of_turn(tokenizer):
+    """`finished: false` on a messages row (critique's cut revisions) cuts its last assistant turn
+    only: earlier assistant turns keep their end of turn, with the loss on responses or on everything."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "more"}, {"role": "assistant", "content": "hello there"}]
+    rows = [{"messages": turns, "finished": False}, {"messages": turns}]
+    validate_rows(rows, SFT_FORMATS["messages"], "sft.jsonl")
+    trained = lambda row: tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m])
+    report = DataReport("x")
+    first, cut, first_ended, ended = tokenize_sft(sft_examples(rows, "messages", completion_only=True), tokenizer, chat=True,
+                                                  spec=spec("x"), report=report)
+    assert trained(first) == trained(first_ended) == "hello<|im_end|>\n"
+    assert trained(cut) == "hello there" and trained(ended) == "hello there<|im_end|>\n" and report.unfinished == 1
+    header = tokenizer.apply_chat_template(turns[:3], add_generation_prompt=True, return_dict=False)
+    assert cut["input_ids"] == list(header) + tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    whole_cut, whole = tokenize_sft(sft_examples(rows, "messages", completion_only=False), tokenizer, chat=True,
+                                    spec=spec("x"), report=DataReport("x"))
+    assert all(whole_cut["completion_mask"]) and whole_cut["input_ids"] == cut["input_ids"]
+    assert whole["input_ids"][:len(whole_cut["input_ids"])] == whole_cut["input_ids"]
+    assert tokenizer.decode(whole["input_ids"]).endswith("hello there<|im_end|>\n")
+    with pytest.raises(DataError, match=r"sft.jsonl: row 2: 'finished' must be true or false"):
+        validate_rows([rows[1], {**rows[1], "finished": 0}], SFT_FORMATS["messages"], "sft.jsonl")
+
+
 def test_overlong_rows_are_truncated_or_dropped_and_counted(tokenizer):
     examples = [("short", "ok", True), ("x " * 200, "long answer " * 50, True), ("q", "long answer " * 50, True)]
     report = DataReport("x")

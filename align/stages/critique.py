@@ -1,10 +1,14 @@
 """Constitutional AI's supervised stage: the model answers, critiques its answer under a drawn
 principle, and revises it, for `rounds` rounds. Writes, in OUT:
 
-    sft.jsonl     {"messages": [user prompt, assistant final revision]}        -> align sft
-    pairs.jsonl   {"prompt", "chosen": final revision, "rejected": first answer} -> align rm / dpo
+    sft.jsonl     {"messages": [user prompt, assistant final revision], "finished"}  -> align sft
+    pairs.jsonl   {"prompt", "chosen": final revision, "rejected": first answer,
+                   "chosen_finished", "rejected_finished"}                        -> align rm / dpo
     trace.jsonl   every step: the answer, each round's principle, critique and revision
     align.json    the manifest, with counts
+
+`finished` is false for a text cut at --max-new-tokens: `align sft` trains a cut revision without
+an end of turn, and `align dpo` a pair's cut side, so neither teaches the model to stop mid-sentence.
 
 Generation is batched across prompts. Revisions that come back empty, unchanged, or that restate
 the request instead of answering are filtered (the answer stays as it was) and counted. Progress
@@ -80,6 +84,7 @@ def run(config: CritiqueConfig) -> Path:
         "prompts": len(prompts), "samples": samples, "revisions": counts.get("revisions", 0),
         "kept": counts.get("kept", 0), "kept_rate": counts.get("kept", 0) / samples,
         "pairs": counts.get("kept", 0) - counts.get("empty_answers", 0),
+        "kept_unfinished": counts.get("kept_unfinished", 0),  # kept revisions cut at max_new_tokens
         **{k: v for k, v in sorted(counts.items()) if k.startswith("filtered_")},
     }
     write_manifest(out, config=config, metrics=metrics, started=started, constitution=constitution.name)
@@ -100,15 +105,15 @@ class Reviser:
         seed, samples = self.config.sampling.seed, self.config.samples_per_prompt
         items = [(i, k) for i in indices for k in range(samples)]
         base = [as_messages(prompts[i], "user") for i, _ in items]
-        answers = self._generate(base, indices.start, "answer")
-        current, steps = list(answers), [[] for _ in items]
+        answers, answers_finished = self._generate(base, indices.start, "answer")
+        current, finished, steps = list(answers), list(answers_finished), [[] for _ in items]
         counts: Counter = Counter()
         for round_ in range(self.config.rounds):
             principles = [self.constitution.draw(seed, i, k, round_) for i, k in items]
             asked = [self._shots(p) + conv + [_assistant(c), _user(p.critique)] for p, conv, c in zip(principles, base, current)]
-            critiques = self._generate(asked, indices.start, f"critique{round_}")
+            critiques, _ = self._generate(asked, indices.start, f"critique{round_}")
             asked = [a + [_assistant(c), _user(p.revision)] for a, c, p in zip(asked, critiques, principles)]
-            revisions = self._generate(asked, indices.start, f"revision{round_}")
+            revisions, revisions_finished = self._generate(asked, indices.start, f"revision{round_}")
             for n, (principle, critique, revision) in enumerate(zip(principles, critiques, revisions)):
                 revision = REVISION_LABEL.sub("", revision, count=1).strip()
                 problem = filter_reason(revision, current[n], last_text(prompts[items[n][0]]), principle)
@@ -116,19 +121,22 @@ class Reviser:
                 if problem:
                     counts[f"filtered_{problem}"] += 1
                 else:
-                    current[n] = revision
+                    current[n], finished[n] = revision, revisions_finished[n]
                 steps[n].append({"round": round_, "principle": principle.name, "critique": critique,
-                                 "revision": revision, "filtered": problem})
+                                 "revision": revision, "revision_finished": revisions_finished[n], "filtered": problem})
         rows: dict[str, list[dict]] = {"sft": [], "pairs": [], "trace": []}
         for n, (i, k) in enumerate(items):
             kept = current[n] != answers[n]
-            rows["trace"].append({"prompt": prompts[i], "row": i, "sample": k, "answer": answers[n], "steps": steps[n],
-                                  "final": current[n], "kept": kept})
+            rows["trace"].append({"prompt": prompts[i], "row": i, "sample": k, "answer": answers[n],
+                                  "answer_finished": answers_finished[n], "steps": steps[n], "final": current[n],
+                                  "final_finished": finished[n], "kept": kept})
             if kept:
                 counts["kept"] += 1
-                rows["sft"].append({"messages": as_messages(prompts[i], "user") + [_assistant(current[n])]})
+                counts["kept_unfinished"] += not finished[n]
+                rows["sft"].append({"messages": as_messages(prompts[i], "user") + [_assistant(current[n])], "finished": finished[n]})
                 if answers[n]:  # an empty first answer makes a pair that rm/dpo refuse
-                    rows["pairs"].append({"prompt": prompts[i], "chosen": current[n], "rejected": answers[n]})
+                    rows["pairs"].append({"prompt": prompts[i], "chosen": current[n], "rejected": answers[n],
+                                          "chosen_finished": finished[n], "rejected_finished": answers_finished[n]})
                 else:
                     counts["empty_answers"] += 1
         return rows, counts
@@ -162,11 +170,13 @@ class Reviser:
                     f"context of {self.window}; use --no-few-shot, a shorter prompt or a lower --max-new-tokens"
                 )
 
-    def _generate(self, conversations: list[list[dict]], chunk: int, phase: str) -> list[str]:
+    def _generate(self, conversations: list[list[dict]], chunk: int, phase: str) -> tuple[list[str], list[bool]]:
+        """One response to each conversation, and whether each ended itself (False: cut at max_new_tokens)."""
         settings = self.config.sampling
         # A seed per (chunk, phase): the same prompts get the same text whether or not the run was resumed.
         spec = settings.model_copy(update={"num_samples": 1, "seed": zlib.crc32(f"{settings.seed}:{chunk}:{phase}".encode())})
-        return [samples[0].text.strip() for samples in sample(self.model, self.tokenizer, conversations, spec, chat=True)]
+        responses = [samples[0] for samples in sample(self.model, self.tokenizer, conversations, spec, chat=True)]
+        return [r.text.strip() for r in responses], [r.finished for r in responses]
 
 
 def filter_reason(revision: str, answer: str, request: str, principle: Principle) -> str | None:
