@@ -191,6 +191,51 @@ def in_project(value: Any) -> Any:
     return value[len(root):] if isinstance(value, str) and value.startswith(root) else value
 
 
+FUNCTION_IN_FILE = re.compile(r"(.+\.py):[A-Za-z_]\w*")
+FUNCTION_IN_MODULE = re.compile(r"([A-Za-z_][\w.]*):[A-Za-z_]\w*")
+SETTINGS_FILES = ("chat_template", "constitution")  # fields that may name a file align reads as it runs
+
+
+def code_files(config: Any) -> list[str]:
+    """The user's files a stage runs or reads besides its data: the file of each python function it
+    calls (FILE.py:FUNCTION, or MODULE:FUNCTION's module file), a Jinja chat template, a constitution
+    YAML. Fingerprinted into the manifest, so editing one makes the stage out of date."""
+    files: list[str] = []
+
+    def visit(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            for inner, item in value.items():
+                visit(item, inner)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item, key)
+        elif isinstance(value, str):
+            in_file, in_module = FUNCTION_IN_FILE.fullmatch(value), FUNCTION_IN_MODULE.fullmatch(value)
+            if in_file and Path(in_file.group(1)).is_file():
+                files.append(in_file.group(1))
+            elif in_module:
+                origin = _module_file(in_module.group(1))
+                if origin:
+                    files.append(origin)
+            elif key in SETTINGS_FILES and Path(value).is_file():
+                files.append(value)
+
+    visit(config.identity())
+    return sorted(set(files))
+
+
+def _module_file(name: str) -> str | None:
+    """The file that defines importable module `name`, or None (not found, or not a file)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except Exception:  # a parent package that fails to import: the stage itself says so when it runs
+        return None
+    origin = spec.origin if spec else None
+    return origin if origin and Path(origin).is_file() else None
+
+
 def input_run_id(config: Any) -> str | None:
     """The run ids of the stage outputs this stage reads (its model, and a reward model), if any."""
     reward_models = [getattr(config, "reward_model", None), *getattr(config, "reward_models", [])]
@@ -201,16 +246,30 @@ def input_run_id(config: Any) -> str | None:
 
 
 def is_up_to_date(config: Any) -> bool:
-    """A finished output made by this exact config, from the same data and the same upstream run."""
+    """A finished output made by this exact config, from the same data, code and upstream run."""
+    return out_of_date(config) is None
+
+
+def out_of_date(config: Any) -> str | None:
+    """Why the output at config.output is not this config's finished run (a phrase: 'its data
+    changed'), or None when it is: made by the same config, from the same data, the same code files
+    and the same upstream run."""
     manifest = read_manifest(Path(config.output))
-    return bool(
-        manifest
-        and manifest.get("completed")
-        # Outputs written before paths counted relative to the project (absolute) stay up to date where they are.
-        and manifest.get("config_hash") in {config_hash(config), config_hash(config, portable=False)}
-        and manifest.get("data_fingerprint") in {fingerprint(config.data_files()), fingerprint(config.data_files(), portable=False)}
-        and manifest.get("input_run_id") == input_run_id(config)
-    )
+    if not manifest or not manifest.get("completed"):
+        return "it is not finished"
+    # Outputs written before paths counted relative to the project (absolute) stay up to date where they are.
+    if manifest.get("config_hash") not in {config_hash(config), config_hash(config, portable=False)}:
+        return "its config changed"
+    data = config.data_files()
+    if manifest.get("data_fingerprint") not in {fingerprint(data), fingerprint(data, portable=False)}:
+        return f"its data changed ({', '.join(in_project(p) for p in data)})"
+    code = code_files(config)
+    # Outputs written before code files were fingerprinted have none to compare.
+    if manifest.get("code_fingerprint", fingerprint(code)) not in {fingerprint(code), fingerprint(code, portable=False)}:
+        return f"a file of code or settings it reads changed ({', '.join(in_project(p) for p in code)})"
+    if manifest.get("input_run_id") != input_run_id(config):
+        return "a stage it reads from was run again"
+    return None
 
 
 def write_manifest(
@@ -226,6 +285,7 @@ def write_manifest(
         "config": config.model_dump(mode="json"),
         "config_hash": config_hash(config),
         "data_fingerprint": fingerprint(config.data_files()),
+        "code_fingerprint": fingerprint(code_files(config)),
         "run_id": uuid.uuid4().hex,
         "input_run_id": input_run_id(config),
         "metrics": metrics,

@@ -159,12 +159,12 @@ def constitutions(
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a 'stages:' list.")],
     set_: Sets = None, resume: Resume = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose config, data or input changed.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose config, data, code files or input changed.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and list its stages; run nothing.")] = False,
     num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Run a recipe's stages in order; finished, unchanged stages are skipped."""
-    from align.checkpoints import is_up_to_date
+    from align.checkpoints import out_of_date
     from align.pipeline import run_recipe
     from align.recipe import load_recipe
 
@@ -173,7 +173,8 @@ def run(
         _launch_if_asked(locals())
     if dry_run:
         for config in loaded.stages:
-            state = "up to date" if is_up_to_date(config) else "to run"
+            reason = out_of_date(config)
+            state = "up to date" if reason is None else "to run" if reason == "it is not finished" else f"to run: {reason}"
             typer.echo(f"{config.name:<12} {config.stage:<9} {config.model.path} -> {config.output}  ({state})")
         return
     results = run_recipe(loaded, resume=resume, overwrite=overwrite)

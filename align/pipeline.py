@@ -1,7 +1,8 @@
 """The recipe runner: stages in order, each handing its output to the next.
 
 A stage whose output is finished and was made by the same config, data and upstream run is
-skipped; an interrupted stage continues with --resume; a changed one is redone only with
+skipped (the data and the user's code files it reads compared by content); an interrupted stage
+continues with --resume; a changed one is redone only with
 --overwrite, because redoing it replaces files on disk.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align import distributed, memory, stages
-from align.checkpoints import has_started, is_complete, is_up_to_date, read_manifest
+from align.checkpoints import has_started, is_complete, is_up_to_date, out_of_date, read_manifest
 from align.config import StageConfig
 from align.errors import ConfigError, OutputError
 from align.engines import check_stage_engine
@@ -92,10 +93,8 @@ def _check_can_write(config: StageConfig, *, resume: bool, overwrite: bool) -> N
     if overwrite or not has_started(out):
         return
     if manifest and manifest.get("completed"):
-        raise OutputError(
-            f"{out}: holds a finished '{config.name}' run made from a different config, data or upstream stage; "
-            "pass --overwrite to redo it"
-        )
+        raise OutputError(f"{out}: holds a finished '{config.name}' run, and {out_of_date(config)} since; "
+                          "pass --overwrite to redo it")
     if not resume and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"{out}: holds an unfinished '{config.name}' run; pass --resume to continue it or --overwrite to restart it")
 

@@ -53,7 +53,7 @@ def test_tiny_recipe_chains_every_stage_and_skips_them_on_rerun(align, recipe, t
     assert json.loads((runs / "sft" / "align.json").read_text())["run_id"] == manifests["sft"]["run_id"]
 
     changed = align("run", recipe, "--set", "train.max_steps=2", "--set", "dpo.dpo.beta=0.2")
-    assert_clean_failure(changed, 5, "different config", "--overwrite")
+    assert_clean_failure(changed, 5, "runs/dpo: holds a finished 'dpo' run, and its config changed since", "--overwrite")
 
     redone = align("run", recipe, "--set", "train.max_steps=2", "--set", "sft.train.learning_rate=5e-4", "--overwrite")
     assert redone.code == 0, redone.err
@@ -154,7 +154,7 @@ def test_a_project_moved_elsewhere_finds_its_finished_stages_up_to_date(align, t
     assert again.code == 0, again.err
     assert again.out.count("skipped") == 2
     (moved / "prompts.jsonl").write_text('{"prompt": "Something else."}\n')
-    assert_clean_failure(align("run", "recipe.yaml"), 5, "runs/eval.json", "different config, data")
+    assert_clean_failure(align("run", "recipe.yaml"), 5, "runs/eval.json", "its data changed (prompts.jsonl)")
 
 
 def test_outputs_finished_before_paths_counted_relative_to_the_project_stay_up_to_date(align, tmp_path, sft_file, prompts_file,
@@ -171,3 +171,43 @@ def test_outputs_finished_before_paths_counted_relative_to_the_project_stay_up_t
     again = align("run", "recipe.yaml")
     assert again.code == 0, again.err
     assert again.out.count("skipped") == 2
+
+
+def test_a_changed_reward_function_file_makes_its_stage_out_of_date(align, tmp_path, sft_file, prompts_file, monkeypatch):
+    """The files of the python functions a stage calls are compared by content like its data: editing
+    score.py (the eval's reward function) makes the eval out of date, and nothing else; a manifest
+    written before code files were fingerprinted stays up to date."""
+    project = moved_project(tmp_path, sft_file, prompts_file)
+    monkeypatch.chdir(project)
+    assert align("run", "recipe.yaml").code == 0
+    manifest = json.loads((project / "runs" / "eval.json.align.json").read_text())
+    assert manifest["code_fingerprint"] != json.loads((project / "runs" / "sft" / "align.json").read_text())["code_fingerprint"]
+    assert align("run", "recipe.yaml").out.count("skipped") == 2
+    (project / "score.py").write_text("def length(prompts, completions):\n    return [-float(len(c)) for c in completions]\n")
+    assert_clean_failure(align("run", "recipe.yaml"), 5, "runs/eval.json: holds a finished 'eval' run",
+                         "a file of code or settings it reads changed (score.py)", "--overwrite")
+    listed = align("run", "recipe.yaml", "--dry-run").out.splitlines()
+    assert "(up to date)" in listed[0] and "(to run: a file of code or settings it reads changed (score.py))" in listed[1]
+    redone = align("run", "recipe.yaml", "--overwrite")
+    assert redone.code == 0, redone.err
+    assert redone.out.count("skipped") == 1 and redone.out.count("ran") == 1  # sft was not redone
+    (project / "score.py").write_text("def length(prompts, completions):\n    return [0.0 for c in completions]\n")
+    del manifest["code_fingerprint"]  # as align wrote it before
+    (project / "runs" / "eval.json.align.json").write_text(json.dumps(manifest))
+    assert align("run", "recipe.yaml").out.count("skipped") == 2
+
+
+def test_code_files_are_the_functions_files_templates_and_constitutions(tmp_path, monkeypatch):
+    from align.checkpoints import code_files
+    from align.config import EvalConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score.py").write_text("def f(p, c):\n    return [0.0] * len(c)\n")
+    (tmp_path / "template.jinja").write_text("{{ messages }}")
+    (tmp_path / "scoring").mkdir()
+    (tmp_path / "scoring" / "__init__.py").write_text("")
+    (tmp_path / "scoring" / "rules.py").write_text("def g(p, c):\n    return [1.0] * len(c)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = EvalConfig(model={"path": "tiny", "chat_template": "template.jinja"}, prompts={"path": "p.jsonl"},
+                        output="e.json", reward_fns=["score.py:f", "scoring.rules:g", "missing.py:h", "no_such_module:h"])
+    assert code_files(config) == sorted(["score.py", "template.jinja", str(tmp_path / "scoring" / "rules.py")])
