@@ -219,7 +219,7 @@ def load_model(spec: ModelSpec, source: str, lora: LoraSpec | None = None, *, ki
     if device is not None:
         kwargs["device_map"] = {"": device}
     if lora.qlora:
-        kwargs["quantization_config"] = _bnb_config(kwargs["dtype"])
+        kwargs["quantization_config"] = _bnb_config(kwargs["dtype"], kind)
     if kind == "reward":
         kwargs.update(num_labels=1, pad_token_id=pad_token_id)
         auto = AutoModelForSequenceClassification
@@ -305,7 +305,7 @@ def check_architecture(source: str, spec: ModelSpec, kind: str) -> None:
         raise ModelError(f"{source}: is a {archs[0]}, not a causal language model; this stage needs one")
 
 
-def _bnb_config(dtype: torch.dtype):
+def _bnb_config(dtype: torch.dtype, kind: str = "causal"):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -313,6 +313,10 @@ def _bnb_config(dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
+        # A classifier's head stays in full precision (it trains in full, float32_head): transformers
+        # keeps a sequence classifier's out of 4-bit by itself, but not a token classifier's. A causal
+        # LM keeps transformers' own list (its output embedding).
+        llm_int8_skip_modules=None if kind == "causal" else ["score", "classifier"],
     )
 
 

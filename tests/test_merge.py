@@ -27,6 +27,39 @@ def test_merge_writes_a_standalone_model_equal_to_base_plus_adapter(align, lora_
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
 
 
+@pytest.mark.parametrize("stage", ["rm", "prm"])
+def test_a_reward_models_adapter_merges_into_a_classifier_with_its_trained_head(align, stage, pairs_file, tmp_path):
+    """An adapter trained as a reward model (SEQ_CLS) or a PRM (TOKEN_CLS) merges into that classifier,
+    its trained score head included (not into a causal LM that drops it); it scores as the stage's own
+    output does, the PRM's step separator carried in the manifest."""
+    from align.config import ModelSpec
+    from align.rewards import reward_model
+    from conftest import stepwise_rows, write_jsonl
+
+    trained = tmp_path / stage
+    if stage == "rm":
+        assert align("rm", "-m", "tiny", "-d", pairs_file, "-o", trained, "--max-steps", "2", "--lr", "1e-2").code == 0
+    else:
+        steps = write_jsonl(tmp_path / "steps.jsonl", [{**row, "completions": [s + "." for s in row["completions"]]}
+                                                       for row in stepwise_rows(16)])
+        assert align("prm", "-m", "tiny", "-d", steps, "-o", trained, "--step-separator", ". ", "--max-steps", "2",
+                     "--lr", "1e-2").code == 0
+    out = tmp_path / "merged"
+    result = align("merge", "-m", trained, "-o", out)
+    assert result.code == 0, result.err
+    merged, own = load_file(out / "model.safetensors"), load_file(trained / "model.safetensors")
+    assert set(merged) == set(own) and any("score" in k for k in merged)
+    assert all(torch.allclose(merged[k], own[k], atol=1e-6) for k in own)
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["kind"] == {"rm": "reward", "prm": "process"}[stage]
+    assert manifest["base_model"] == json.loads((trained / "align.json").read_text())["base_model"]
+    if stage == "prm":
+        assert manifest["step_separator"] == ". "
+    prompts, completions = ["Solve problem 1."] * 2, ["step 1 good. step 2 bad", "step 1 bad. step 2 good"]
+    scores = [reward_model(ModelSpec(path=str(path)))(prompts, completions) for path in (trained, out)]
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
+
+
 def test_merge_casts_to_the_asked_dtype(align, lora_sft, tmp_path):
     out = tmp_path / "bf16"
     assert align("merge", "-m", lora_sft / "adapter", "-o", out, "--dtype", "bfloat16").code == 0

@@ -459,6 +459,26 @@ def test_an_outcome_model_is_read_at_its_last_step_and_gets_no_dense_rewards(ali
     assert json.loads((tmp_path / "ppo" / "align.json").read_text())["dense_process_rewards"] is False
 
 
+def test_qlora_prm_keeps_its_head_out_of_4_bit_and_scores_in_4_bit(align, steps_file, tmp_path):
+    """QLoRA on a token classifier: its score head is trained in full (not quantized, which bitsandbytes
+    cannot train), written into the merged output, and a PRM read in 4 bits scores with it."""
+    from safetensors.torch import load_file
+
+    from align.config import ModelSpec
+    from align.rewards import ProcessRewardModel
+
+    out = tmp_path / "prm"
+    result = align("prm", "-m", "tiny", "-d", steps_file, "-o", out, "--qlora", "--max-steps", "2", "--lr", "1e-2")
+    assert result.code == 0, result.err
+    adapter, merged = load_file(out / "adapter" / "adapter_model.safetensors"), load_file(out / "model.safetensors")
+    assert torch.equal(adapter["base_model.model.score.weight"], merged["score.weight"])
+    prompts, completions = ["Solve problem 1."], ["step 1 good\nstep 2 bad"]
+    full = ProcessRewardModel(ModelSpec(path=str(out))).step_scores(prompts, completions)[0]
+    in_4bit = ProcessRewardModel(ModelSpec(path=str(out)), in_4bit=True)
+    assert in_4bit.model.score.weight.dtype == torch.float32
+    assert torch.allclose(in_4bit.step_scores(prompts, completions)[0], full, atol=0.05)
+
+
 def test_trainable_layers_fine_tunes_only_the_last_blocks(align, tiny_model, tmp_path):
     from safetensors.torch import load_file
 

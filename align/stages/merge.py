@@ -1,5 +1,11 @@
 """Merge a LoRA/QLoRA adapter into a standalone checkpoint, verified against the adapter model.
 
+The adapter's task decides what is merged: a policy's (CAUSAL_LM) into a causal LM, a reward
+model's (SEQ_CLS) into a sequence classifier, a process reward model's (TOKEN_CLS) into a token
+classifier, each with the head the adapter trained; the stage output's reading of the model (a
+PRM's step separator) is carried into the manifest, and `base_model` names the model the adapter
+was trained on, so `align eval` compares with it by default.
+
 Verification: the merged model's logits on a few inputs must match the base+adapter model's
 (in float32) within `max_abs_diff`; the measured difference goes into the manifest.
 """
@@ -14,19 +20,22 @@ from pathlib import Path
 import torch
 
 from align import hub
-from align.checkpoints import prepare_output, write_manifest
+from align.checkpoints import prepare_output, read_manifest, write_manifest
 from align.config import MergeConfig, ModelSpec
 from align.errors import ModelError, OutputError
 from align.models import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger("align")
 PROBES = ["Hello! How are you today?", "Write one sentence about the sea.", "2 + 2 ="]
+KINDS = {"SEQ_CLS": "reward", "TOKEN_CLS": "process"}  # peft's task type -> load_model's kind; else causal
+READING = ("step_separator", "last_step_only")  # what a stage output's manifest says about reading its model
 
 
 def run(config: MergeConfig) -> Path:
     out, started = Path(config.output), time.time()
     adapter_dir = _adapter_dir(Path(config.model.path))
     base_source = resolve_model(ModelSpec(path=config.base or _adapter_base(adapter_dir)))
+    stage = read_manifest(adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir) or {}
     if config.push_to_hub and not hub.reachable():
         raise OutputError(f"--push-to-hub {config.push_to_hub}: the Hugging Face Hub is unreachable from this machine; "
                           "merge without it and upload the folder later")
@@ -34,7 +43,8 @@ def run(config: MergeConfig) -> Path:
     from peft import PeftModel
 
     tokenizer = load_tokenizer(config.model, str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base_source)
-    base = load_model(ModelSpec(path=base_source, dtype="float32"), base_source)
+    kind = KINDS.get(json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type"), "causal")
+    base = load_model(ModelSpec(path=base_source, dtype="float32"), base_source, kind=kind, pad_token_id=tokenizer.pad_token_id)
     adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
     probes = tokenizer(PROBES, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -50,7 +60,8 @@ def run(config: MergeConfig) -> Path:
         merged.push_to_hub(config.push_to_hub)
         tokenizer.push_to_hub(config.push_to_hub)
     log.info("merge: %s + %s -> %s (max logit difference %.2e)", base_source, adapter_dir, out, difference)
-    write_manifest(out, config=config, metrics={"max_abs_logit_diff": difference}, started=started, adapter=str(adapter_dir))
+    write_manifest(out, config=config, metrics={"max_abs_logit_diff": difference}, started=started, adapter=str(adapter_dir),
+                   base_model=config.base or stage.get("base_model") or _adapter_base(adapter_dir), kind=kind, **{key: stage[key] for key in READING if key in stage})
     return out
 
 
