@@ -2,8 +2,10 @@
 self-contained report.html (images embedded, opens offline).
 
 RUN_DIR is a recipe's output_dir (one sub-directory per stage) or a single stage output. Any
-stage directory with a metrics.jsonl is plotted; eval JSON files found there add their numbers
-and their model-vs-reference sample tables.
+stage directory with a metrics.jsonl is plotted; every finished stage (a directory, or a file
+with its FILE.align.json beside it: best-of-n, critique, label, label-steps, generate) adds the
+numbers of its manifest; eval JSON files add theirs (pairwise accuracy included) and their
+model-vs-reference sample tables.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import html
 import json
 from pathlib import Path
 
-from align.checkpoints import METRICS, atomic_write_text, read_manifest, read_records
+from align.checkpoints import MANIFEST, METRICS, atomic_write_text, read_manifest, read_records
 from align.data import last_text
 from align.errors import OutputError
 from align.stages import STAGES
@@ -21,14 +23,28 @@ from align.stages import STAGES
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:
+    """The stage outputs that are directories: with training curves (a metrics.jsonl) or a manifest."""
     candidates = [run_dir] + sorted(p for p in run_dir.iterdir() if p.is_dir()) if run_dir.is_dir() else []
-    return [p for p in candidates if (p / METRICS).is_file()]
+    return [p for p in candidates if (p / METRICS).is_file() or (p / MANIFEST).is_file()]
+
+
+def stage_files(run_dir: Path) -> list[tuple[Path, dict]]:
+    """The stage outputs that are one file (FILE.align.json beside FILE), with their manifests."""
+    found = []
+    for sidecar in sorted(run_dir.glob(f"*.{MANIFEST}")) if run_dir.is_dir() else []:
+        output = sidecar.with_name(sidecar.name.removesuffix(f".{MANIFEST}"))
+        manifest = read_manifest(output)
+        if manifest is not None:
+            found.append((output, manifest))
+    return found
 
 
 def write_report(run_dir: Path) -> Path:
-    stages = stage_dirs(run_dir)
-    if not stages:
-        raise OutputError(f"{run_dir}: no stage output with a {METRICS} here; point align report at a run directory")
+    stages, files = stage_dirs(run_dir), stage_files(run_dir)
+    evaluations = [path for path in sorted(run_dir.glob("*.json")) if not path.name.endswith(f".{MANIFEST}")] if run_dir.is_dir() else []
+    if not (stages or files or evaluations):
+        raise OutputError(f"{run_dir}: no stage output here (a directory with a {METRICS} or an {MANIFEST}, or a file with "
+                          f"FILE.{MANIFEST} beside it); point align report at a run directory")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,13 +55,16 @@ def write_report(run_dir: Path) -> Path:
         manifest = read_manifest(stage_dir) or {}
         kind = manifest.get("stage") or _guess_kind(stage_dir)
         stage = STAGES.get(kind)
-        records = read_records(stage_dir / METRICS)
+        records = read_records(stage_dir / METRICS) if (stage_dir / METRICS).is_file() else []
         curves = stage.curves if stage else ()
         images = [_plot_curves(records, keys, out / f"{stage_dir.name}-{i}.png", stage_dir.name) for i, keys in enumerate(curves)]
         if stage and stage.reward_vs_kl:
             images.append(_plot_reward_vs_kl(records, out / f"{stage_dir.name}-reward-vs-kl.png"))
-        sections.append(_section(stage_dir, kind, manifest, [i for i in images if i], _ppo_samples(stage_dir)))
-    for evaluation in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else []:
+        sections.append(_section(stage_dir, kind, manifest, [i for i in images if i], _ppo_samples(stage_dir) if kind == "ppo" else []))
+    for output, manifest in files:
+        if manifest.get("stage") != "eval":  # an eval's numbers are in its JSON, below
+            sections.append(_section(output, manifest.get("stage", ""), manifest, [], []))
+    for evaluation in evaluations:
         sections.append(_eval_section(evaluation))
     page = out / "report.html"
     atomic_write_text(page, _page(run_dir, [s for s in sections if s]))
@@ -138,16 +157,19 @@ def _eval_section(path: Path) -> str:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError):
         return ""
-    if not isinstance(data, dict) or "table" not in data:
+    if not isinstance(data, dict) or "model" not in data:  # not an eval's output
         return ""
     body = "".join(
         f"<tr><td>{html.escape(str(r.get('prompt', '')))}</td><td>{html.escape(str(r.get('reference') or ''))}</td>"
-        f"<td>{html.escape(str(r.get('completion', '')))}</td></tr>" for r in data["table"]
+        f"<td>{html.escape(str(r.get('completion', '')))}</td></tr>" for r in data.get("table", [])
     )
     numbers = {k: v for k, v in data.items() if isinstance(v, (int, float))}
-    return (f"<h2>{html.escape(path.name)} <small>eval of {html.escape(str(data.get('model')))} against "
-            f"{html.escape(str(data.get('reference')))}</small></h2>{_metrics_table(numbers)}"
-            f"<table><tr><th>prompt</th><th>before (reference)</th><th>after (model)</th></tr>{body}</table>")
+    numbers |= {f"{k}/{inner}": v for k, group in data.items() if isinstance(group, dict)  # pairs: accuracy, count, ...
+                for inner, v in group.items() if isinstance(v, (int, float))}
+    against = f" against {html.escape(str(data['reference']))}" if data.get("reference") else ""
+    table = f"<table><tr><th>prompt</th><th>before (reference)</th><th>after (model)</th></tr>{body}</table>" if body else ""
+    return (f"<h2>{html.escape(path.name)} <small>eval of {html.escape(str(data.get('model')))}{against}</small></h2>"
+            f"{_metrics_table(numbers)}{table}")
 
 
 def _page(run_dir: Path, sections: list[str]) -> str:
