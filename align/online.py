@@ -13,7 +13,7 @@ from datasets import Dataset
 from align.config import OnlineRLConfig
 from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, last_text, load_split, use_chat_template, warn_report
 from align.judge import JudgeReward
-from align.rewards import RewardFunction, reward_model
+from align.rewards import RewardFunction, reward_model, warn_unused_aggregate
 from align.training import TrainerPlan, run_trainer
 
 
@@ -42,6 +42,7 @@ def _plan(config: OnlineRLConfig, tokenizer, trainer_cls, args_cls, method_setti
     sources = [reward_model(spec, config.reward_aggregate) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
     if config.reward_judge:
         sources.append(JudgeReward(config.reward_judge, config))
+    warn_unused_aggregate(config, sources)
     rewards = [trl_reward(s, f"reward_{i}") for i, s in enumerate(sources)]
     warn_report(report)
     online = config.online

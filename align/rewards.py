@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from align.data import as_messages, split_steps, step_ids
 from align.errors import ConfigError, DataError, ModelError
 from align.models import load_model, load_tokenizer, resolve_model
 
+log = logging.getLogger("align")
 
 class RewardModel:
     def __init__(self, spec: ModelSpec, batch_size: int = 16, device: torch.device | None = None, in_4bit: bool = False):
@@ -147,6 +149,20 @@ def reward_model(spec: ModelSpec, aggregate: str = "min", batch_size: int = 16, 
     if is_process_reward_model(resolve_model(spec), spec):
         return ProcessRewardModel(spec, aggregate, batch_size, in_4bit)
     return RewardModel(spec, batch_size=batch_size, in_4bit=in_4bit)
+
+
+def warn_unused_aggregate(config, sources: list) -> None:
+    """One warning line for each reward source that ignores a reward_aggregate the user gave: it is
+    not a process reward model, or it is an outcome model (--last-step-only), read at its last step.
+    A source given as a string is a reward model's name that is not a process reward model."""
+    if "reward_aggregate" not in config.model_fields_set:
+        return
+    for source in sources:
+        if isinstance(source, ProcessRewardModel) and not source.outcome_only:
+            continue
+        why = ("it was trained on last steps only and is read at its last step" if isinstance(source, ProcessRewardModel)
+               else "it is not a process reward model, whose step scores it aggregates")
+        log.warning("reward_aggregate=%s does not apply to %s: %s", config.reward_aggregate, getattr(source, "name", source), why)
 
 
 def is_process_reward_model(source: str, spec: ModelSpec) -> bool:

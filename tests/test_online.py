@@ -36,6 +36,14 @@ def test_online_rl_trains_with_weighted_python_rewards_and_a_reward_model(align,
     assert any(not (trained[k] == base[k]).all() for k in base if "q_proj" in k)
 
 
+def test_a_reward_aggregate_for_a_python_scorer_is_said_to_do_nothing(align, online_prompts, reward_file, tmp_path):
+    result = align("grpo", "-m", "tiny", "-p", online_prompts, "-o", tmp_path / "o", "--reward-fn", f"{reward_file}:share_of_e",
+                   "--reward-aggregate", "mean", "--num-generations", "2", "--batch-size", "4", "--max-new-tokens", "4",
+                   "--max-steps", "1")
+    assert result.code == 0, result.err
+    assert f"reward_aggregate=mean does not apply to {reward_file}:share_of_e: it is not a process reward model" in result.err
+
+
 def test_online_rl_bad_input(align, online_prompts, reward_file, tmp_path):
     common = ["grpo", "-m", "tiny", "-p", online_prompts, "-o", tmp_path / "o"]
     assert_clean_failure(align(*common), 2, "at least one reward")

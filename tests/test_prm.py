@@ -433,6 +433,7 @@ def test_online_rl_scores_with_a_prm_by_the_chosen_aggregate(align, method, trai
                    "--reward-aggregate", "prod", "--num-generations", "4", "--batch-size", "8", "--max-new-tokens", "12",
                    "--max-steps", "2")
     assert result.code == 0, result.err
+    assert "does not apply" not in result.err  # a PRM aggregates as asked
     assert json.loads((tmp_path / method / "align.json").read_text())["rewards"] == [str(out)]
     logged = [json.loads(line)["rewards/reward_0/mean"] for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
@@ -457,6 +458,13 @@ def test_an_outcome_model_is_read_at_its_last_step_and_gets_no_dense_rewards(ali
                    "--max-new-tokens", "6", "-o", tmp_path / "ppo")
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "ppo" / "align.json").read_text())["dense_process_rewards"] is False
+    assert "does not apply" not in result.err  # nothing asked that it ignores
+    # Asked for what an outcome model cannot give: each setting ignored is said, in one line.
+    result = align("ppo", "-m", "tiny", "-p", ppo_prompts, "--reward-model", orm, "--episodes", "8", "--batch-size", "8",
+                   "--max-new-tokens", "6", "--reward-aggregate", "prod", "--process-rewards", "dense", "-o", tmp_path / "ppo2")
+    assert result.code == 0, result.err
+    assert f"reward_aggregate=prod does not apply to {orm}: it was trained on last steps only" in result.err
+    assert f"process_rewards=dense does not apply to {orm}" in result.err
 
 
 def test_qlora_prm_keeps_its_head_out_of_4_bit_and_scores_in_4_bit(align, steps_file, tmp_path):

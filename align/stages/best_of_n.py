@@ -49,7 +49,7 @@ from align.errors import ConfigError, TrainingError
 from align.generation import Completion, row_seed, sample
 from align.engines import open_sampler
 from align.models import load_tokenizer, resolve_model
-from align.rewards import RewardModel, load_reward
+from align.rewards import RewardModel, load_reward, warn_unused_aggregate
 from align.stages.label_steps import Checker
 
 log = logging.getLogger("align")
@@ -65,6 +65,7 @@ def run(config: BestOfNConfig) -> Path:
     chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
     voter = Checker(config.vote, "vote function") if config.vote else None
     reward = load_reward(config, config.score_batch_size, config.reward_in_4bit, conversational=is_messages(prompts[0]))
+    warn_unused_aggregate(config, [reward])
     if voter and isinstance(reward, RewardModel):  # an outcome model (a PRM is its own class, scoring in [0, 1])
         raise ConfigError(f"--vote weighs each sample by its score, and the reward model {config.reward_model.path} scores "
                           "in logits (any sign): vote with a PRM, a judge or a reward function whose scores are not negative")

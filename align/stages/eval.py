@@ -35,7 +35,7 @@ from align.generation import completion_logprobs, prompt_ids, sample, sample_sta
 from align.judge import JudgeReward
 from align.losses import kl_penalty
 from align.models import load_model, load_tokenizer, resolve_model
-from align.rewards import ProcessRewardModel, RewardFunction, reward_model, step_metrics
+from align.rewards import ProcessRewardModel, RewardFunction, reward_model, step_metrics, warn_unused_aggregate
 
 log = logging.getLogger("align")
 
@@ -49,6 +49,8 @@ def run(config: EvalConfig) -> Path:
     rewards = [reward_model(spec, config.reward_aggregate) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
     if config.reward_judge:
         rewards.append(JudgeReward(config.reward_judge, config))
+    if not is_reward_model:  # a reward model under evaluation reads the aggregate itself (_reward_model_accuracy)
+        warn_unused_aggregate(config, rewards)
     prepare_output_file(out, overwrite=config.overwrite)
     results: dict = {"model": config.model.path, "reference": reference}
     if is_reward_model:

@@ -40,7 +40,7 @@ from align.generation import (ModelInputs, Rollout, model_inputs, prompt_ids, re
                               response_values, sample_rollout, unwrapped)
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.memory import peak_memory_mb
-from align.rewards import ProcessRewardModel, RewardModel, load_reward
+from align.rewards import ProcessRewardModel, RewardModel, load_reward, warn_unused_aggregate
 from align.roles import POLICY, Roles, SharedBaseReward, build_roles, save_value, same_vocabulary, shared_reward_adapter
 from align.precision import autocast, compute_dtype, grad_scaler, weights_dtype
 from align.training import check_tracker
@@ -169,6 +169,11 @@ def run(config: PPOConfig) -> Path:
     baseline = _baseline(run, first)
 
     dense = isinstance(reward, ProcessRewardModel) and not reward.outcome_only and ppo.process_rewards == "dense"
+    reward_name = reward.name if reward is not None else config.reward_model.path  # a reward adapter on the policy's base
+    warn_unused_aggregate(config, [reward if reward is not None else reward_name])
+    if "process_rewards" in ppo.model_fields_set and ppo.process_rewards == "dense" and not dense:
+        log.warning("process_rewards=dense does not apply to %s: it is not a process reward model that scores each step; "
+                    "it gives one score per response", reward_name)
     metrics: dict[str, float] = {}
     progress = tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO))
     for step in progress:
