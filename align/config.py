@@ -636,7 +636,7 @@ class EvalConfig(JudgeQuestion, StageConfig):
     reward_fns: list[str] = Field(default_factory=list, description="python scorers MODULE:FUNCTION or FILE.py:FUNCTION (repeatable; runs your code)")
     reward_judge: JudgeSpec | None = Field(None, description="an AI judge: rates samples 1-10, and compares with the reference in both orders")
     reward_aggregate: RewardAggregate = "min"
-    reference: str | None = Field(None, description="default: the model the stage started from (its manifest)")
+    reference: str | None = Field(None, description="default: the model the stage started from (its manifest); with best_of, the model itself")
     no_reference: bool = Field(False, description="skip KL and win rate")
     sampling: EvalSampling = Field(default_factory=EvalSampling, description="how samples are drawn")
     generation: EngineSpec = Field(default_factory=EngineSpec, description="what samples: the hf engine (transformers) or vllm")

@@ -237,6 +237,22 @@ def test_eval_best_of_scores_the_pick_of_n(align, prompts_file, reward_file, tmp
     assert_clean_failure(align("eval", *common, "-o", tmp_path / "e2.json", "--best-of", "4", "--no-reference"), 2, "--best-of")
 
 
+def test_eval_best_of_compares_with_the_model_itself(align, prompts_file, sft_file, reward_file, tmp_path):
+    """Best-of-N on a stage output is compared with that model sampled plainly (what the pick adds,
+    against the model its KL bound is to), not with the model the stage started from."""
+    sft = tmp_path / "sft"
+    assert align("sft", "-m", "tiny", "-d", sft_file, "-o", sft, "--max-steps", "1").code == 0
+    common = ["-m", sft, "-p", prompts_file, "--max-new-tokens", "8", "--batch-size", "8", "--temperature", "0.7"]
+    plain = tmp_path / "plain.jsonl"
+    assert align("generate", *common, "-o", plain, "-n", "1").code == 0
+    out = tmp_path / "eval.json"
+    assert align("eval", *common, "-o", out, "--best-of", "4", "--reward-fn", f"{reward_file}:length").code == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["reference"] == str(sft)
+    lengths = [len(r["completion"]) for r in read_rows(plain)]
+    assert metrics[f"reward/{reward_file}:length/reference_mean"] == pytest.approx(sum(lengths) / len(lengths))
+
+
 def test_runs_finished_before_keep_vote_and_min_score_existed_stay_up_to_date(reward_file, tmp_path):
     """A field added later is left out of the config hash at its default: upgrading align never makes
     `align run --resume` redo a finished best-of-n stage (the sentiment benchmark's data stages)."""

@@ -72,8 +72,13 @@ def run(config: EvalConfig) -> Path:
 
 
 def _reference(config: EvalConfig) -> str:
+    """What the model is compared with: --reference, else for --best-of N the model itself (sampled
+    without the pick: what best-of-N adds, against the same model its KL bound is to), else the
+    model its manifest says it started from."""
     if config.reference:
         return config.reference
+    if config.best_of:
+        return config.model.path
     manifest = read_manifest(Path(config.model.path))
     if not manifest:
         raise ConfigError(
