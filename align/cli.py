@@ -164,16 +164,14 @@ def run(
     num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Run a recipe's stages in order; finished, unchanged stages are skipped."""
-    from align.checkpoints import out_of_date
-    from align.pipeline import run_recipe
+    from align.pipeline import plan_recipe, run_recipe
     from align.recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
     if not dry_run:
         _launch_if_asked(locals())
     if dry_run:
-        for config in loaded.stages:
-            reason = out_of_date(config)
+        for config, reason in plan_recipe(loaded):
             state = "up to date" if reason is None else "to run" if reason == "it is not finished" else f"to run: {reason}"
             typer.echo(f"{config.name:<12} {config.stage:<9} {config.model.path} -> {config.output}  ({state})")
         return

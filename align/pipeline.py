@@ -65,6 +65,33 @@ def run_stage(config: StageConfig) -> Path:
     return out
 
 
+def plan_recipe(recipe: Recipe) -> list[tuple[StageConfig, str | None]]:
+    """Each stage with why it would run (None: up to date, skipped). A stage that is up to date on
+    its own still runs when it reads the output of an earlier stage that runs (that one's new run
+    makes it out of date): `--dry-run` says so instead of calling it up to date."""
+    planned, running = [], []
+    for config in recipe.stages:
+        reason = out_of_date(config)
+        if reason is None:
+            upstream = next((name for name, out in running if any(_inside(path, out) for path in _reads(config))), None)
+            if upstream:
+                reason = f"it reads {upstream}, which runs before it"
+        if reason is not None:
+            running.append((config.name, Path(config.output).resolve()))
+        planned.append((config, reason))
+    return planned
+
+
+def _reads(config: StageConfig) -> list[Path]:
+    """The paths a stage reads: its model, reward models and data files."""
+    models = [getattr(config, "model", None), getattr(config, "reward_model", None), *getattr(config, "reward_models", [])]
+    return [Path(p).resolve() for p in [m.path for m in models if m is not None] + config.data_files()]
+
+
+def _inside(path: Path, output: Path) -> bool:
+    return path == output or output in path.parents
+
+
 def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> list[StageResult]:
     for config in recipe.stages:  # a stage that cannot train is refused before the first one runs
         try:

@@ -183,11 +183,21 @@ def test_a_changed_reward_function_file_makes_its_stage_out_of_date(align, tmp_p
     manifest = json.loads((project / "runs" / "eval.json.align.json").read_text())
     assert manifest["code_fingerprint"] != json.loads((project / "runs" / "sft" / "align.json").read_text())["code_fingerprint"]
     assert align("run", "recipe.yaml").out.count("skipped") == 2
-    (project / "score.py").write_text("def length(prompts, completions):\n    return [-float(len(c)) for c in completions]\n")
+    score, sft = (project / "score.py").read_text(), (project / "sft.jsonl").read_text()
+    changed = "def length(prompts, completions):\n    return [-float(len(c)) for c in completions]\n"
+    (project / "score.py").write_text(changed)
     assert_clean_failure(align("run", "recipe.yaml"), 5, "runs/eval.json: holds a finished 'eval' run",
                          "a file of code or settings it reads changed (score.py)", "--overwrite")
     listed = align("run", "recipe.yaml", "--dry-run").out.splitlines()
     assert "(up to date)" in listed[0] and "(to run: a file of code or settings it reads changed (score.py))" in listed[1]
+    (project / "sft.jsonl").write_text((project / "sft.jsonl").read_text() + (project / "sft.jsonl").read_text())
+    listed = align("run", "recipe.yaml", "--dry-run").out.splitlines()  # sft runs again, so eval after it
+    assert "(to run: its data changed (sft.jsonl))" in listed[0] and "(to run: a file of code" in listed[1]
+    (project / "score.py").write_text(score)
+    listed = align("run", "recipe.yaml", "--dry-run").out.splitlines()
+    assert "(to run: its data changed (sft.jsonl))" in listed[0] and "(to run: it reads sft, which runs before it)" in listed[1]
+    (project / "sft.jsonl").write_text(sft)
+    (project / "score.py").write_text(changed)
     redone = align("run", "recipe.yaml", "--overwrite")
     assert redone.code == 0, redone.err
     assert redone.out.count("skipped") == 1 and redone.out.count("ran") == 1  # sft was not redone
