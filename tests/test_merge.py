@@ -60,6 +60,18 @@ def test_a_reward_models_adapter_merges_into_a_classifier_with_its_trained_head(
     assert torch.allclose(scores[0], scores[1], atol=1e-5)
 
 
+def test_merge_runs_on_the_host_where_a_gpu_is_present(align, lora_sft, tmp_path, monkeypatch):
+    """Stage models go to the GPU when there is one; merge keeps base, adapter and probe inputs on the
+    host (before, the model went to the GPU and the probes stayed on the CPU)."""
+    from align.stages import merge
+
+    devices, real = [], merge.load_model
+    monkeypatch.setattr(merge, "load_model", lambda *args, **kwargs: devices.append(kwargs.get("device")) or real(*args, **kwargs))
+    result = align("merge", "-m", lora_sft, "-o", tmp_path / "merged")
+    assert result.code == 0, result.err
+    assert devices == ["cpu"]  # load_model's default is this process's GPU, where there is one
+
+
 def test_merge_casts_to_the_asked_dtype(align, lora_sft, tmp_path):
     out = tmp_path / "bf16"
     assert align("merge", "-m", lora_sft / "adapter", "-o", out, "--dtype", "bfloat16").code == 0

@@ -44,7 +44,9 @@ def run(config: MergeConfig) -> Path:
 
     tokenizer = load_tokenizer(config.model, str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base_source)
     kind = KINDS.get(json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type"), "causal")
-    base = load_model(ModelSpec(path=base_source, dtype="float32"), base_source, kind=kind, pad_token_id=tokenizer.pad_token_id)
+    # On the host, in float32, as a stage merges its own adapter: no GPU memory, no 16-bit rounding of the deltas.
+    base = load_model(ModelSpec(path=base_source, dtype="float32"), base_source, kind=kind, pad_token_id=tokenizer.pad_token_id,
+                      device="cpu")
     adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
     probes = tokenizer(PROBES, return_tensors="pt", padding=True)
     with torch.no_grad():
