@@ -120,6 +120,20 @@ def test_the_prompt_files_columns_reach_the_answer_function(align, tmp_path, che
         assert row["labels"] == [odd] * len(row["completions"]) and row["correct"] == odd
 
 
+def test_a_column_named_like_the_functions_arguments_is_not_passed(align, tmp_path, checkers):
+    """A stepwise file as the prompts (its `completions` and `labels` columns beside `answer`): the
+    function gets the sampled completions, the file's are not passed again as a keyword (that raised
+    'got multiple values for argument')."""
+    rows = [{"prompt": f"Solve {i}.", "answer": "x" if i % 2 else "y", "completions": ["a", "b"], "labels": [True, False]}
+            for i in range(4)]
+    problems = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "steps.jsonl"
+    result = label_steps(align, problems, out, "--answer-fn", f"{checkers}:all_columns")
+    assert result.code == 0, result.err
+    for row in read_rows(out):
+        assert row["correct"] == (int(row["prompt"].split()[1].rstrip(".")) % 2 == 1)
+
+
 def test_a_step_function_labels_each_step_without_rollouts(align, problems, checkers, tmp_path):
     out = tmp_path / "steps.jsonl"
     assert label_steps(align, problems, out, "--step-fn", f"{checkers}:odd_steps").code == 0

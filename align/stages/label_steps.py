@@ -13,7 +13,8 @@ the solution's `correct` and each step's `reached` (rollouts that reached the an
 
 The user's function is called on a batch: f(prompts, completions, **columns), where columns are
 the prompt file's other columns (say `answer`), passed when the function names them or takes
-**kwargs. Prompts are done in chunks, each seeded by its first prompt and written as it finishes,
+**kwargs; a column named like one of the two arguments it is called with (a stepwise file's
+`completions`) is not passed, since the sampled ones go there. Prompts are done in chunks, each seeded by its first prompt and written as it finishes,
 so a killed run continues with `--resume` on the same samples, nothing lost or doubled.
 """
 
@@ -142,6 +143,9 @@ class Checker:
         parameters = inspect.signature(self.fn).parameters.values()
         self.all_columns = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
         self.named = {p.name for p in parameters}
+        # The two arguments every call fills (prompts, completions or steps): a column by either name is not passed.
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.filled = {"prompt", *[p.name for p in parameters if p.kind in positional][:2]}
 
     def answers(self, rows: list[dict], completions: list[str], numbers: list[int]) -> list[bool]:
         values = self._call(rows, completions, numbers)
@@ -181,7 +185,7 @@ class Checker:
 
     def _apply(self, items: list[tuple[dict, Any, int]]) -> Any:
         rows = [row for row, _, _ in items]
-        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in self.filled}
         kwargs = columns if self.all_columns else {key: value for key, value in columns.items() if key in self.named}
         return self.fn([row["prompt"] for row in rows], [completion for _, completion, _ in items], **kwargs)
 
