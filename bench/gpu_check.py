@@ -11,10 +11,14 @@ the time budget is spent), every one an `align` process as a user would run it:
   2. QLoRA PPO (bitsandbytes 4-bit base, 4-bit reward model)
   3. the fp16 path, forced as on a T4: float32 weights + fp16 autocast + GradScaler (full
      fine-tuning), float16 base + fp16 (LoRA), and the refused cell (float16 full fine-tuning)
-  4. align ppo against TRL 1.5's PPOTrainer, matched (full fine-tuning in bfloat16 weights as the runner
+  4. the stages added since the first GPU run: a PRM trained on sibling steps, one row per pair
+     (custom attention masks on CUDA) in auto precision and under QLoRA, scoring best-of-n and
+     PPO's dense step rewards, its pairwise eval, label-steps' rollouts from step prefixes, and
+     merging a reward model's adapter (its head kept, on the host)
+  5. align ppo against TRL 1.5's PPOTrainer, matched (full fine-tuning in bfloat16 weights as the runner
      loads TRL's, one epoch and mini-batch):
      episodes/s and torch.cuda.max_memory_allocated, and the MFU of align's PPO update
-  5. scale: PPO with LoRA on a 1.7B-shaped model (SmolLM2-1.7B's config)
+  6. scale: PPO with LoRA on a 1.7B-shaped model (SmolLM2-1.7B's config)
 Quality is measured on the CPU (the real SmolLM2 weights are too big to carry); here the weights
 are random, built from SmolLM2's config with its real tokenizer, so speed and memory are real.
 """
@@ -85,12 +89,13 @@ class Checks:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    def align(self, name: str, *args, expect: int = 0) -> dict:
-        """Run `align ARGS`; record exit code, wall time and the output's manifest metrics."""
+    def align(self, name: str, *args, expect: int = 0, suffix: str = "") -> dict:
+        """Run `align ARGS`; record exit code, wall time and the output's manifest metrics. The output
+        is WORK/NAME, a directory, or a file with `suffix` (eval's .json, label-steps' .jsonl)."""
         if time.monotonic() > self.deadline:
             self.results[name] = {"status": "skipped", "why": "time budget spent"}
             return self.results[name]
-        out = self.work / name
+        out = self.work / (name + suffix)
         command = [sys.executable, "-m", "align", "-q", *map(str, args), "-o", str(out), "--overwrite"]
         started = time.monotonic()
         run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -102,7 +107,7 @@ class Checks:
             record["status"] = "ok"
             if expect:
                 record["refused_with"] = errors[-1] if errors else ""
-            manifest = out / "align.json"
+            manifest = out.with_name(out.name + ".align.json") if suffix else out / "align.json"
             if manifest.is_file():
                 metrics = json.loads(manifest.read_text())["metrics"]
                 record["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -154,9 +159,21 @@ def main() -> None:
                  "--set", "model.dtype=float16", "--set", "train.precision=fp16")
     checks.align("sft_fp16_weights_full_refused", "sft", "-m", model, "-d", DATA / "sft.jsonl", *small, "--no-lora",
                  "--set", "model.dtype=float16", expect=2)
-    # 4. against TRL 1.5, matched, and the MFU of align's update (the peer needs the carried TRL)
+    # 4. never run on a GPU before: process reward models, best-of-n, label-steps and merge
+    steps = sibling_steps(args.work / "steps.jsonl")
+    checks.align("prm_pairwise_auto", "prm", "-m", model, "-d", steps, "--pairwise", *small)
+    checks.align("prm_pairwise_qlora", "prm", "-m", model, "-d", steps, "--pairwise", "--qlora", *small)
+    prm = args.work / "prm_pairwise_auto"
+    checks.align("eval_prm_pairs", "eval", "-m", prm, "--pairs", steps, suffix=".json")
+    checks.align("best_of_n_prm", "best-of-n", "-m", args.work / "sft_auto", "-p", DATA / "ppo_prompts.jsonl", "--reward-model",
+                 prm, "-n", "4", "--max-new-tokens", "8" if args.dry_run else "32")
+    checks.align("ppo_dense_prm", "ppo", "-m", args.work / "sft_auto", "--reward-model", prm, *ppo)
+    checks.align("label_steps", "label-steps", "--policy", args.work / "sft_auto", "--prompts", steps, "--answer-fn",
+                 f"{HERE / 'gpu_scorers.py'}:ends_with_digit", "--rollouts", "2", "--max-new-tokens", "16", suffix=".jsonl")
+    checks.align("merge_rm", "merge", "-m", reward)
+    # 5. against TRL 1.5, matched, and the MFU of align's update (the peer needs the carried TRL)
     compare_with_trl(checks, model, reward, args.work, with_trl=not args.dry_run)
-    if not args.dry_run:  # 5. scale
+    if not args.dry_run:  # 6. scale
         large = build_model(args.work / "large-shaped", False, LARGE)
         checks.align("ppo_1.7b_lora", "ppo", "-m", large, "--reward-fn", f"{HERE / 'gpu_scorers.py'}:length", *ppo)
 
@@ -166,6 +183,20 @@ def main() -> None:
     if failed:
         print("failed: " + ", ".join(f"{n} ({checks.results[n]['error']})" for n in failed))
         sys.exit(1)
+
+
+def sibling_steps(path: Path) -> Path:
+    """Stepwise rows in pairs of siblings: one problem solved right, and again with its first step
+    off by one (labelled wrong), so `align prm --pairwise` has sibling steps to rank."""
+    rows = []
+    for n in range(32):
+        rows.append({"prompt": f"Add 2 to {n}, then double it.", "completions": [f"{n} + 2 = {n + 2}", f"{n + 2} * 2 = {2 * n + 4}"],
+                     "labels": [True, True]})
+        rows.append({"prompt": f"Add 2 to {n}, then double it.", "completions": [f"{n} + 2 = {n + 3}", f"{n + 3} * 2 = {2 * n + 6}"],
+                     "labels": [False, True]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def compare_with_trl(checks: Checks, model: Path, reward: Path, work: Path, with_trl: bool) -> None:

@@ -15,7 +15,8 @@ def test_gpu_check_dry_run_passes_every_check(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     checks = json.loads(out.read_text())["checks"]
     assert {"sft_auto", "rm_auto", "ppo_auto", "dpo_auto", "ppo_qlora", "ppo_fp16_full", "ppo_fp16_lora", "ppo_matched",
-            "ppo_full_auto"} <= set(checks)
+            "ppo_full_auto", "prm_pairwise_auto", "prm_pairwise_qlora", "eval_prm_pairs", "best_of_n_prm", "ppo_dense_prm",
+            "label_steps", "merge_rm"} <= set(checks)
     assert all(c["status"] == "ok" for c in checks.values())
     assert all(c["finite"] for name, c in checks.items() if "metrics" in c)
     assert "full fine-tuning cannot train float16 weights" in checks["sft_fp16_weights_full_refused"]["refused_with"]
