@@ -8,13 +8,13 @@ Checks, in order of importance (each recorded as ok / failed with its error line
 the time budget is spent), every one an `align` process as a user would run it:
   1. sft -> rm -> ppo, and dpo, in `auto` precision (bf16 compute on Ampere and newer, a bf16 frozen
      base under LoRA), and PPO full fine-tuning in `auto` (float32 master weights: its KL must move)
-  2. QLoRA PPO (bitsandbytes 4-bit base, 4-bit reward model)
-  3. the fp16 path, forced as on a T4: float32 weights + fp16 autocast + GradScaler (full
+  2. the stages added since the first GPU run (which passed 3 to 5): a PRM trained on sibling
+     steps, one row per pair (custom attention masks on CUDA) in auto precision and under QLoRA,
+     scoring best-of-n and PPO's dense step rewards, its pairwise eval, label-steps' rollouts from
+     step prefixes, and merging a reward model's adapter (its head kept, on the host)
+  3. QLoRA PPO (bitsandbytes 4-bit base, 4-bit reward model)
+  4. the fp16 path, forced as on a T4: float32 weights + fp16 autocast + GradScaler (full
      fine-tuning), float16 base + fp16 (LoRA), and the refused cell (float16 full fine-tuning)
-  4. the stages added since the first GPU run: a PRM trained on sibling steps, one row per pair
-     (custom attention masks on CUDA) in auto precision and under QLoRA, scoring best-of-n and
-     PPO's dense step rewards, its pairwise eval, label-steps' rollouts from step prefixes, and
-     merging a reward model's adapter (its head kept, on the host)
   5. align ppo against TRL 1.5's PPOTrainer, matched (full fine-tuning in bfloat16 weights as the runner
      loads TRL's, one epoch and mini-batch):
      episodes/s and torch.cuda.max_memory_allocated, and the MFU of align's PPO update
@@ -148,18 +148,7 @@ def main() -> None:
     checks.align("ppo_auto", "ppo", "-m", args.work / "sft_auto", "--reward-model", reward, *ppo)
     checks.align("dpo_auto", "dpo", "-m", model, "-d", DATA / "pairs.jsonl", *small)
     checks.align("ppo_full_auto", "ppo", "-m", model, "--reward-model", reward, *ppo, "--no-lora")
-    # 2. QLoRA
-    checks.align("ppo_qlora", "ppo", "-m", model, "--reward-model", reward, *ppo, "--qlora", "--set", "ppo.reward_in_4bit=true")
-    # 3. the fp16 path, as a T4 user meets it
-    checks.align("sft_fp16_full", "sft", "-m", model, "-d", DATA / "sft.jsonl", *small, "--no-lora",
-                 "--set", "model.dtype=float32", "--set", "train.precision=fp16")
-    checks.align("ppo_fp16_full", "ppo", "-m", model, "--reward-model", reward, *ppo, "--no-lora",
-                 "--set", "model.dtype=float32", "--set", "train.precision=fp16")
-    checks.align("ppo_fp16_lora", "ppo", "-m", model, "--reward-model", reward, *ppo,
-                 "--set", "model.dtype=float16", "--set", "train.precision=fp16")
-    checks.align("sft_fp16_weights_full_refused", "sft", "-m", model, "-d", DATA / "sft.jsonl", *small, "--no-lora",
-                 "--set", "model.dtype=float16", expect=2)
-    # 4. never run on a GPU before: process reward models, best-of-n, label-steps and merge
+    # 2. never run on a GPU before (the first run passed 3-5): process reward models, best-of-n, label-steps and merge
     steps = sibling_steps(args.work / "steps.jsonl")
     checks.align("prm_pairwise_auto", "prm", "-m", model, "-d", steps, "--pairwise", *small)
     checks.align("prm_pairwise_qlora", "prm", "-m", model, "-d", steps, "--pairwise", "--qlora", *small)
@@ -171,6 +160,17 @@ def main() -> None:
     checks.align("label_steps", "label-steps", "--policy", args.work / "sft_auto", "--prompts", steps, "--answer-fn",
                  f"{HERE / 'gpu_scorers.py'}:ends_with_digit", "--rollouts", "2", "--max-new-tokens", "16", suffix=".jsonl")
     checks.align("merge_rm", "merge", "-m", reward)
+    # 3. QLoRA
+    checks.align("ppo_qlora", "ppo", "-m", model, "--reward-model", reward, *ppo, "--qlora", "--set", "ppo.reward_in_4bit=true")
+    # 4. the fp16 path, as a T4 user meets it
+    checks.align("sft_fp16_full", "sft", "-m", model, "-d", DATA / "sft.jsonl", *small, "--no-lora",
+                 "--set", "model.dtype=float32", "--set", "train.precision=fp16")
+    checks.align("ppo_fp16_full", "ppo", "-m", model, "--reward-model", reward, *ppo, "--no-lora",
+                 "--set", "model.dtype=float32", "--set", "train.precision=fp16")
+    checks.align("ppo_fp16_lora", "ppo", "-m", model, "--reward-model", reward, *ppo,
+                 "--set", "model.dtype=float16", "--set", "train.precision=fp16")
+    checks.align("sft_fp16_weights_full_refused", "sft", "-m", model, "-d", DATA / "sft.jsonl", *small, "--no-lora",
+                 "--set", "model.dtype=float16", expect=2)
     # 5. against TRL 1.5, matched, and the MFU of align's update (the peer needs the carried TRL)
     compare_with_trl(checks, model, reward, args.work, with_trl=not args.dry_run)
     if not args.dry_run:  # 6. scale
