@@ -160,7 +160,8 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a 'stages:' list.")],
     set_: Sets = None, resume: Resume = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose config, data, code files or input changed.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and list its stages; run nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate the recipe and list its stages, each up to date or to run and why; run nothing.")] = False,
     num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Run a recipe's stages in order; finished, unchanged stages are skipped."""
