@@ -14,6 +14,7 @@ A directory without a manifest whose `completed` is true is never a finished sta
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -226,8 +227,6 @@ def code_files(config: Any) -> list[str]:
 
 def _module_file(name: str) -> str | None:
     """The file that defines importable module `name`, or None (not found, or not a file)."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(name)
     except Exception:  # a parent package that fails to import: the stage itself says so when it runs
@@ -236,12 +235,15 @@ def _module_file(name: str) -> str | None:
     return origin if origin and Path(origin).is_file() else None
 
 
+def input_models(config: Any) -> list[str]:
+    """The paths of the models a stage reads: its model, then its reward models."""
+    models = [getattr(config, "model", None), getattr(config, "reward_model", None), *getattr(config, "reward_models", [])]
+    return [m.path for m in models if m is not None and m.path]
+
+
 def input_run_id(config: Any) -> str | None:
     """The run ids of the stage outputs this stage reads (its model, and a reward model), if any."""
-    reward_models = [getattr(config, "reward_model", None), *getattr(config, "reward_models", [])]
-    model = getattr(config, "model", None)
-    inputs = [model.path if model else None, *(m.path for m in reward_models if m is not None)]
-    ids = [(read_manifest(Path(p)) or {}).get("run_id") for p in inputs if p]
+    ids = [(read_manifest(Path(p)) or {}).get("run_id") for p in input_models(config)]
     return "+".join(i for i in ids if i) or None
 
 
@@ -250,13 +252,16 @@ def is_up_to_date(config: Any) -> bool:
     return out_of_date(config) is None
 
 
+NOT_FINISHED = "it is not finished"
+
+
 def out_of_date(config: Any) -> str | None:
     """Why the output at config.output is not this config's finished run (a phrase: 'its data
     changed'), or None when it is: made by the same config, from the same data, the same code files
     and the same upstream run."""
     manifest = read_manifest(Path(config.output))
     if not manifest or not manifest.get("completed"):
-        return "it is not finished"
+        return NOT_FINISHED
     # Outputs written before paths counted relative to the project (absolute) stay up to date where they are.
     if manifest.get("config_hash") not in {config_hash(config), config_hash(config, portable=False)}:
         return "its config changed"

@@ -165,6 +165,7 @@ def run(
     num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Run a recipe's stages in order; finished, unchanged stages are skipped."""
+    from align.checkpoints import NOT_FINISHED
     from align.pipeline import plan_recipe, run_recipe
     from align.recipe import load_recipe
 
@@ -173,7 +174,7 @@ def run(
         _launch_if_asked(locals())
     if dry_run:
         for config, reason in plan_recipe(loaded):
-            state = "up to date" if reason is None else "to run" if reason == "it is not finished" else f"to run: {reason}"
+            state = "up to date" if reason is None else "to run" if reason == NOT_FINISHED else f"to run: {reason}"
             typer.echo(f"{config.name:<12} {config.stage:<9} {config.model.path} -> {config.output}  ({state})")
         return
     results = run_recipe(loaded, resume=resume, overwrite=overwrite)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align import distributed, memory, stages
-from align.checkpoints import has_started, is_complete, is_up_to_date, out_of_date, read_manifest
+from align.checkpoints import has_started, input_models, is_complete, is_up_to_date, out_of_date, read_manifest
 from align.config import StageConfig
 from align.errors import ConfigError, OutputError
 from align.engines import check_stage_engine
@@ -84,8 +84,7 @@ def plan_recipe(recipe: Recipe) -> list[tuple[StageConfig, str | None]]:
 
 def _reads(config: StageConfig) -> list[Path]:
     """The paths a stage reads: its model, reward models and data files."""
-    models = [getattr(config, "model", None), getattr(config, "reward_model", None), *getattr(config, "reward_models", [])]
-    return [Path(p).resolve() for p in [m.path for m in models if m is not None] + config.data_files()]
+    return [Path(p).resolve() for p in input_models(config) + config.data_files()]
 
 
 def _inside(path: Path, output: Path) -> bool:

@@ -41,7 +41,8 @@ def stage_files(run_dir: Path) -> list[tuple[Path, dict]]:
 
 def write_report(run_dir: Path) -> Path:
     stages, files = stage_dirs(run_dir), stage_files(run_dir)
-    evaluations = [path for path in sorted(run_dir.glob("*.json")) if not path.name.endswith(f".{MANIFEST}")] if run_dir.is_dir() else []
+    evaluations = ([path for path in sorted(run_dir.glob("*.json")) if not path.name.endswith(f".{MANIFEST}")]
+                   if run_dir.is_dir() else [])
     if not (stages or files or evaluations):
         raise OutputError(f"{run_dir}: no stage output here (a directory with a {METRICS} or an {MANIFEST}, or a file with "
                           f"FILE.{MANIFEST} beside it); point align report at a run directory")
@@ -60,7 +61,8 @@ def write_report(run_dir: Path) -> Path:
         images = [_plot_curves(records, keys, out / f"{stage_dir.name}-{i}.png", stage_dir.name) for i, keys in enumerate(curves)]
         if stage and stage.reward_vs_kl:
             images.append(_plot_reward_vs_kl(records, out / f"{stage_dir.name}-reward-vs-kl.png"))
-        sections.append(_section(stage_dir, kind, manifest, [i for i in images if i], _ppo_samples(stage_dir) if kind == "ppo" else []))
+        samples = _ppo_samples(stage_dir) if kind == "ppo" else []  # best-of-n writes a samples.jsonl of another shape
+        sections.append(_section(stage_dir, kind, manifest, [i for i in images if i], samples))
     for output, manifest in files:
         if manifest.get("stage") != "eval":  # an eval's numbers are in its JSON, below
             sections.append(_section(output, manifest.get("stage", ""), manifest, [], []))

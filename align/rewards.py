@@ -28,6 +28,7 @@ from align.models import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger("align")
 
+
 class RewardModel:
     def __init__(self, spec: ModelSpec, batch_size: int = 16, device: torch.device | None = None, in_4bit: bool = False):
         source = resolve_model(spec)

@@ -14,8 +14,9 @@ the solution's `correct` and each step's `reached` (rollouts that reached the an
 The user's function is called on a batch: f(prompts, completions, **columns), where columns are
 the prompt file's other columns (say `answer`), passed when the function names them or takes
 **kwargs; a column named like one of the two arguments it is called with (a stepwise file's
-`completions`) is not passed, since the sampled ones go there. Prompts are done in chunks, each seeded by its first prompt and written as it finishes,
-so a killed run continues with `--resume` on the same samples, nothing lost or doubled.
+`completions`) is not passed, since the sampled ones go there. Prompts are done in chunks, each
+seeded by its first prompt and written as it finishes, so a killed run continues with `--resume`
+on the same samples, nothing lost or doubled.
 """
 
 from __future__ import annotations

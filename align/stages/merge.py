@@ -34,7 +34,8 @@ READING = ("step_separator", "last_step_only")  # what a stage output's manifest
 def run(config: MergeConfig) -> Path:
     out, started = Path(config.output), time.time()
     adapter_dir = _adapter_dir(Path(config.model.path))
-    base_source = resolve_model(ModelSpec(path=config.base or _adapter_base(adapter_dir)))
+    adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_source = resolve_model(ModelSpec(path=config.base or _adapter_base(adapter, adapter_dir)))
     stage = read_manifest(adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir) or {}
     if config.push_to_hub and not hub.reachable():
         raise OutputError(f"--push-to-hub {config.push_to_hub}: the Hugging Face Hub is unreachable from this machine; "
@@ -43,7 +44,7 @@ def run(config: MergeConfig) -> Path:
     from peft import PeftModel
 
     tokenizer = load_tokenizer(config.model, str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base_source)
-    kind = KINDS.get(json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type"), "causal")
+    kind = KINDS.get(adapter.get("task_type"), "causal")
     # On the host, in float32, as a stage merges its own adapter: no GPU memory, no 16-bit rounding of the deltas.
     base = load_model(ModelSpec(path=base_source, dtype="float32"), base_source, kind=kind, pad_token_id=tokenizer.pad_token_id,
                       device="cpu")
@@ -63,7 +64,8 @@ def run(config: MergeConfig) -> Path:
         tokenizer.push_to_hub(config.push_to_hub)
     log.info("merge: %s + %s -> %s (max logit difference %.2e)", base_source, adapter_dir, out, difference)
     write_manifest(out, config=config, metrics={"max_abs_logit_diff": difference}, started=started, adapter=str(adapter_dir),
-                   base_model=config.base or stage.get("base_model") or _adapter_base(adapter_dir), kind=kind, **{key: stage[key] for key in READING if key in stage})
+                   base_model=config.base or stage.get("base_model") or _adapter_base(adapter, adapter_dir), kind=kind,
+                   **{key: stage[key] for key in READING if key in stage})
     return out
 
 
@@ -77,8 +79,9 @@ def _adapter_dir(path: Path) -> Path:
                      "full fine-tuning outputs are standalone already")
 
 
-def _adapter_base(adapter_dir: Path) -> str:
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+def _adapter_base(adapter: dict, adapter_dir: Path) -> str:
+    """The base model an adapter config (adapter_dir's adapter_config.json) names."""
+    base = adapter.get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
     return base

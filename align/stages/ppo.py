@@ -140,6 +140,12 @@ def run(config: PPOConfig) -> Path:
     )
     reward = None if shared_reward else load_reward(config, config.ppo.score_batch_size, config.ppo.reward_in_4bit,
                                                     conversational=is_messages(prompts.raw[0]))
+    dense = isinstance(reward, ProcessRewardModel) and not reward.outcome_only and ppo.process_rewards == "dense"
+    reward_name = reward.name if reward is not None else config.reward_model.path  # a reward adapter on the policy's base
+    warn_unused_aggregate(config, [reward if reward is not None else reward_name])
+    if "process_rewards" in ppo.model_fields_set and ppo.process_rewards == "dense" and not dense:
+        log.warning("process_rewards=dense does not apply to %s: it is not a process reward model that scores each step; "
+                    "it gives one score per response", reward_name)
     if shared_reward and not config.value_model:
         value_source = resolve_model(config.reward_model)
     else:
@@ -168,12 +174,6 @@ def run(config: PPOConfig) -> Path:
     run = Session(config, out, roles, tokenizer, prompts, held_out, reward, updates, global_batch, _tracker(config, out), engine)
     baseline = _baseline(run, first)
 
-    dense = isinstance(reward, ProcessRewardModel) and not reward.outcome_only and ppo.process_rewards == "dense"
-    reward_name = reward.name if reward is not None else config.reward_model.path  # a reward adapter on the policy's base
-    warn_unused_aggregate(config, [reward if reward is not None else reward_name])
-    if "process_rewards" in ppo.model_fields_set and ppo.process_rewards == "dense" and not dense:
-        log.warning("process_rewards=dense does not apply to %s: it is not a process reward model that scores each step; "
-                    "it gives one score per response", reward_name)
     metrics: dict[str, float] = {}
     progress = tqdm(range(first, updates), desc="ppo", unit="update", disable=not log.isEnabledFor(logging.INFO))
     for step in progress:
