@@ -116,7 +116,7 @@ def _run_options(stage: Stage) -> list[inspect.Parameter]:
     options = {"config": ConfigFile, "stage": StageName, "set_": Sets}
     options |= {"resume": Resume} if stage.resumes else {}
     options |= {"overwrite": Overwrite}
-    options |= {"num_processes": NumProcesses, "accelerate_config": AccelerateConfig} if stage.trains else {}
+    options |= {"num_processes": NumProcesses, "accelerate_config": AccelerateConfig} if stage.trains or stage.shards else {}
     defaults = {"resume": False, "overwrite": False}
     return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(name), annotation=kind)
             for name, kind in options.items()]

@@ -131,6 +131,28 @@ def gather(tensor):
     return torch.cat(parts).to(tensor.device)
 
 
+def from_main(value):
+    """The main process's `value`, on every process (any picklable object)."""
+    if not launched():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value) -> list:
+    """Every process's `value` (any picklable object), in rank order, on every process."""
+    if not launched():
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def average_gradients(params) -> None:
     """DDP's gradient all-reduce, for our own loops: every process ends with the mean gradient."""
     if not launched():

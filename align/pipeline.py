@@ -52,7 +52,7 @@ def run_stage(config: StageConfig) -> Path:
         from transformers import set_seed
 
         set_seed(train.seed)
-    if distributed.launched() and not stage.trains:
+    if distributed.launched() and not stage.trains and not shared_out(stage, config):
         # Sampling and scoring stages run on the main process; the others wait for its output.
         if distributed.is_main():
             with distributed.alone():
@@ -63,6 +63,13 @@ def run_stage(config: StageConfig) -> Path:
         out = stage.run(config)
     distributed.barrier()
     return out
+
+
+def shared_out(stage, config) -> bool:
+    """Whether a multi-process run shares this stage's rows out between its processes: a data stage that works in
+    chunks, sampling with transformers (a vLLM engine serves from the main process alone, one engine on the machine)."""
+    generation = getattr(config, "generation", None)
+    return stage.shards and not (generation is not None and generation.engine == "vllm")
 
 
 def plan_recipe(recipe: Recipe) -> list[tuple[StageConfig, str | None]]:

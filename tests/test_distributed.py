@@ -159,3 +159,105 @@ def test_prm_on_two_processes_matches_one(align, steps_file, tmp_path):
     AutoModelForTokenClassification.from_pretrained(two)
     assert_same_curve(one, two, "loss")
     assert curve(one, "step_accuracy") == curve(two, "step_accuracy")  # counts summed over the processes
+
+
+# -- data stages: each process takes every other chunk of rows, the main process writes them in order --
+
+CHECKERS = """
+import os
+
+def seen(prompts):  # which process was asked about which prompts
+    if os.environ.get("ALIGN_TEST_LOG"):
+        with open(os.environ["ALIGN_TEST_LOG"], "a") as log:
+            log.writelines(f"{os.environ.get('RANK', '0')}\\t{p}\\n" for p in prompts)
+
+def has_e(prompts, completions):
+    seen(prompts)
+    return [c.count("e") % 2 == 0 for c in completions]
+
+def flaky(prompts, completions):
+    seen(prompts)
+    if os.environ.get("ALIGN_TEST_FAIL_ON") and any(os.environ["ALIGN_TEST_FAIL_ON"] in p for p in prompts):
+        raise ValueError("cannot score this one")
+    return [c.count("e") / max(len(c), 1) for c in completions]
+"""
+
+
+def askers(log) -> dict[str, set[str]]:
+    """Each prompt the user's function saw, by the process that asked (and the log emptied)."""
+    by_rank: dict[str, set[str]] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        rank, prompt = line.split("\t")
+        by_rank.setdefault(rank, set()).add(prompt)
+    log.unlink(missing_ok=True)
+    return by_rank
+
+
+def same_files(one, two, names) -> None:
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_data_stages_on_two_processes_write_what_one_writes(align, tmp_path, monkeypatch):
+    """best-of-n, label-steps (rollouts), label and critique split their chunks between the processes: the same rows,
+    in the same order, and the same metrics as one process (each chunk is seeded by its first row)."""
+    from conftest import write_jsonl
+
+    log = tmp_path / "asked.tsv"
+    monkeypatch.setenv("ALIGN_TEST_LOG", str(log))
+    checkers = tmp_path / "checkers.py"
+    checkers.write_text(CHECKERS)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Solve problem {i}."} for i in range(7)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"How was movie {i}?", "chosen": "It was wonderful!",
+                                                    "rejected": f"Awful {i}."} for i in range(7)])
+    runs = {
+        "best-of-n": (["best-of-n", "-m", "tiny", "-p", prompts, "--reward-fn", f"{checkers}:flaky", "-n", "3",
+                       "--batch-size", "6", "--max-new-tokens", "6"], ""),
+        "label-steps": (["label-steps", "--policy", "tiny", "-p", prompts, "--answer-fn", f"{checkers}:has_e", "-n", "2",
+                         "--rollouts", "2", "--max-new-tokens", "8", "--batch-size", "4", "--step-separator", " "], ".jsonl"),
+        "label": (["label", "--judge", "tiny", "--pairs", pairs, "--question", "Which is kinder?", "--batch-size", "2"],
+                  ".jsonl"),
+        "critique": (["critique", "-m", "tiny", "-p", prompts, "--no-few-shot", "--max-new-tokens", "6", "--batch-size", "2"],
+                     ""),
+    }
+    for name, (args, suffix) in runs.items():
+        one, two = tmp_path / f"{name}-one{suffix}", tmp_path / f"{name}-two{suffix}"
+        assert align(*args, "-o", one).code == 0
+        askers(log)
+        result = align(*args, "-o", two, "--num-processes", "2")
+        assert result.code == 0, (name, result.err)
+        if name in ("best-of-n", "label-steps"):  # the user's function was called by both processes, on different rows
+            split = askers(log)
+            assert sorted(split) == ["0", "1"] and not split["0"] & split["1"], split
+        if suffix:
+            assert one.read_bytes() == two.read_bytes() and one.read_bytes(), name
+            manifests = [json.loads(path.with_name(path.name + ".align.json").read_text()) for path in (one, two)]
+        else:
+            files = sorted(p.name for p in one.glob("*.jsonl"))
+            assert files and files == sorted(p.name for p in two.glob("*.jsonl")), name
+            same_files(one, two, files)
+            manifests = [json.loads((path / "align.json").read_text()) for path in (one, two)]
+        assert manifests[0]["metrics"] == manifests[1]["metrics"], name
+
+
+def test_a_chunk_that_fails_on_another_process_stops_the_run_and_resume_finishes_it(align, tmp_path, monkeypatch):
+    """The failure is the one line a single process gives, the chunks written before it are kept, and --resume on two
+    processes ends with what one process writes in one go."""
+    from conftest import write_jsonl
+
+    checkers = tmp_path / "checkers.py"
+    checkers.write_text(CHECKERS)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(9)])
+    args = ["best-of-n", "-m", "tiny", "-p", prompts, "--reward-fn", f"{checkers}:flaky", "-n", "2", "--batch-size", "4",
+            "--max-new-tokens", "6"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert align(*args, "-o", whole).code == 0
+    monkeypatch.setenv("ALIGN_TEST_FAIL_ON", "movie 6")  # chunks of 2 prompts: the 4th, which the second process takes
+    assert_clean_failure(align(*args, "-o", split, "--num-processes", "2"), 2, "flaky", "cannot score this one", "movie 6")
+    progress = json.loads((split / "progress.json").read_text())
+    assert progress["done"] == 6 and not (split / "align.json").exists()
+    assert len((split / "samples.jsonl.partial").read_text().splitlines()) == 6 * 2
+    monkeypatch.delenv("ALIGN_TEST_FAIL_ON")
+    result = align(*args, "-o", split, "--num-processes", "2", "--resume")
+    assert result.code == 0, result.err
+    same_files(whole, split, ["best.jsonl", "pairs.jsonl", "samples.jsonl"])

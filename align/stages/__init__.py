@@ -2,8 +2,8 @@
 
 An entry says what the rest of align needs to know of a stage: its config (the schema in
 align/config.py), its command's help and flags, whether its output is a directory or one file,
-whether it trains (every process of a multi-process run takes a shard) or runs on the main
-process alone, what `align report` plots for it and whether it resumes. The CLI, recipes, the
+whether it trains (every process of a multi-process run takes a shard), splits its rows between
+the processes (sampling and scoring in chunks) or runs on the main process alone, what `align report` plots for it and whether it resumes. The CLI, recipes, the
 pipeline and the report read these entries and keep no table of their own.
 
 A stage's code is the module of its name here (align/stages/<name>.py, `-` written `_`) with a `run(config)`
@@ -35,7 +35,8 @@ class Stage:
     flags: tuple[Flag, ...]
     output: str = ""  # "" when the output is a directory; the suffix (".jsonl") when it is one file
     output_help: str = "Output directory."
-    trains: bool = True  # False: sampling/scoring; a multi-process run does it on the main process alone
+    trains: bool = True  # False: sampling/scoring; a multi-process run does it on the main process alone, unless:
+    shards: bool = False  # its chunks of rows are shared out between the processes (PartialRows.fill)
     resumes: bool = True  # takes --resume (continues an interrupted run without losing or redoing work)
     reads: str = ""  # the data `data_from: STAGE` hands it from a data-writing stage: "sft" or "pairs"
     writes: dict[str, str] = field(default_factory=dict)  # a directory stage's data files by kind, for data_from
@@ -141,7 +142,7 @@ _ENTRIES = (
          flag("samples_per_prompt", "--samples-per-prompt"), flag("few_shot", "--few-shot", off="--no-few-shot"),
          *(f for f in SAMPLING if f.key != "sampling.num_samples"), ENGINE),
         output_help="Output directory (sft.jsonl, pairs.jsonl, trace.jsonl).",
-        trains=False, writes={"sft": "sft.jsonl", "pairs": "pairs.jsonl"},
+        trains=False, shards=True, writes={"sft": "sft.jsonl", "pairs": "pairs.jsonl"},
     ),
     Stage(
         "label", schema.LabelConfig,
@@ -154,7 +155,7 @@ _ENTRIES = (
          flag("sampling.temperature", "--temperature"), flag("judge.batch_size", "--batch-size"),
          flag("sampling.seed", "--seed"), ENGINE),
         output=".jsonl", output_help="Output JSONL of labelled pairs (prompt, chosen, rejected, label_prob).",
-        trains=False,
+        trains=False, shards=True,
     ),
     Stage(
         "label-steps", schema.LabelStepsConfig,
@@ -166,6 +167,7 @@ _ENTRIES = (
          flag("rollouts", "--rollouts"), flag("labels", "--labels"), flag("step_separator", "--step-separator"), *SAMPLING,
          flag("model.dtype", "--dtype"), ENGINE),
         output=".jsonl", output_help="Output JSONL of stepwise rows (prompt, completions, labels).", trains=False,
+        shards=True,
     ),
     Stage(
         "best-of-n", schema.BestOfNConfig,
@@ -176,7 +178,7 @@ _ENTRIES = (
          *REWARD_JUDGE, flag("reward_aggregate", "--reward-aggregate"), *SAMPLING, flag("sampling.top_p", "--top-p"), flag("min_gap", "--min-gap"),
          flag("min_score", "--min-score"), flag("keep", "--keep"), flag("vote", "--vote"), flag("model.dtype", "--dtype"), ENGINE),
         output_help="Output directory (best.jsonl, pairs.jsonl, samples.jsonl).",
-        trains=False, writes={"sft": "best.jsonl", "pairs": "pairs.jsonl"},
+        trains=False, shards=True, writes={"sft": "best.jsonl", "pairs": "pairs.jsonl"},
     ),
     Stage(
         "generate", schema.GenerateConfig,

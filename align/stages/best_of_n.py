@@ -75,17 +75,17 @@ def run(config: BestOfNConfig) -> Path:
         if outputs.done:
             log.info("best-of-n: resuming after prompt %d of %d", outputs.done, len(prompts))
 
+        def best_of(start: int, end: int):
+            sampling = config.sampling.model_copy(update={"seed": row_seed(config.sampling.seed, 0, start)})
+            samples = sample(model, tokenizer, prompts[start:end], sampling, chat)
+            answers = voter and final_answers(voter, rows[start:end], samples, first_row=start)
+            return choose(prompts[start:end], samples, reward, config.min_gap, config.keep, first_row=start,
+                          answers=answers, min_score=config.min_score)
+
         chunk = max(1, config.sampling.batch_size // n)  # prompts whose n samples fill one generation batch
         with tqdm(total=len(prompts), initial=outputs.done, desc="best-of-n", unit="prompt",
                   disable=not log.isEnabledFor(logging.INFO)) as bar:
-            for start in range(outputs.done, len(prompts), chunk):
-                end = min(start + chunk, len(prompts))
-                sampling = config.sampling.model_copy(update={"seed": row_seed(config.sampling.seed, 0, start)})
-                samples = sample(model, tokenizer, prompts[start:end], sampling, chat)
-                answers = voter and final_answers(voter, rows[start:end], samples, first_row=start)
-                rows_out, counts = choose(prompts[start:end], samples, reward, config.min_gap, config.keep, first_row=start,
-                                          answers=answers, min_score=config.min_score)
-                outputs.append(rows_out, done=end, counts=counts)
+            for start, end in outputs.fill(len(prompts), chunk, best_of):
                 bar.update(end - start)
                 kept = outputs.counts.get("kept", 0)
                 bar.set_postfix(best=f"{outputs.counts.get('best_sum', 0.0) / max(1, kept):.3g}", refresh=False)

@@ -71,10 +71,7 @@ def run(config: CritiqueConfig) -> Path:
         chunk = config.sampling.batch_size
         with tqdm(total=len(prompts), initial=outputs.done, desc="critique", unit="prompt",
                   disable=not log.isEnabledFor(logging.INFO)) as bar:
-            for start in range(outputs.done, len(prompts), chunk):
-                end = min(start + chunk, len(prompts))
-                rows_out, counts = reviser.revise(prompts, range(start, end))
-                outputs.append(rows_out, done=end, counts=counts)
+            for start, end in outputs.fill(len(prompts), chunk, lambda start, end: reviser.revise(prompts, range(start, end))):
                 bar.update(end - start)
 
         outputs.finish()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from align import distributed
 from align.checkpoints import PartialRows, atomic_write_text, prepare_output_file, write_manifest
 from align.config import LabelConfig
 from align.constitution import load_constitution
@@ -43,7 +44,8 @@ def run(config: LabelConfig) -> Path:
     sidecar = out.with_name(out.name + ".pairs.json")  # sampled pairs, kept until the run finishes
     if not config.resume:
         prepare_output_file(out, overwrite=config.overwrite)
-        sidecar.unlink(missing_ok=True)
+        if distributed.is_main():
+            sidecar.unlink(missing_ok=True)
     pairs, skipped = _pairs(config, sidecar)
     judge = load_judge(config.judge)
     outputs = PartialRows({"prefs": out}, out.with_name(out.name + ".progress.json"), resume=config.resume)
@@ -52,19 +54,18 @@ def run(config: LabelConfig) -> Path:
 
     step = config.judge.batch_size
     with tqdm(total=len(pairs), initial=outputs.done, desc="label", unit="pair", disable=not log.isEnabledFor(logging.INFO)) as bar:
-        for start in range(outputs.done, len(pairs), step):
-            end = min(start + step, len(pairs))
-            rows, counts = _label(judge, pairs[start:end], range(start, end), config, constitution)
-            outputs.append({"prefs": rows}, done=end, counts=counts)
+        for start, end in outputs.fill(len(pairs), step, lambda start, end: _label(
+                judge, pairs[start:end], range(start, end), config, constitution)):
             bar.update(end - start)
     outputs.finish()
-    sidecar.unlink(missing_ok=True)
+    if distributed.is_main():
+        sidecar.unlink(missing_ok=True)
 
     counts, judged = outputs.counts, len(pairs)
     metrics = {
         "pairs": judged, "kept": counts.get("kept", 0),
         "dropped_low_confidence": counts.get("low_confidence", 0), "ties": counts.get("ties", 0),
-        "skipped_samples": skipped, "unreadable_answers": judge.unreadable,
+        "skipped_samples": skipped, "unreadable_answers": sum(distributed.gather_objects(judge.unreadable)),
         "mean_label_prob": counts.get("label_prob_sum", 0.0) / max(1, counts.get("kept", 0)),
         "first_position_rate": counts.get("first_preferred", 0) / max(1, counts.get("orders", 0)),
     }
@@ -85,9 +86,18 @@ def _pairs(config: LabelConfig, sidecar: Path) -> tuple[list[dict], int]:
         first, second = ("chosen", "rejected") if "chosen" in rows[0] else ("response_a", "response_b")
         return [{"prompt": r["prompt"], "a": last_text(r[first]), "b": last_text(r[second]),
                  "a_finished": r.get(f"{first}_finished", True), "b_finished": r.get(f"{second}_finished", True)} for r in rows], 0
-    if config.resume and sidecar.is_file():
+    saved = None
+    if distributed.is_main():  # the policy samples in one process; a multi-process run shares the judging
+        if not (config.resume and sidecar.is_file()):
+            with distributed.alone():
+                _sample_pairs(config, sidecar)
         saved = json.loads(sidecar.read_text(encoding="utf-8"))
-        return saved["pairs"], saved["skipped"]
+    saved = distributed.from_main(saved)
+    return saved["pairs"], saved["skipped"]
+
+
+def _sample_pairs(config: LabelConfig, sidecar: Path) -> None:
+    """Sample --num-samples responses per prompt from --policy and save them in pairs beside the output."""
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
     _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
@@ -106,7 +116,6 @@ def _pairs(config: LabelConfig, sidecar: Path) -> tuple[list[dict], int]:
             pairs.append({"prompt": prompt, "a": a.text, "b": b.text, "a_finished": a.finished, "b_finished": b.finished})
     del model  # an hf policy's memory, before the judge loads
     atomic_write_text(sidecar, json.dumps({"pairs": pairs, "skipped": skipped}))
-    return pairs, skipped
 
 
 def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, constitution) -> tuple[list[dict], Counter]:
@@ -144,4 +153,4 @@ def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, consti
         rows.append(row)
         counts["kept"] += 1
         counts["label_prob_sum"] += confidence
-    return rows, counts
+    return {"prefs": rows}, counts

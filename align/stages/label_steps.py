@@ -62,10 +62,8 @@ def run(config: LabelStepsConfig) -> Path:
         chunk = max(1, config.sampling.batch_size // config.sampling.num_samples)
         with tqdm(total=len(rows), initial=outputs.done, desc="label-steps", unit="prompt",
                   disable=not log.isEnabledFor(logging.INFO)) as bar:
-            for start in range(outputs.done, len(rows), chunk):
-                end = min(start + chunk, len(rows))
-                labelled, counts = _label_chunk(model, tokenizer, rows[start:end], start, config, chat, checker)
-                outputs.append({"steps": labelled}, done=end, counts=counts)
+            for start, end in outputs.fill(len(rows), chunk, lambda start, end: _label_chunk(
+                    model, tokenizer, rows[start:end], start, config, chat, checker)):
                 bar.update(end - start)
         outputs.finish()
 
@@ -87,8 +85,8 @@ def run(config: LabelStepsConfig) -> Path:
 
 
 def _label_chunk(model, tokenizer, rows: list[dict], first_row: int, config: LabelStepsConfig, chat: bool,
-                 checker: Checker) -> tuple[list[dict], Counter]:
-    """Sample the chunk's solutions, split them into steps and label every step."""
+                 checker: Checker) -> tuple[dict[str, list[dict]], Counter]:
+    """Sample the chunk's solutions, split them into steps and label every step (the rows of steps.jsonl)."""
     separator, sampling = config.step_separator, config.sampling
     solutions = sample(model, tokenizer, [row["prompt"] for row in rows], sampling.model_copy(update={"seed": row_seed(sampling.seed, 0, first_row)}), chat)
     counts: Counter = Counter()
@@ -101,7 +99,7 @@ def _label_chunk(model, tokenizer, rows: list[dict], first_row: int, config: Lab
             else:
                 counts["no_steps"] += 1
     if not items:
-        return [], counts
+        return {"steps": []}, counts
     owners = [rows[i] for i, _, _ in items]
     numbers = [first_row + i + 1 for i, _, _ in items]
     verdicts: dict[str, list] = {}  # with --answer-fn: each solution's `correct` and each step's `reached`
@@ -129,7 +127,7 @@ def _label_chunk(model, tokenizer, rows: list[dict], first_row: int, config: Lab
                     **{key: values[n] for key, values in verdicts.items()}})
         counts.update(solutions=1, steps=len(steps), label_sum=float(sum(labels[n])),
                       steps_correct=sum(float(label) > 0.5 for label in labels[n]))
-    return out, counts
+    return {"steps": out}, counts
 
 
 def _label(reached: int, rollouts: int, kind: str) -> float | bool:
