@@ -104,24 +104,37 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def sample(model, tokenizer, prompts: list[Any], sampling: SamplingSpec, chat: bool, progress=None) -> list[list[Completion]]:
+def sample(model, tokenizer, prompts: list[Any], sampling: SamplingSpec, chat: bool, progress=None,
+           shared: bool = False) -> list[list[Completion]]:
     """`sampling.num_samples` completions per prompt, in prompt order (see sample_ids)."""
-    return sample_ids(model, tokenizer, [prompt_ids(tokenizer, p, chat) for p in prompts], sampling, progress)
+    return sample_ids(model, tokenizer, [prompt_ids(tokenizer, p, chat) for p in prompts], sampling, progress, shared)
+
+
+def my_batches(requests: int, batch_size: int) -> list[int]:
+    """The batches of `requests` this process samples when a multi-process run shares them out: every Nth, by rank."""
+    from align import distributed
+
+    every, mine = (distributed.world_size(), distributed.rank()) if distributed.launched() else (1, 0)
+    return list(range(mine, -(-requests // batch_size), every))
 
 
 @torch.no_grad()
-def sample_ids(model, tokenizer, inputs: list[list[int]], sampling: SamplingSpec, progress=None) -> list[list[Completion]]:
+def sample_ids(model, tokenizer, inputs: list[list[int]], sampling: SamplingSpec, progress=None,
+               shared: bool = False) -> list[list[Completion]]:
     """`sampling.num_samples` completions continuing each token-id input, in input order.
 
     Each batch is seeded from (seed, batch index), so a run is reproducible for a given batch size.
     `model` may be a vLLM engine (align.engines.open_sampler): it seeds each request instead.
+    `shared`: every process of a multi-process run samples its share of the batches (my_batches) and
+    all of them get every completion, the same as one process samples.
     """
     eos_ids = eos_token_ids(model, tokenizer)
     if not isinstance(model, torch.nn.Module):
         return model.sample_ids(tokenizer, inputs, sampling, eos_ids, progress)
     device = next(model.parameters()).device
     requests = [(i, ids) for i, ids in enumerate(inputs) for _ in range(sampling.num_samples)]
-    results: list[list[Completion]] = [[] for _ in inputs]
+    batches = my_batches(len(requests), sampling.batch_size) if shared else range(-(-len(requests) // sampling.batch_size))
+    sampled: list[tuple[int, Completion]] = []  # (request, its completion)
     settings = dict(
         do_sample=sampling.temperature > 0, max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
@@ -129,17 +142,24 @@ def sample_ids(model, tokenizer, inputs: list[list[int]], sampling: SamplingSpec
         pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
     )
     with sampling_mode(model, **settings):
-        for batch_index, start in enumerate(range(0, len(requests), sampling.batch_size)):
+        for batch_index in batches:
+            start = batch_index * sampling.batch_size
             batch = requests[start:start + sampling.batch_size]
             input_ids, attention_mask = left_pad([ids for _, ids in batch], tokenizer.pad_token_id)
             torch.manual_seed(sampling.seed * 100_003 + batch_index)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-            for (prompt_index, _), row in zip(batch, output[:, input_ids.shape[1]:].tolist()):
+            for offset, row in enumerate(output[:, input_ids.shape[1]:].tolist()):
                 tokens, finished = truncate_at_eos(row, eos_ids)
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                results[prompt_index].append(Completion(text, tokens, finished))
+                sampled.append((start + offset, Completion(tokenizer.decode(tokens, skip_special_tokens=True), tokens, finished)))
             if progress:
                 progress(len(batch))
+    if shared:
+        from align import distributed
+
+        sampled = sorted((pair for part in distributed.gather_objects(sampled) for pair in part), key=lambda pair: pair[0])
+    results: list[list[Completion]] = [[] for _ in inputs]
+    for request, completion in sampled:
+        results[requests[request][0]].append(completion)
     return results
 
 

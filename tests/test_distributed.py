@@ -108,7 +108,7 @@ def test_grpo_on_two_processes(align, ppo_prompts, reward_file, tmp_path):
 
 
 def test_a_recipe_on_two_processes(align, sft_file, prompts_file, tmp_path):
-    """Training stages run on both processes; generate and eval on the main one while the other waits."""
+    """Training stages and generate run on both processes; eval on the main one while the other waits."""
     import yaml
 
     recipe = tmp_path / "recipe.yaml"
@@ -199,8 +199,9 @@ def same_files(one, two, names) -> None:
 
 
 def test_data_stages_on_two_processes_write_what_one_writes(align, tmp_path, monkeypatch):
-    """best-of-n, label-steps (rollouts), label and critique split their chunks between the processes: the same rows,
-    in the same order, and the same metrics as one process (each chunk is seeded by its first row)."""
+    """best-of-n, label-steps (rollouts), label and critique split their chunks between the processes, generate its
+    batches: the same rows, in the same order, and the same metrics as one process (each chunk is seeded by its first
+    row, each batch by its index)."""
     from conftest import write_jsonl
 
     log = tmp_path / "asked.tsv"
@@ -219,6 +220,8 @@ def test_data_stages_on_two_processes_write_what_one_writes(align, tmp_path, mon
                   ".jsonl"),
         "critique": (["critique", "-m", "tiny", "-p", prompts, "--no-few-shot", "--max-new-tokens", "6", "--batch-size", "2"],
                      ""),
+        "generate": (["generate", "-m", "tiny", "-p", prompts, "-n", "3", "--batch-size", "4", "--max-new-tokens", "6"],
+                     ".jsonl"),
     }
     for name, (args, suffix) in runs.items():
         one, two = tmp_path / f"{name}-one{suffix}", tmp_path / f"{name}-two{suffix}"
@@ -261,3 +264,14 @@ def test_a_chunk_that_fails_on_another_process_stops_the_run_and_resume_finishes
     result = align(*args, "-o", split, "--num-processes", "2", "--resume")
     assert result.code == 0, result.err
     same_files(whole, split, ["best.jsonl", "pairs.jsonl", "samples.jsonl"])
+
+
+def test_generate_shares_its_batches_out_by_rank(monkeypatch):
+    from align.generation import my_batches
+
+    assert my_batches(10, 2) == [0, 1, 2, 3, 4]  # one process: every batch
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    assert my_batches(10, 2) == [1, 4] and my_batches(11, 2) == [1, 4]
+    monkeypatch.setenv("RANK", "2")
+    assert my_batches(11, 2) == [2, 5]

@@ -36,7 +36,7 @@ class Stage:
     output: str = ""  # "" when the output is a directory; the suffix (".jsonl") when it is one file
     output_help: str = "Output directory."
     trains: bool = True  # False: sampling/scoring; a multi-process run does it on the main process alone, unless:
-    shards: bool = False  # its chunks of rows are shared out between the processes (PartialRows.fill)
+    shards: bool = False  # its rows are shared out between the processes (PartialRows.fill, generate's batches)
     resumes: bool = True  # takes --resume (continues an interrupted run without losing or redoing work)
     reads: str = ""  # the data `data_from: STAGE` hands it from a data-writing stage: "sft" or "pairs"
     writes: dict[str, str] = field(default_factory=dict)  # a directory stage's data files by kind, for data_from
@@ -186,7 +186,7 @@ _ENTRIES = (
         "Sampling follows --temperature and --top-p only: the checkpoint's own generation_config settings "
         "(top_k, repetition_penalty, no_repeat_ngram_size, ...) are not applied.",
         (MODEL, PROMPTS, OUTPUT, *SAMPLING, flag("sampling.top_p", "--top-p"), ENGINE),
-        output=".jsonl", output_help="Output JSONL file.", trains=False, resumes=False,
+        output=".jsonl", output_help="Output JSONL file.", trains=False, shards=True, resumes=False,
     ),
     Stage(
         "eval", schema.EvalConfig,
