@@ -172,10 +172,11 @@ def run(
     loaded = load_recipe(recipe, set_ or [])
     if not dry_run:
         _launch_if_asked(locals())
+    width = max([12, *(len(config.name) for config in loaded.stages)])  # the names in one column, however long
     if dry_run:
         for config, reason in plan_recipe(loaded):
             state = "up to date" if reason is None else "to run" if reason == NOT_FINISHED else f"to run: {reason}"
-            typer.echo(f"{config.name:<12} {config.stage:<9} {config.model.path} -> {config.output}  ({state})")
+            typer.echo(f"{config.name:<{width}} {config.stage:<11} {config.model.path} -> {config.output}  ({state})")
         return
     results = run_recipe(loaded, resume=resume, overwrite=overwrite)
     if not distributed.is_main():
@@ -183,7 +184,7 @@ def run(
     typer.echo(f"\nrecipe {loaded.name}: {len(results)} stage(s)")
     for result in results:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k in SUMMARY_METRICS)
-        typer.echo(f"  {result.name:<12} {result.status:<8} {result.seconds:7.1f}s  {result.output}  {shown}")
+        typer.echo(f"  {result.name:<{width}} {result.status:<8} {result.seconds:7.1f}s  {result.output}  {shown}")
     for result in results:
         if result.stage == "eval":
             _show_eval(Path(result.output), result.name)
