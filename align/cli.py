@@ -38,6 +38,9 @@ StageName = Annotated[Optional[str], typer.Option("--stage", help="Which stage o
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set train.warmup_ratio=0.1 (repeatable).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")]
+# -q / -v after the command name too (`align sft ... -q`), as before it (`align -q sft ...`).
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors (no progress bars).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs and every logged metrics dict too.")]
 NumProcesses = Annotated[Optional[int], typer.Option("--num-processes", help="Run on N processes (GPUs, or CPU with gloo) through accelerate launch; batch sizes stay per device.")]
 AccelerateConfig = Annotated[Optional[Path], typer.Option("--accelerate-config", help="An accelerate config (DDP, FSDP, DeepSpeed, multi-node; see recipes/accelerate/).")]
 
@@ -77,6 +80,7 @@ def _run_command(stage: Stage, arguments: dict[str, Any]) -> Path:
     """What every stage command does with its arguments: config file, flags, --set; then run it."""
     from align.pipeline import run_stage
 
+    _log_as_asked(arguments["quiet"], arguments["verbose"])
     _launch_if_asked(arguments)
     flags = {f: arguments[f.param] for f in stage.flags if arguments[f.param] is not None}
     run_control = {"overwrite": arguments["overwrite"]} | ({"resume": arguments["resume"]} if stage.resumes else {})
@@ -85,6 +89,12 @@ def _run_command(stage: Stage, arguments: dict[str, Any]) -> Path:
     if distributed.is_main():
         typer.echo(f"done: {out}")
     return out
+
+
+def _log_as_asked(quiet: bool, verbose: bool) -> None:
+    """A command's own -q / -v (the app's were applied before it ran)."""
+    if quiet or verbose:
+        _setup_logging(quiet, verbose)
 
 
 def _launch_if_asked(arguments: dict[str, Any]) -> None:
@@ -115,9 +125,9 @@ def _option(stage: Stage, flag: Flag) -> inspect.Parameter:
 def _run_options(stage: Stage) -> list[inspect.Parameter]:
     options = {"config": ConfigFile, "stage": StageName, "set_": Sets}
     options |= {"resume": Resume} if stage.resumes else {}
-    options |= {"overwrite": Overwrite}
+    options |= {"overwrite": Overwrite, "quiet": Quiet, "verbose": Verbose}
     options |= {"num_processes": NumProcesses, "accelerate_config": AccelerateConfig} if stage.trains or stage.shards else {}
-    defaults = {"resume": False, "overwrite": False}
+    defaults = {"resume": False, "overwrite": False, "quiet": False, "verbose": False}
     return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(name), annotation=kind)
             for name, kind in options.items()]
 
@@ -163,12 +173,14 @@ def run(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Validate the recipe and list its stages, each up to date or to run and why; run nothing.")] = False,
     num_processes: NumProcesses = None, accelerate_config: AccelerateConfig = None,
+    quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Run a recipe's stages in order; finished, unchanged stages are skipped."""
     from align.checkpoints import NOT_FINISHED
     from align.pipeline import plan_recipe, run_recipe
     from align.recipe import load_recipe
 
+    _log_as_asked(quiet, verbose)
     loaded = load_recipe(recipe, set_ or [])
     if not dry_run:
         _launch_if_asked(locals())
@@ -278,8 +290,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors (no progress bars).")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs and every logged metrics dict too.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickled .bin/.pt model weights (they can run code); safetensors only otherwise.")] = False,
 ) -> None:

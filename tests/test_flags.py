@@ -13,7 +13,7 @@ from align.cli import app, build_stage_config
 from align.errors import ConfigError
 from align.stages import STAGES
 
-RUN_OPTIONS = {"config", "stage", "set_", "resume", "overwrite", "num_processes", "accelerate_config"}
+RUN_OPTIONS = {"config", "stage", "set_", "resume", "overwrite", "num_processes", "accelerate_config", "quiet", "verbose"}
 # The least each stage needs before one more flag is tried on top.
 REQUIRED = {"model.path": "m", "output": "out", "data.path": "d.jsonl", "prompts.path": "p.jsonl"}
 EXTRA = {"label": {"judge": "j", "pairs.path": "pairs.jsonl", "question": "q"}, "ppo": {"reward_fn": "r.py:f", "question": "q"},
@@ -205,14 +205,19 @@ def test_the_terminal_shows_one_bar_per_stage_and_the_dicts_only_with_verbose(sf
     quiet = {"TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"}
     env = {**{k: v for k, v in os.environ.items() if k not in quiet}, "COLUMNS": "120"}
     runs = {}
-    for mode in ([], ["-v"]):
-        out = tmp_path / f"sft{len(mode)}"
-        done = subprocess.run([sys.executable, "-m", "align", *mode, "sft", "-m", "tiny", "-d", str(sft_file), "-o", str(out),
-                               "--max-steps", "3", "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=600)
+    # -v and -q work before the command (`align -v sft`) and after it (`align sft ... -q`)
+    for name, before, after in (("plain", [], []), ("verbose", ["-v"], []), ("verbose after", [], ["-v"]),
+                                ("quiet after", [], ["-q"])):
+        out = tmp_path / name.replace(" ", "-")
+        done = subprocess.run([sys.executable, "-m", "align", *before, "sft", "-m", "tiny", "-d", str(sft_file), "-o", str(out),
+                               "--max-steps", "3", "--batch-size", "4", *after], capture_output=True, text=True, env=env,
+                              timeout=600)
         assert done.returncode == 0, done.stderr
-        runs[bool(mode)] = done.stdout + done.stderr  # tqdm writes the dicts to stdout
+        runs[name] = done.stdout + done.stderr  # tqdm writes the dicts to stdout
         assert len((out / "metrics.jsonl").read_text().splitlines()) >= 3
-    plain, verbose = runs[False], runs[True]
+    plain = runs["plain"]
     assert "loss=" in plain and "3/3" in plain
     assert "{'loss'" not in plain and "Loading weights" not in plain and "Writing model shards" not in plain
-    assert "{'loss'" in verbose
+    assert "{'loss'" in runs["verbose"] and "{'loss'" in runs["verbose after"]
+    assert "align: batch:" in plain
+    assert "3/3" not in runs["quiet after"] and "align: batch:" not in runs["quiet after"], runs["quiet after"]
