@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align import distributed, memory, stages
-from align.checkpoints import has_started, input_models, is_complete, is_up_to_date, out_of_date, read_manifest
+from align.checkpoints import (
+    code_files, has_started, input_models, is_complete, is_up_to_date, out_of_date, read_manifest,
+)
 from align.config import StageConfig
 from align.errors import ConfigError, OutputError
 from align.engines import check_stage_engine
@@ -39,6 +41,7 @@ def run_stage(config: StageConfig) -> Path:
     if config.resume and is_complete(Path(config.output)):
         log.info("%s is already complete; nothing to resume", config.output)
         return Path(config.output)
+    check_output_apart(config)  # an output that would overwrite the stage's own model or data
     check_stage_precision(config)  # a combination that cannot train is refused before anything loads
     check_stage_engine(config)  # and an engine that is not installed or cannot serve the adapter
     warn_pure_bfloat16(config)
@@ -92,6 +95,25 @@ def plan_recipe(recipe: Recipe) -> list[tuple[StageConfig, str | None]]:
 def _reads(config: StageConfig) -> list[Path]:
     """The paths a stage reads: its model, reward models and data files."""
     return [Path(p).resolve() for p in input_models(config) + config.data_files()]
+
+
+def _every_input(config: StageConfig) -> list[str]:
+    """Everything a stage reads from disk that a run could destroy: _reads, and the other models a stage can be given
+    (a reference, a value model, a merge's base, a judge), the user's code files."""
+    judges = [getattr(config, key, None) for key in ("judge", "reward_judge")]
+    extra = [getattr(config, key, None) for key in ("reference", "value_model", "base")] + [j.model for j in judges if j]
+    return input_models(config) + config.data_files() + [p for p in extra if isinstance(p, str)] + code_files(config)
+
+
+def check_output_apart(config: StageConfig) -> None:
+    """Refuse an --output that is, or holds, something the stage reads: --overwrite (and the run itself) would delete
+    or replace its own input. Said before anything loads."""
+    out = Path(config.output).resolve()
+    for path in _every_input(config):
+        if Path(path).exists() and _inside(Path(path).resolve(), out):
+            what = "this stage reads it" if Path(path).resolve() == out else f"it holds {path}, which this stage reads"
+            raise OutputError(f"--output {config.output}: {what}, and writing there would destroy that input; "
+                              "choose another --output")
 
 
 def _inside(path: Path, output: Path) -> bool:

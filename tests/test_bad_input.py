@@ -123,6 +123,23 @@ def test_non_empty_output_is_refused_and_left_alone(align, sft_file, tmp_path):
     assert not (out / "notes.txt").exists() and (out / "align.json").exists()
 
 
+def test_an_output_that_is_or_holds_the_stages_own_input_is_refused_even_with_overwrite(align, sft_file, tmp_path):
+    """merge -m X -o X --overwrite deleted the adapter it was about to merge (then a traceback); the same for a stage
+    whose output folder holds its model or whose output file is its prompts or reward code."""
+    runs = tmp_path / "runs"
+    sft = runs / "sft"
+    assert align("sft", "-m", "tiny", "-d", sft_file, "-o", sft, "--max-steps", "1").code == 0
+    before = sorted(p.name for p in sft.iterdir())
+    assert_clean_failure(align("merge", "-m", sft, "-o", sft, "--overwrite"), 5, str(sft), "this stage reads it")
+    assert_clean_failure(align("dpo", "-m", sft, "-d", sft_file, "-o", runs, "--overwrite"), 5, str(sft), "holds")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    assert_clean_failure(align("generate", "-m", sft, "-p", prompts, "-o", prompts, "--overwrite"), 5, "prompts.jsonl")
+    assert sorted(p.name for p in sft.iterdir()) == before and prompts.read_text() == '{"prompt": "Hi"}\n'
+    # Beside or inside an input is fine: an eval written into the model's folder
+    assert align("eval", "-m", sft, "-p", prompts, "-o", sft / "eval.json", "--no-reference", "--max-new-tokens", "2").code == 0
+
+
 def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_writes_no_manifest(align, sft_file, tmp_path):
     out = tmp_path / "o"
     # Adam moves every weight by ~lr on step 1; lr=1e30 overflows the next forward pass to NaN.
