@@ -85,7 +85,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         return _read_json(path)
     if suffix == ".csv":
         try:
-            with path.open(newline="", encoding="utf-8") as handle:
+            with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is skipped
                 return list(csv.DictReader(handle))
         except (UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"{path}: not a readable UTF-8 CSV file ({exc})") from None
@@ -104,7 +104,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8").strip()
+                # A UTF-8 byte-order mark (Windows editors, PowerShell, Excel exports) is not part of the first row.
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
             except UnicodeDecodeError:
                 raise DataError(f"{path}: line {number}: not valid UTF-8; re-save the file as UTF-8") from None
             if not line:
@@ -136,7 +137,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+        loaded = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
     except _DuplicateKey as exc:

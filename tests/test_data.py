@@ -31,6 +31,11 @@ def test_reads_jsonl_json_csv_and_parquet_alike(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
     for suffix in ("jsonl", "json", "csv", "parquet"):
         assert read_rows(str(tmp_path / f"x.{suffix}"), spec(tmp_path / f"x.{suffix}")) == rows
+    # The same text files saved with a UTF-8 byte-order mark (Windows editors, PowerShell, Excel): the same rows
+    for suffix in ("jsonl", "json", "csv"):
+        marked = tmp_path / f"bom.{suffix}"
+        marked.write_bytes(b"\xef\xbb\xbf" + (tmp_path / f"x.{suffix}").read_bytes())
+        assert read_rows(str(marked), spec(marked)) == rows, suffix
 
 
 @pytest.mark.parametrize(
