@@ -143,6 +143,10 @@ def constant(prompts, completions):
 def length(prompts, completions):
     return [float(len(c)) for c in completions]
 
+def jittery(prompts, completions):  # a reward model's float noise: the same text scored in batches of other shapes
+    import random
+    return [float(len(c)) + 1e-6 * random.random() for c in completions]
+
 def not_a_number(prompts, completions):
     return [float("nan")] * len(completions)
 

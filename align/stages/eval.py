@@ -6,7 +6,7 @@
   distribution sampled (the model at the sampling temperature, cut to the --top-p nucleus) to the
   reference at that temperature; below --top-p 1 it includes the nucleus's own cost
 - win rate: the model's completion scores higher than the reference's on the same prompt
-  (ties count half), per reward source
+  (ties, identical texts among them, count half), per reward source
 - pairs: a reward model's accuracy (score(chosen) > score(rejected)), or a policy's DPO implicit
   reward accuracy (log-ratio to the reference higher for chosen than for rejected)
 - --best-of N: the best-of-N policy on the model instead of the model: each sample is the first
@@ -135,6 +135,8 @@ def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rew
                 wins = (preferred > 0.5).float() + 0.5 * (preferred == 0.5).float()
             else:
                 wins = (scores[reward.name] > ref_scores).float() + 0.5 * (scores[reward.name] == ref_scores).float()
+            # The same text is a tie, whatever float noise its two scorings (in different batches) carry.
+            wins[torch.tensor([c.text == r for (_, c), r in zip(flat, table_ref)])] = 0.5
             results[f"win_rate/{reward.name}"] = wins.mean().item()
             results[f"reward/{reward.name}/reference_mean"] = ref_scores.mean().item()
     results["table"] = [
