@@ -103,6 +103,22 @@ def test_min_score_keeps_the_prompts_always_solved_and_drops_those_never_solved(
     assert [r["completion"] for r in rows["best"] if r["prompt"] == "p2"] == ["sample 8", "sample 10"]
 
 
+def test_the_same_text_scored_twice_is_never_a_pair():
+    """A reward model scores one text a little differently in batches of other shapes: p0's three samples are one text
+    (no pair, and no best without --min-score); p1's worst-scored sample repeats its best text, so its pair is the best
+    against the worst of the other texts."""
+    import torch
+
+    from align.generation import Completion
+    from align.stages.best_of_n import choose
+
+    samples = [[Completion("same", [], True)] * 3, [Completion(t, [], True) for t in ("good", "fine", "good ")]]
+    scores = torch.tensor([1.0, 1.0 + 1e-6, 1.0 - 1e-6, 2.0 + 1e-6, 1.5, 2.0 - 1e-6])
+    rows, counts = choose(["p0", "p1"], samples, lambda prompts, completions: scores, 0.0)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows["pairs"]] == [("p1", "good", "fine")]
+    assert [r["prompt"] for r in rows["best"]] == ["p1"] and counts["skipped"] == 1
+
+
 def test_min_score_on_the_command_line_keeps_samples_that_all_score_alike(align, prompts_file, reward_file, tmp_path):
     out = tmp_path / "bon"
     assert best_of_n(align, prompts_file, out, "--reward-fn", f"{reward_file}:constant", "--min-score", "1").code == 0

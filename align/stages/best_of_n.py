@@ -10,8 +10,10 @@ the output directory:
 `finished` is false for a sample cut at --max-new-tokens: `align sft` trains it without an end of
 turn, and `align dpo` a pair's side whose `chosen_finished`/`rejected_finished` is false, so a
 round of rejection sampling does not teach the model to stop mid-sentence.
-A prompt whose best and worst samples score within --min-gap of each other (all alike, by
-default) says nothing about which answer is better: it gets no pair, and no best either unless
+The worst is the worst-scored sample whose text differs from the best's (one text scored twice
+differs only by float noise). A prompt whose best and worst samples score within --min-gap of
+each other (all alike, by default), or whose samples are all one text, says nothing about which
+answer is better: it gets no pair, and no best either unless
 --min-score is given, which keeps every best that scores at least that, alike or not (ReST-EM's
 filter: with a 0/1 reward, --min-score 1 keeps the prompts the model always solves and drops
 those it never does). Empty samples are scored but never chosen.
@@ -168,7 +170,11 @@ def choose(prompts: list, samples: list[list[Completion]], reward, min_gap: floa
             eligible = [k for k in candidates if answers[i][k] == top]
             share = weights[top] / max(sum(weights.values()), 1e-12)
         picks = sorted(eligible, key=lambda k: -values[k])[:keep]  # stable: equal scores keep sampling order
-        best, worst = picks[0], min(candidates, key=lambda k: values[k])  # min: the first of tied worst, as before
+        best = picks[0]
+        # The worst of the samples whose text differs from the best's: the same text scored twice differs only by float
+        # noise (a reward model's batches of other shapes), and a pair of one text teaches nothing.
+        others = [k for k in candidates if completions[k].text.strip() != completions[best].text.strip()]
+        worst = min(others, key=lambda k: values[k]) if others else best  # min: the first of tied worst, as before
         margin = float(values[best] - values[worst])
         if margin <= min_gap:
             counts["skipped"] += 1  # no pair: the samples say nothing about which answer is better
