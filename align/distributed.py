@@ -153,6 +153,22 @@ def gather_objects(value) -> list:
     return values
 
 
+def share_out(items: list, work):
+    """`work(items)` spread over a multi-process run: each process works on its contiguous share of `items`, and every
+    process gets the shares' results joined in order. `work` returns a tensor (one row per item, returned on the CPU)
+    or a list."""
+    if not launched() or not items:
+        return work(items)
+    import torch
+
+    bounds = [len(items) * k // world_size() for k in range(world_size() + 1)]
+    mine = items[bounds[rank()]:bounds[rank() + 1]]
+    result = work(mine) if mine else None
+    parts = [part for part in gather_objects(result.detach().cpu() if isinstance(result, torch.Tensor) else result)
+             if part is not None]
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [item for part in parts for item in part]
+
+
 def average_gradients(params) -> None:
     """DDP's gradient all-reduce, for our own loops: every process ends with the mean gradient."""
     if not launched():

@@ -118,6 +118,11 @@ def my_batches(requests: int, batch_size: int) -> list[int]:
     return list(range(mine, -(-requests // batch_size), every))
 
 
+def my_share(requests: int, batch_size: int) -> int:
+    """How many of `requests` this process samples when a multi-process run shares the batches out."""
+    return sum(min(batch_size, requests - b * batch_size) for b in my_batches(requests, batch_size))
+
+
 @torch.no_grad()
 def sample_ids(model, tokenizer, inputs: list[list[int]], sampling: SamplingSpec, progress=None,
                shared: bool = False) -> list[list[Completion]]:

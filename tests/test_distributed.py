@@ -108,7 +108,7 @@ def test_grpo_on_two_processes(align, ppo_prompts, reward_file, tmp_path):
 
 
 def test_a_recipe_on_two_processes(align, sft_file, prompts_file, tmp_path):
-    """Training stages and generate run on both processes; eval on the main one while the other waits."""
+    """Every stage of the recipe runs on both processes (training, generate and eval); each output is written once."""
     import yaml
 
     recipe = tmp_path / "recipe.yaml"
@@ -275,3 +275,40 @@ def test_generate_shares_its_batches_out_by_rank(monkeypatch):
     assert my_batches(10, 2) == [1, 4] and my_batches(11, 2) == [1, 4]
     monkeypatch.setenv("RANK", "2")
     assert my_batches(11, 2) == [2, 5]
+
+
+def test_eval_on_two_processes_matches_one(align, pairs_file, tmp_path, monkeypatch):
+    """eval shares out its sampling (the same samples), scoring, KL and pair accuracy: the same table, and metrics equal
+    to one process's to float rounding (a reward model reads each share in batches of other shapes)."""
+    from conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about movie {i}."} for i in range(7)])
+    checkers = tmp_path / "checkers.py"
+    checkers.write_text(CHECKERS)
+    rm = tmp_path / "rm"
+    assert align("rm", "-m", "tiny", "-d", pairs_file, "-o", rm, "--max-steps", "1").code == 0
+    dpo = tmp_path / "dpo"
+    assert align("dpo", "-m", "tiny", "-d", pairs_file, "-o", dpo, "--max-steps", "2").code == 0
+    log = tmp_path / "asked.tsv"
+    monkeypatch.setenv("ALIGN_TEST_LOG", str(log))
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"eval{processes}.json"
+        result = align("eval", "-m", dpo, "-p", prompts, "--pairs", pairs_file, "--reward-model", rm, "--reward-fn",
+                       f"{checkers}:flaky", "-n", "2", "--max-new-tokens", "6", "--batch-size", "4", "-o", out,
+                       *(["--num-processes", "2"] if processes == 2 else []))
+        assert result.code == 0, result.err
+        outputs[processes] = json.loads(out.read_text())
+        assert sorted(askers(log)) == ["0", "1"][:processes]  # the user's reward function ran in both processes
+    one, two = outputs[1], outputs[2]
+    assert [(r["completion"], r["reference"]) for r in one["table"]] == [(r["completion"], r["reference"]) for r in two["table"]]
+    assert one["samples"] == two["samples"] == 14 and one["kl"] > 0
+    numbers = {k: v for k, v in one.items() if isinstance(v, float)}
+    assert numbers and numbers == pytest.approx({k: two[k] for k in numbers}, rel=1e-4, abs=1e-6)
+    assert one["pairs"] == pytest.approx(two["pairs"], rel=1e-4, abs=1e-6)
+    rm_eval = {}
+    for processes in (1, 2):  # a reward model's own pair accuracy
+        out = tmp_path / f"rm{processes}.json"
+        assert align("eval", "-m", rm, "--pairs", pairs_file, "-o", out, *(["--num-processes", "2"] if processes == 2 else [])).code == 0
+        rm_eval[processes] = json.loads(out.read_text())["pairs"]
+    assert rm_eval[1] == pytest.approx(rm_eval[2], rel=1e-4, abs=1e-6)

@@ -36,7 +36,7 @@ class Stage:
     output: str = ""  # "" when the output is a directory; the suffix (".jsonl") when it is one file
     output_help: str = "Output directory."
     trains: bool = True  # False: sampling/scoring; a multi-process run does it on the main process alone, unless:
-    shards: bool = False  # its rows are shared out between the processes (PartialRows.fill, generate's batches)
+    shards: bool = False  # its rows are shared out between the processes (PartialRows.fill, sample(shared=True), share_out)
     resumes: bool = True  # takes --resume (continues an interrupted run without losing or redoing work)
     reads: str = ""  # the data `data_from: STAGE` hands it from a data-writing stage: "sft" or "pairs"
     writes: dict[str, str] = field(default_factory=dict)  # a directory stage's data files by kind, for data_from
@@ -193,7 +193,7 @@ _ENTRIES = (
         "Evaluate a model: rewards, KL and win rate against its reference, accuracy on pairs.",
         (MODEL, PROMPTS, OUTPUT, *REWARD_SOURCES, flag("reference", "--reference"), flag("no_reference", "--no-reference"),
          flag("pairs.path", "--pairs"), *SAMPLING, flag("sampling.top_p", "--top-p"), flag("best_of", "--best-of"), ENGINE),
-        output=".json", output_help="Where to write metrics.json.", trains=False, resumes=False,
+        output=".json", output_help="Where to write metrics.json.", trains=False, shards=True, resumes=False,
     ),
     Stage(
         "merge", schema.MergeConfig,

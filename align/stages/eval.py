@@ -26,12 +26,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from align import distributed
 from align.checkpoints import atomic_write_text, prepare_output_file, read_manifest, write_manifest
 from align.config import EvalConfig, ModelSpec
 from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, STEPWISE_FORMATS, as_messages, is_messages, last_text, load_split, use_chat_template
 from align.engines import sampler_for
 from align.errors import ConfigError
-from align.generation import completion_logprobs, prompt_ids, sample, sample_statistics
+from align.distributed import share_out
+from align.generation import completion_logprobs, my_share, prompt_ids, sample, sample_statistics
 from align.judge import JudgeReward
 from align.losses import kl_penalty
 from align.models import load_model, load_tokenizer, resolve_model
@@ -63,7 +65,8 @@ def run(config: EvalConfig) -> Path:
             results.update(_sampled(config, (source, model), (reference, ref_model), tokenizer, rewards))
         if config.pairs and ref_model is not None:
             results["pairs"] = _implicit_reward_accuracy(config, model, ref_model, tokenizer)
-    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    if distributed.is_main():
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     flat |= {f"pairs/{k}": v for k, v in results.get("pairs", {}).items()}  # the summary names pairwise accuracy too
     write_manifest(out, config=config, metrics=flat, started=started)
@@ -103,7 +106,8 @@ def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rew
     flat = [(p, c) for p, cs in zip(prompts, samples) for c in cs]
     lengths = torch.tensor([len(c.token_ids) for _, c in flat], dtype=torch.float32)
     finished = torch.tensor([c.finished for _, c in flat])
-    scores = {r.name: r([p for p, _ in flat], [c.text for _, c in flat]) for r in rewards}
+    # Scoring and log-probs below are shared out between the processes of a multi-process run (share_out).
+    scores = {r.name: share_out(flat, lambda part, r=r: r([p for p, _ in part], [c.text for _, c in part])) for r in rewards}
     results = {"samples": len(flat), **sample_statistics(lengths, finished)}  # the summary PPO's held-out eval logs too
     for name, values in scores.items():
         results[f"reward/{name}/mean"] = sample_statistics(lengths, finished, values)["score"]
@@ -115,23 +119,27 @@ def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rew
         results["kl_bound"] = kl_bound(config.best_of)
         results["best_of"] = config.best_of
     if ref_model is not None and not config.best_of:
-        prompt_tokens = [prompt_ids(tokenizer, p, chat) for p, _ in flat]
-        tokens, temperature = [c.token_ids for _, c in flat], config.sampling.temperature or 1.0
-        # The policy as it was sampled (temperature and nucleus), against the reference at that temperature.
-        policy_lp, mask = completion_logprobs(model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature,
-                                              top_p=config.sampling.top_p if config.sampling.temperature else 1.0)
-        ref_lp, _ = completion_logprobs(ref_model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
-        results["kl"] = (kl_penalty(policy_lp, ref_lp, "k3") * mask).sum(1).mean().item()
+        def kl(part: list) -> torch.Tensor:
+            prompt_tokens = [prompt_ids(tokenizer, p, chat) for p, _ in part]
+            tokens, temperature = [c.token_ids for _, c in part], config.sampling.temperature or 1.0
+            # The policy as it was sampled (temperature and nucleus), against the reference at that temperature.
+            policy_lp, mask = completion_logprobs(model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature,
+                                                  top_p=config.sampling.top_p if config.sampling.temperature else 1.0)
+            ref_lp, _ = completion_logprobs(ref_model, prompt_tokens, tokens, tokenizer.pad_token_id, temperature)
+            return (kl_penalty(policy_lp, ref_lp, "k3") * mask).sum(1)
+
+        results["kl"] = share_out(flat, kl).mean().item()
     if ref_model is not None:
         ref_spec = ModelSpec(path=reference_path)
         with sampler_for(ref_spec, resolve_model(ref_spec), config.generation, config.sampling.seed, ref_model) as sampler:
             ref_samples = _sample_with_progress(sampler, tokenizer, prompts, config, chat, "eval: reference")
         ref_flat = [c for cs in ref_samples for c in cs]
         table_ref = [c.text for c in ref_flat]
+        both = [(p, c.text, ref) for (p, c), ref in zip(flat, table_ref)]
         for reward in rewards:
-            ref_scores = reward([p for p, _ in flat], table_ref)
+            ref_scores = share_out(both, lambda part, r=reward: r([p for p, _, _ in part], [ref for _, _, ref in part]))
             if isinstance(reward, JudgeReward):  # a judge compares the two directly, in both orders
-                preferred = reward.prefer([p for p, _ in flat], [c.text for _, c in flat], table_ref)
+                preferred = share_out(both, lambda part, r=reward: r.prefer(*map(list, zip(*part))))
                 wins = (preferred > 0.5).float() + 0.5 * (preferred == 0.5).float()
             else:
                 wins = (scores[reward.name] > ref_scores).float() + 0.5 * (scores[reward.name] == ref_scores).float()
@@ -150,14 +158,16 @@ def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rew
 def _sample_with_progress(model, tokenizer, prompts: list, config: EvalConfig, chat: bool, what: str, each: int = 1):
     """config.sampling.num_samples samples per prompt, `each` times over (the candidates of best-of-N)."""
     sampling = config.sampling.model_copy(update={"num_samples": config.sampling.num_samples * each})
-    with tqdm(total=len(prompts) * sampling.num_samples, desc=what, unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
-        return sample(model, tokenizer, prompts, sampling, chat, progress=bar.update)
+    total, shared = len(prompts) * sampling.num_samples, distributed.launched()  # the bar counts this process's share
+    with tqdm(total=my_share(total, sampling.batch_size) if shared else total, desc=what, unit="sample",
+              disable=not log.isEnabledFor(logging.INFO)) as bar:
+        return sample(model, tokenizer, prompts, sampling, chat, progress=bar.update, shared=shared)
 
 
 def _picks(prompts: list, samples: list[list], chooser, n: int) -> list[list]:
     """Per prompt, every consecutive n samples reduced to the one `chooser` scores highest."""
     flat = [(p, c) for p, cs in zip(prompts, samples) for c in cs]
-    scores = chooser([p for p, _ in flat], [c.text for _, c in flat]).tolist()
+    scores = share_out(flat, lambda part: chooser([p for p, _ in part], [c.text for _, c in part])).tolist()
     picked, at = [], 0
     for completions in samples:
         groups = [range(at + g, at + g + n) for g in range(0, len(completions), n)]
@@ -180,7 +190,8 @@ def _reward_model_accuracy(config: EvalConfig, source: str) -> dict:
     process = isinstance(reward, ProcessRewardModel)
     kind, rows, _ = load_split(config.pairs, {**PREFERENCE_FORMATS, **(STEPWISE_FORMATS if process else {})}, 0)
     if kind == "stepwise":
-        scores = reward.step_scores([r["prompt"] for r in rows], [reward.separator.join(r["completions"]) for r in rows])
+        scores = share_out(rows, lambda part: [s.cpu() for s in reward.step_scores(
+            [r["prompt"] for r in part], [reward.separator.join(r["completions"]) for r in part])])
         return step_metrics(scores, [r["labels"] for r in rows])
     scores = score_once(reward, [(r["prompt"], last_text(r[side])) for side in ("chosen", "rejected") for r in rows])
     chosen, rejected = scores[:len(rows)], scores[len(rows):]
@@ -199,21 +210,25 @@ def score_once(reward, items: list[tuple]) -> torch.Tensor:
             first[key] = len(unique)
             unique.append((prompt, response))
         index.append(first[key])
-    scores = reward([p for p, _ in unique], [r for _, r in unique])
+    scores = share_out(unique, lambda part: reward([p for p, _ in part], [r for _, r in part]))
     return scores[torch.as_tensor(index, device=scores.device)]
 
 
 def _implicit_reward_accuracy(config: EvalConfig, model, ref_model, tokenizer) -> dict:
     rows = _pairs(config)
     chat = use_chat_template(tokenizer, config.pairs, is_messages(rows[0]["chosen"]), config.pairs.path)
-    prompts = [prompt_ids(tokenizer, r["prompt"], chat) for r in rows]
 
-    def ratio(side: str) -> torch.Tensor:
-        tokens = [_completion_ids(tokenizer, r["prompt"], r[side], chat) for r in rows]
-        pad = tokenizer.pad_token_id
-        return completion_logprobs(model, prompts, tokens, pad)[0].sum(1) - completion_logprobs(ref_model, prompts, tokens, pad)[0].sum(1)
+    def margins(part: list[dict]) -> torch.Tensor:
+        prompts = [prompt_ids(tokenizer, r["prompt"], chat) for r in part]
 
-    margin = ratio("chosen") - ratio("rejected")
+        def ratio(side: str) -> torch.Tensor:
+            tokens = [_completion_ids(tokenizer, r["prompt"], r[side], chat) for r in part]
+            pad = tokenizer.pad_token_id
+            return completion_logprobs(model, prompts, tokens, pad)[0].sum(1) - completion_logprobs(ref_model, prompts, tokens, pad)[0].sum(1)
+
+        return ratio("chosen") - ratio("rejected")
+
+    margin = share_out(rows, margins)
     return {"implicit_reward_accuracy": (margin > 0).float().mean().item(), "implicit_margin": margin.mean().item(), "count": len(rows)}
 
 

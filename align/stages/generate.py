@@ -13,7 +13,7 @@ from align import distributed
 from align.checkpoints import atomic_write_text, prepare_output_file, write_manifest
 from align.config import GenerateConfig
 from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
-from align.generation import my_batches, sample
+from align.generation import my_share, sample
 from align.engines import open_sampler
 from align.models import load_tokenizer, resolve_model
 
@@ -32,10 +32,8 @@ def run(config: GenerateConfig) -> Path:
     total = len(prompts) * config.sampling.num_samples
     # A multi-process run shares the batches out (each process its own copy of the model); the bar counts this one's.
     shared = distributed.launched()
-    mine = sum(min(config.sampling.batch_size, total - b * config.sampling.batch_size)
-               for b in my_batches(total, config.sampling.batch_size)) if shared else total
     with open_sampler(config.model, source, config.generation, config.sampling.seed) as model, tqdm(
-            total=mine, desc="generate", unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
+            total=my_share(total, config.sampling.batch_size) if shared else total, desc="generate", unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
         completions = sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update, shared=shared)
     lines = [
         json.dumps({"prompt": prompt, "completion": c.text, "sample": k, "finished": c.finished, "tokens": len(c.token_ids)})
