@@ -213,7 +213,8 @@ def _show_eval(path: Path, name: str) -> None:
     import json
 
     metrics = json.loads(path.read_text(encoding="utf-8"))
-    typer.echo(f"\n{name}: {metrics['model']} against {metrics.get('reference')}")
+    against = f" against {metrics['reference']}" if metrics.get("reference") else ""  # none: a reward model's pairs
+    typer.echo(f"\n{name}: {metrics['model']}{against}")
     for key, after in metrics.items():
         if key.startswith("reward/") and key.endswith("/mean"):
             source = key[len("reward/"):-len("/mean")]
@@ -229,6 +230,10 @@ def _show_eval(path: Path, name: str) -> None:
     for key in ("accuracy", "implicit_reward_accuracy"):
         if key in pairs:
             typer.echo(f"  {key.replace('_', ' ')} on pairs: {pairs[key]:.0%}")
+    if "auroc" in pairs:  # a PRM on stepwise rows
+        auroc = "n/a (one class of labels)" if pairs["auroc"] is None else f"{pairs['auroc']:.3f}"
+        typer.echo(f"  steps: accuracy {pairs['step_accuracy']:.0%}, first error found {pairs['first_error_accuracy']:.0%}, "
+                   f"AUROC {auroc}")
 
 
 def _show_samples(path: Path, name: str, count: int = 3) -> None:

@@ -108,6 +108,24 @@ def test_a_recipe_beside_its_relative_outputs_skips_them_on_rerun(align, tmp_pat
     assert json.loads((tmp_path / "runs" / "eval.json.align.json").read_text())["config"]["model"]["path"] == "runs/sft"
 
 
+def test_the_summary_of_reward_model_evals_names_no_reference_and_shows_step_metrics(align, tmp_path, pairs_file, steps_file,
+                                                                                       monkeypatch):
+    """A reward model's pairs and a PRM's stepwise rows evaluated in a recipe: 'X against None' was printed."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: rms\noutput_dir: runs\nmodel: tiny\nstages:\n"
+        f"  - {{name: rm, data: {pairs_file}, train: {{max_steps: 1}}}}\n"
+        f"  - {{name: prm, data: {steps_file}, train: {{max_steps: 1}}}}\n"
+        f"  - {{name: rm-pairs, stage: eval, from: rm, pairs: {pairs_file}}}\n"
+        f"  - {{name: prm-steps, stage: eval, from: prm, pairs: {steps_file}}}\n"
+    )
+    result = align("run", recipe)
+    assert result.code == 0, result.err
+    assert "None" not in result.out and "rm-pairs: runs/rm\n" in result.out and "prm-steps: runs/prm\n" in result.out
+    assert "accuracy on pairs:" in result.out and "steps: accuracy" in result.out and "AUROC" in result.out
+
+
 def test_a_recipe_named_by_another_path_to_the_same_file_is_still_up_to_date(align, tmp_path, monkeypatch):
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hello"}\n{"prompt": "Bye"}\n')
     (tmp_path / "gen.yaml").write_text(
