@@ -118,6 +118,9 @@ def trainer_args(args_cls, config: TrainStageConfig, out: Path, has_eval: bool, 
         bf16=precision == torch.bfloat16,
         fp16=precision == torch.float16,
         disable_tqdm=not logging.getLogger("align").isEnabledFor(logging.INFO),
+        # transformers' verbosity stays as align set it (-q / -v): by default the Trainer turns it up to "warning" on
+        # every process but the first, and a recipe's later stages then printed their weight-loading reports.
+        log_level="passive", log_level_replica="passive",
         **stage_args,
     )
 

@@ -107,7 +107,7 @@ def test_grpo_on_two_processes(align, ppo_prompts, reward_file, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_a_recipe_on_two_processes(align, sft_file, prompts_file, tmp_path):
+def test_a_recipe_on_two_processes(align, sft_file, pairs_file, prompts_file, tmp_path):
     """Every stage of the recipe runs on both processes (training, generate and eval); each output is written once."""
     import yaml
 
@@ -116,6 +116,8 @@ def test_a_recipe_on_two_processes(align, sft_file, prompts_file, tmp_path):
         "name": "two", "output_dir": str(tmp_path / "runs"), "model": "tiny",
         "stages": [
             {"name": "sft", "data": str(sft_file), "train": {"max_steps": 2, "batch_size": 2}},
+            # loads sft as a classifier (a new score head) after the second process's trainer ran: no loading report
+            {"name": "rm", "from": "sft", "data": str(pairs_file), "train": {"max_steps": 1, "batch_size": 2}},
             {"name": "samples", "stage": "generate", "from": "sft", "prompts": str(prompts_file),
              "sampling": {"max_new_tokens": 4, "num_samples": 2}},
             {"name": "eval", "stage": "eval", "from": "sft", "prompts": str(prompts_file), "sampling": {"max_new_tokens": 4}},
@@ -123,6 +125,7 @@ def test_a_recipe_on_two_processes(align, sft_file, prompts_file, tmp_path):
     }))
     result = align("run", recipe, "--num-processes", "2")
     assert result.code == 0, result.err
+    assert "LOAD REPORT" not in result.err and "newly initialized" not in result.err, result.err
     runs = tmp_path / "runs"
     assert len((runs / "samples.jsonl").read_text().splitlines()) == 5 * 2  # written once, by one process
     assert json.loads((runs / "eval.json").read_text())["samples"] == 5
