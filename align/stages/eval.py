@@ -144,7 +144,7 @@ def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rew
             else:
                 wins = (scores[reward.name] > ref_scores).float() + 0.5 * (scores[reward.name] == ref_scores).float()
             # The same text is a tie, whatever float noise its two scorings (in different batches) carry.
-            wins[torch.tensor([c.text == r for (_, c), r in zip(flat, table_ref)])] = 0.5
+            wins[torch.tensor([c.text == r for (_, c), r in zip(flat, table_ref)], device=wins.device)] = 0.5
             results[f"win_rate/{reward.name}"] = wins.mean().item()
             results[f"reward/{reward.name}/reference_mean"] = ref_scores.mean().item()
     results["table"] = [
