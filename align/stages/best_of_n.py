@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align.checkpoints import PartialRows, prepare_output, write_manifest
+from align.checkpoints import prepare_output, write_manifest
+from align.chunked import PartialRows
 from align.config import BestOfNConfig
 from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
 from align.errors import ConfigError, TrainingError

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from align.checkpoints import PartialRows, prepare_output, write_manifest
+from align.checkpoints import prepare_output, write_manifest
+from align.chunked import PartialRows
 from align.config import CritiqueConfig
 from align.constitution import Constitution, Example, Principle, load_constitution
 from align.data import PROMPT_FORMATS, as_messages, last_text, load_split

@@ -24,7 +24,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from align import distributed
-from align.checkpoints import PartialRows, atomic_write_text, prepare_output_file, write_manifest
+from align.checkpoints import atomic_write_text, prepare_output_file, write_manifest
+from align.chunked import PartialRows
 from align.config import LabelConfig
 from align.constitution import load_constitution
 from align.data import PROMPT_FORMATS, is_messages, last_text, load_split, use_chat_template

@@ -31,7 +31,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from align.checkpoints import PartialRows, prepare_output_file, write_manifest
+from align.checkpoints import prepare_output_file, write_manifest
+from align.chunked import PartialRows
 from align.config import LabelStepsConfig
 from align.data import PROMPT_FORMATS, check_separator, is_messages, load_split, split_steps, step_ids, use_chat_template
 from align.errors import ConfigError
