@@ -151,8 +151,10 @@ for _stage in STAGES.values():
 @app.command()
 def constitutions(
     show: Annotated[Optional[str], typer.Option("--show", help="Print this constitution (a built-in name or a file).")] = None,
+    quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """List the built-in constitutions, or print one to start your own from."""
+    _log_as_asked(quiet, verbose)
     from align.constitution import builtin_names, constitution_path, load_constitution
 
     if show:
@@ -257,8 +259,10 @@ SUMMARY_METRICS = (
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A recipe's output_dir, or one stage output.")],
+    quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Write RUN_DIR/report/report.html (self-contained) and PNG plots of every stage's metrics."""
+    _log_as_asked(quiet, verbose)
     from align.report import write_report
 
     typer.echo(f"report: {write_report(run_dir)}")
@@ -267,8 +271,10 @@ def report(
 @app.command()
 def models(
     prepare: Annotated[Optional[str], typer.Option("--prepare", help="Prepare this built-in now (it is also prepared on first use).")] = None,
+    quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """List the built-in models and whether each is ready to use."""
+    _log_as_asked(quiet, verbose)
     from align.models import BUILTINS, builtin_path, cache_dir, ensure_builtin
 
     if prepare:

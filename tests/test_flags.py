@@ -26,6 +26,12 @@ def _commands() -> dict[str, click.Command]:
     return typer.main.get_command(app).commands
 
 
+def test_every_command_takes_quiet_and_verbose_after_its_name():
+    for name, command in _commands().items():
+        options = {opt for param in command.params for opt in param.opts}
+        assert {"-q", "--quiet", "-v", "--verbose"} <= options, name
+
+
 def test_every_stage_is_registered_with_a_module_and_its_own_config():
     configs = {cls for cls in vars(schema).values() if isinstance(cls, type) and issubclass(cls, schema.StageConfig)
                and "stage" in cls.model_fields}
