@@ -59,7 +59,8 @@ class PartialRows:
                 results = [(None, *work(group[0], min(group[0] + chunk, total)))]
             else:
                 mine = group[distributed.rank()] if distributed.rank() < len(group) else None
-                results = distributed.gather_objects(None if mine is None else _attempt(work, mine, min(mine + chunk, total)))
+                mine_done = None if mine is None else _attempt(work, mine, min(mine + chunk, total))
+                results = distributed.gather_objects(mine_done)
             for start, (error, rows, counts) in zip(group, results):
                 if error is not None:
                     raise error

@@ -2,9 +2,10 @@
 
 An entry says what the rest of align needs to know of a stage: its config (the schema in
 align/config.py), its command's help and flags, whether its output is a directory or one file,
-whether it trains (every process of a multi-process run takes a shard), splits its rows between
-the processes (sampling and scoring in chunks) or runs on the main process alone, what `align report` plots for it and whether it resumes. The CLI, recipes, the
-pipeline and the report read these entries and keep no table of their own.
+whether it trains (every process of a multi-process run takes a shard), shares its rows out
+between the processes (sampling and scoring) or runs on the main process alone, what `align
+report` plots for it and whether it resumes. The CLI, recipes, the pipeline and the report read
+these entries and keep no table of their own.
 
 A stage's code is the module of its name here (align/stages/<name>.py, `-` written `_`) with a `run(config)`
 that returns its output path. The module is imported only when the stage runs: the entries

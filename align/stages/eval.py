@@ -224,7 +224,8 @@ def _implicit_reward_accuracy(config: EvalConfig, model, ref_model, tokenizer) -
         def ratio(side: str) -> torch.Tensor:
             tokens = [_completion_ids(tokenizer, r["prompt"], r[side], chat) for r in part]
             pad = tokenizer.pad_token_id
-            return completion_logprobs(model, prompts, tokens, pad)[0].sum(1) - completion_logprobs(ref_model, prompts, tokens, pad)[0].sum(1)
+            policy, reference = (completion_logprobs(m, prompts, tokens, pad)[0].sum(1) for m in (model, ref_model))
+            return policy - reference
 
         return ratio("chosen") - ratio("rejected")
 

@@ -33,7 +33,8 @@ def run(config: GenerateConfig) -> Path:
     # A multi-process run shares the batches out (each process its own copy of the model); the bar counts this one's.
     shared = distributed.launched()
     with open_sampler(config.model, source, config.generation, config.sampling.seed) as model, tqdm(
-            total=my_share(total, config.sampling.batch_size) if shared else total, desc="generate", unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
+            total=my_share(total, config.sampling.batch_size) if shared else total, desc="generate", unit="sample",
+            disable=not log.isEnabledFor(logging.INFO)) as bar:
         completions = sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update, shared=shared)
     lines = [
         json.dumps({"prompt": prompt, "completion": c.text, "sample": k, "finished": c.finished, "tokens": len(c.token_ids)})
