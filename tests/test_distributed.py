@@ -248,7 +248,7 @@ def test_data_stages_on_two_processes_write_what_one_writes(align, tmp_path, mon
 
 def test_a_chunk_that_fails_on_another_process_stops_the_run_and_resume_finishes_it(align, tmp_path, monkeypatch):
     """The failure is the one line a single process gives, the chunks written before it are kept, and --resume on two
-    processes ends with what one process writes in one go."""
+    processes, or on one, ends with what one process writes in one go."""
     from conftest import write_jsonl
 
     checkers = tmp_path / "checkers.py"
@@ -263,10 +263,14 @@ def test_a_chunk_that_fails_on_another_process_stops_the_run_and_resume_finishes
     progress = json.loads((split / "progress.json").read_text())
     assert progress["done"] == 6 and not (split / "align.json").exists()
     assert len((split / "samples.jsonl.partial").read_text().splitlines()) == 6 * 2
+    elsewhere = tmp_path / "elsewhere"  # the same failure, to be resumed by one process
+    assert_clean_failure(align(*args, "-o", elsewhere, "--num-processes", "2"), 2, "movie 6")
     monkeypatch.delenv("ALIGN_TEST_FAIL_ON")
     result = align(*args, "-o", split, "--num-processes", "2", "--resume")
     assert result.code == 0, result.err
     same_files(whole, split, ["best.jsonl", "pairs.jsonl", "samples.jsonl"])
+    assert align(*args, "-o", elsewhere, "--resume").code == 0  # chunks do not depend on the number of processes
+    same_files(whole, elsewhere, ["best.jsonl", "pairs.jsonl", "samples.jsonl"])
 
 
 def test_generate_shares_its_batches_out_by_rank(monkeypatch):
