@@ -119,7 +119,8 @@ def my_batches(requests: int, batch_size: int) -> list[int]:
 
 
 def my_share(requests: int, batch_size: int) -> int:
-    """How many of `requests` this process samples when a multi-process run shares the batches out."""
+    """How many of `requests` this process samples when a multi-process run shares the batches out (all of them in a
+    run of one process)."""
     return sum(min(batch_size, requests - b * batch_size) for b in my_batches(requests, batch_size))
 
 

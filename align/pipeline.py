@@ -110,8 +110,9 @@ def check_output_apart(config: StageConfig) -> None:
     or replace its own input. Said before anything loads."""
     out = Path(config.output).resolve()
     for path in _every_input(config):
-        if Path(path).exists() and _inside(Path(path).resolve(), out):
-            what = "this stage reads it" if Path(path).resolve() == out else f"it holds {path}, which this stage reads"
+        read = Path(path).resolve()
+        if read.exists() and _inside(read, out):
+            what = "this stage reads it" if read == out else f"it holds {path}, which this stage reads"
             raise OutputError(f"--output {config.output}: {what}, and writing there would destroy that input; "
                               "choose another --output")
 

@@ -144,7 +144,7 @@ def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rew
             else:
                 wins = (scores[reward.name] > ref_scores).float() + 0.5 * (scores[reward.name] == ref_scores).float()
             # The same text is a tie, whatever float noise its two scorings (in different batches) carry.
-            wins[torch.tensor([c.text == r for (_, c), r in zip(flat, table_ref)], device=wins.device)] = 0.5
+            wins[torch.tensor([text == ref for _, text, ref in both], device=wins.device)] = 0.5
             results[f"win_rate/{reward.name}"] = wins.mean().item()
             results[f"reward/{reward.name}/reference_mean"] = ref_scores.mean().item()
     results["table"] = [
@@ -158,10 +158,9 @@ def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rew
 def _sample_with_progress(model, tokenizer, prompts: list, config: EvalConfig, chat: bool, what: str, each: int = 1):
     """config.sampling.num_samples samples per prompt, `each` times over (the candidates of best-of-N)."""
     sampling = config.sampling.model_copy(update={"num_samples": config.sampling.num_samples * each})
-    total, shared = len(prompts) * sampling.num_samples, distributed.launched()  # the bar counts this process's share
-    with tqdm(total=my_share(total, sampling.batch_size) if shared else total, desc=what, unit="sample",
-              disable=not log.isEnabledFor(logging.INFO)) as bar:
-        return sample(model, tokenizer, prompts, sampling, chat, progress=bar.update, shared=shared)
+    total = my_share(len(prompts) * sampling.num_samples, sampling.batch_size)  # the bar counts this process's share
+    with tqdm(total=total, desc=what, unit="sample", disable=not log.isEnabledFor(logging.INFO)) as bar:
+        return sample(model, tokenizer, prompts, sampling, chat, progress=bar.update, shared=distributed.launched())
 
 
 def _picks(prompts: list, samples: list[list], chooser, n: int) -> list[list]:

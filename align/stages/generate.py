@@ -31,11 +31,11 @@ def run(config: GenerateConfig) -> Path:
     prepare_output_file(out, overwrite=config.overwrite or config.resume)
     total = len(prompts) * config.sampling.num_samples
     # A multi-process run shares the batches out (each process its own copy of the model); the bar counts this one's.
-    shared = distributed.launched()
     with open_sampler(config.model, source, config.generation, config.sampling.seed) as model, tqdm(
-            total=my_share(total, config.sampling.batch_size) if shared else total, desc="generate", unit="sample",
+            total=my_share(total, config.sampling.batch_size), desc="generate", unit="sample",
             disable=not log.isEnabledFor(logging.INFO)) as bar:
-        completions = sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update, shared=shared)
+        completions = sample(model, tokenizer, prompts, config.sampling, chat, progress=bar.update,
+                             shared=distributed.launched())
     lines = [
         json.dumps({"prompt": prompt, "completion": c.text, "sample": k, "finished": c.finished, "tokens": len(c.token_ids)})
         for prompt, samples in zip(prompts, completions)

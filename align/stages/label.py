@@ -66,7 +66,7 @@ def run(config: LabelConfig) -> Path:
     metrics = {
         "pairs": judged, "kept": counts.get("kept", 0),
         "dropped_low_confidence": counts.get("low_confidence", 0), "ties": counts.get("ties", 0),
-        "skipped_samples": skipped, "unreadable_answers": sum(distributed.gather_objects(judge.unreadable)),
+        "skipped_samples": skipped, "unreadable_answers": int(counts.get("unreadable", 0)),
         "mean_label_prob": counts.get("label_prob_sum", 0.0) / max(1, counts.get("kept", 0)),
         "first_position_rate": counts.get("first_preferred", 0) / max(1, counts.get("orders", 0)),
     }
@@ -126,6 +126,7 @@ def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, consti
     else:
         questions, names = [config.question] * len(pairs), [None] * len(pairs)
     prompts, a, b = [p["prompt"] for p in pairs], [p["a"] for p in pairs], [p["b"] for p in pairs]
+    unreadable = judge.unreadable
     a_first = judge.prefer_first(prompts, a, b, questions)  # P(A) with A shown first
     counts = Counter(first_preferred=int((a_first > 0.5).sum()), orders=len(pairs))
     if config.swap:
@@ -135,6 +136,7 @@ def _label(judge, pairs: list[dict], indices: range, config: LabelConfig, consti
         counts.update(consistent=int(consistent.sum()), orders=len(pairs), first_preferred=int((b_first > 0.5).sum()))
     else:
         prob_a, consistent = a_first, None
+    counts["unreadable"] = judge.unreadable - unreadable  # this chunk's, kept with the others' (and on resume)
     rows = []
     for n, pair in enumerate(pairs):
         p = float(prob_a[n])
