@@ -431,13 +431,16 @@ def preference_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec,
             example["prompt"] = as_messages(row["prompt"], "user") if row["prompt"] else []
             example["chosen"] = as_messages(row["chosen"], "assistant")
             example["rejected"] = as_messages(row["rejected"], "assistant")
-        longest = max(
-            len(render_ids(tokenizer, example["prompt"] + example[side], chat=chat))
-            for side in ("chosen", "rejected")
-        )
-        if longest > spec.max_length:
+        sides = [render_ids(tokenizer, example["prompt"] + example[side], chat=chat) for side in ("chosen", "rejected")]
+        if max(map(len, sides)) > spec.max_length:
             if spec.overlong == "drop":
                 report.drop(f"longer than max_length={spec.max_length}")
+                continue
+            # Truncation keeps the start: a prompt that fills max_length leaves neither side a token to compare
+            # (TRL's DPO trainer drops such a pair on its own, unreported).
+            prompt = prompt_ids(tokenizer, row["prompt"], chat) if row["prompt"] else []
+            if min(common_prefix(prompt, side) for side in sides) >= spec.max_length:
+                report.drop(f"prompt alone fills max_length={spec.max_length}")
                 continue
             report.truncated += 1
         kept = {k: example[k] for k in ("prompt", "chosen", "rejected", "margin") if k in example}

@@ -59,6 +59,14 @@ def test_overlong_rows_are_counted(align, tmp_path):
     result = align("sft", "-m", "tiny", "-d", data, "-o", tmp_path / "o2", "--max-length", "32", "--max-steps", "1",
                    "--set", "data.overlong=drop")
     assert result.code == 0 and "dropped 1 row(s): longer than max_length=32" in result.err
+    # DPO truncates a pair too, but one whose prompt alone fills max_length is dropped (nothing left
+    # to compare); when every pair is such, it stops in one line instead of TRL's empty sampler.
+    pairs = [{"prompt": "word " * 40, "chosen": "yes", "rejected": "no"}]
+    pairs_file = write_jsonl(tmp_path / "long_pairs.jsonl", pairs + [{"prompt": "q", "chosen": "yes", "rejected": "no"}] * 3)
+    result = align("dpo", "-m", "tiny", "-d", pairs_file, "-o", tmp_path / "d", "--max-length", "32", "--max-steps", "1")
+    assert result.code == 0 and "dropped 1 row(s): prompt alone fills max_length=32" in result.err, result.err
+    assert_clean_failure(align("dpo", "-m", "tiny", "-d", write_jsonl(tmp_path / "all_long.jsonl", pairs), "-o",
+                               tmp_path / "d2", "--max-length", "32"), 3, "all_long.jsonl", "prompt alone fills max_length=32")
 
 
 def test_conversational_data_with_a_tokenizer_without_chat_template(align, tiny_model, sft_file, tmp_path):

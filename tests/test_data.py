@@ -186,6 +186,19 @@ def test_overlong_rows_are_truncated_or_dropped_and_counted(tokenizer):
     assert len(kept) == 1 and report.dropped == {"longer than max_length=32": 2}
 
 
+def test_a_pair_whose_prompt_fills_max_length_is_dropped_not_truncated(tokenizer):
+    """DPO truncates an overlong pair from its end, so a prompt that fills max_length leaves neither
+    side a token: dropped and counted (TRL would drop it unreported); a long answer is truncated."""
+    rows = [{"prompt": "x " * 200, "chosen": "good", "rejected": "bad"},
+            {"prompt": "q", "chosen": "long answer " * 50, "rejected": "bad"},
+            {"prompt": "q", "chosen": "good", "rejected": "bad"}]
+    for chat in (True, False):
+        report = DataReport("pairs")
+        kept = preference_examples(rows, tokenizer, chat, spec("pairs", max_length=32), report)
+        assert len(kept) == 2 and report.truncated == 1, chat
+        assert report.dropped == {"prompt alone fills max_length=32": 1}, chat
+
+
 def test_identical_pairs_are_dropped_and_strings_become_chat_turns(tokenizer):
     rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "p", "chosen": "good", "rejected": "bad", "margin": 1.5}]
     report = DataReport("pairs")
