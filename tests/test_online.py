@@ -53,6 +53,32 @@ def test_online_rl_bad_input(align, online_prompts, reward_file, tmp_path):
                          2, "2 weights for 1 reward")
 
 
+def test_online_rl_prompt_lengths_and_held_out_prompts(align, online_prompts, reward_file, tmp_path):
+    """TRL hands a prompt to the model whole: one over prompts.max_length is dropped (overlong=drop) or
+    refused naming its row, as is one leaving no room for the completion in the context (512 for the
+    tiny model); prompts held out by eval_fraction are sampled and scored at each eval, not lost."""
+    rows = [{"prompt": f"Tell me about movie {i}."} for i in range(8)]
+    long = write_jsonl(tmp_path / "long.jsonl", rows[:4] + [{"prompt": "word " * 300}] + rows[4:])
+    common = ["-m", "tiny", "-p", long, "--reward-fn", f"{reward_file}:share_of_e", "--num-generations", "2",
+              "--batch-size", "4", "--max-new-tokens", "4", "--max-steps", "2", "--save-steps", "1"]
+    assert_clean_failure(align("grpo", *common, "-o", tmp_path / "a", "--set", "prompts.max_length=128"), 3,
+                         "long.jsonl: row 5", "over prompts.max_length=128", "prompts.overlong=drop")
+    assert_clean_failure(align("rloo", *common, "-o", tmp_path / "b", "--max-new-tokens", "480"), 3,
+                         "long.jsonl: row 5", "exceeds the model's context of 512")
+    result = align("grpo", *common, "-o", tmp_path / "c", "--set", "prompts.max_length=128", "--set", "prompts.overlong=drop")
+    assert result.code == 0, result.err
+    assert "dropped 1 row(s): prompt longer than max_length=128" in result.err
+    assert json.loads((tmp_path / "c" / "align.json").read_text())["data"]["rows_used"] == 8
+    out = tmp_path / "d"
+    result = align("grpo", *common[:2], "-p", write_jsonl(tmp_path / "short.jsonl", rows), *common[4:], "-o", out,
+                   "--set", "prompts.eval_fraction=0.5")
+    assert result.code == 0, result.err
+    assert json.loads((out / "align.json").read_text())["data"]["rows_used"] == 4
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in logged if "eval_reward" in r} == {1, 2}  # every eval_steps (save_steps), and at the end
+    assert "eval_reward" in json.loads((out / "align.json").read_text())["metrics"]
+
+
 @pytest.mark.parametrize("variant", [["--loss-type", "dr_grpo", "--scale-rewards", "none"],
                                      ["--importance-sampling", "sequence", "--loss-type", "luspo"]])
 def test_grpo_loss_variants_reach_trl(align, online_prompts, reward_file, tmp_path, monkeypatch, variant):

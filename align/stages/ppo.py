@@ -284,7 +284,7 @@ def _tokenize_prompts(rows, source: str, tokenizer, config: PPOConfig, window: i
         if len(tokens) + new_tokens > window:
             raise DataError(
                 f"{source}: row {number}: the prompt is {len(tokens)} tokens, and with max_new_tokens={new_tokens} "
-                f"that exceeds the model's context of {window}; shorten it, lower --max-new-tokens or set data.max_length"
+                f"that exceeds the model's context of {window}; shorten it, lower --max-new-tokens or lower prompts.max_length"
             )
         raw.append(row["prompt"])
         ids.append(tokens)
