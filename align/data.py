@@ -319,6 +319,26 @@ def load_split(spec: DataSpec, formats: dict[str, tuple[str, ...]], seed: int) -
     return kind, train_rows, eval_rows
 
 
+
+def prompts_to_sample(spec: DataSpec, tokenizer, seed: int, window: int, new_tokens: int) -> tuple[list[dict], list, bool]:
+    """(rows, their prompts, whether the chat template renders them) of a prompt-only file to sample
+    from. Every prompt must leave room for `new_tokens` in the model's context of `window` tokens (past
+    it, learned positions fail and rotary ones give noise): else one line names the first row that
+    does not."""
+    _, rows, _ = load_split(spec, PROMPT_FORMATS, seed)
+    prompts = [row["prompt"] for row in rows]
+    chat = use_chat_template(tokenizer, spec, is_messages(prompts[0]), spec.path)
+    for number, prompt in enumerate(prompts, start=1):
+        check_room(spec.path, number, len(prompt_ids(tokenizer, prompt, chat)), new_tokens, window)
+    return rows, prompts, chat
+
+
+def check_room(source: str, number: int, length: int, new_tokens: int, window: int, fix: str = "shorten it") -> None:
+    """A prompt of `length` tokens at row `number` must leave room for `new_tokens` in the context."""
+    if length + new_tokens > window:
+        raise DataError(f"{source}: row {number}: the prompt is {length} tokens, and with max_new_tokens={new_tokens} "
+                        f"that exceeds the model's context of {window}; {fix} or lower --max-new-tokens")
+
 # ---------------------------------------------------------------------------------------------
 # Tokenization
 

@@ -12,6 +12,7 @@ from datasets import Dataset
 
 from align.config import OnlineRLConfig
 from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, last_text, load_split, prompt_ids, use_chat_template, warn_report
+from align.data import check_room
 from align.errors import DataError
 from align.judge import JudgeReward
 from align.models import context_length
@@ -83,9 +84,7 @@ def _prompts(rows: list[dict], source: str, tokenizer, chat: bool, config: Onlin
         if length > limit:
             raise DataError(f"{source}: row {number}: the prompt is {length} tokens, over prompts.max_length={limit}, and "
                             f"{config.stage} cannot cut a prompt; shorten it, raise prompts.max_length or set prompts.overlong=drop")
-        if length + new_tokens > window:
-            raise DataError(f"{source}: row {number}: the prompt is {length} tokens, and with max_new_tokens={new_tokens} "
-                            f"that exceeds the model's context of {window}; shorten it or lower --max-new-tokens")
+        check_room(source, number, length, new_tokens, window)
         kept.append(as_messages(row["prompt"], "user") if chat else row["prompt"])
     if not kept:
         raise DataError(f"{source}: no prompts left after filtering ({report.dropped})")

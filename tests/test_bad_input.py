@@ -182,3 +182,19 @@ def test_report_to_a_tracker_that_is_not_installed(align, sft_file, tmp_path):
     assert_clean_failure(align("sft", "-m", "tiny", "-d", sft_file, "-o", out, "--report-to", missing), 2,
                          f"needs the {missing} package")
     assert not (out / "align.json").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["generate"], ["best-of-n", "-n", "2", "--reward-fn", "{scorers}:length"], ["eval", "--no-reference", "--reward-fn", "{scorers}:length"],
+    ["label", "--question", "Which is better?"], ["label-steps", "--answer-fn", "{scorers}:short", "--rollouts", "1"],
+])
+def test_a_prompt_with_no_room_to_answer_is_refused_before_sampling(align, reward_file, tmp_path, command):
+    """Past the context (512 positions in the tiny model) learned positions fail and rotary ones give
+    noise: every stage that samples names the row instead, before it writes anything."""
+    prompts = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "short"}, {"prompt": "word " * 300}])
+    model = ["--policy", "tiny", "--judge", "tiny"] if command[0] == "label" else ["-m", "tiny"]
+    out = tmp_path / ("out.json" if command[0] == "eval" else "out.jsonl")
+    args = [a.format(scorers=reward_file) for a in command]
+    assert_clean_failure(align(*args, *model, "--prompts", prompts, "-o", out, "--max-new-tokens", "4"), 3,
+                         "long.jsonl: row 2", "exceeds the model's context of 512")
+    assert not out.exists()

@@ -47,11 +47,11 @@ from tqdm.auto import tqdm
 from align.checkpoints import prepare_output, write_manifest
 from align.chunked import PartialRows
 from align.config import BestOfNConfig
-from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
+from align.data import is_messages, prompts_to_sample
 from align.errors import ConfigError, TrainingError
 from align.generation import Completion, row_seed, sample
 from align.engines import open_sampler
-from align.models import load_tokenizer, resolve_model
+from align.models import context_length, load_tokenizer, resolve_model
 from align.rewards import RewardModel, load_reward, warn_unused_aggregate
 from align.stages.label_steps import Checker
 
@@ -63,9 +63,8 @@ def run(config: BestOfNConfig) -> Path:
     out, started, n = Path(config.output), time.time(), config.sampling.num_samples
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
-    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
-    prompts = [row["prompt"] for row in rows]
-    chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
+    rows, prompts, chat = prompts_to_sample(config.prompts, tokenizer, config.sampling.seed, context_length(config.model, source),
+                                            config.sampling.max_new_tokens)
     voter = Checker(config.vote, "vote function") if config.vote else None
     reward = load_reward(config, config.score_batch_size, config.reward_in_4bit, conversational=is_messages(prompts[0]))
     warn_unused_aggregate(config, [reward])

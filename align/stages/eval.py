@@ -29,14 +29,15 @@ from transformers import AutoConfig
 from align import distributed
 from align.checkpoints import atomic_write_text, prepare_output_file, read_manifest, write_manifest
 from align.config import EvalConfig, ModelSpec
-from align.data import PREFERENCE_FORMATS, PROMPT_FORMATS, STEPWISE_FORMATS, as_messages, is_messages, last_text, load_split, use_chat_template
+from align.data import (PREFERENCE_FORMATS, STEPWISE_FORMATS, as_messages, is_messages, last_text, load_split, prompts_to_sample,
+                        use_chat_template)
 from align.engines import sampler_for
 from align.errors import ConfigError
 from align.distributed import share_out
 from align.generation import completion_logprobs, my_share, prompt_ids, sample, sample_statistics
 from align.judge import JudgeReward
 from align.losses import kl_penalty
-from align.models import load_model, load_tokenizer, resolve_model
+from align.models import context_length, load_model, load_tokenizer, resolve_model
 from align.rewards import ProcessRewardModel, RewardFunction, reward_model, step_metrics, warn_unused_aggregate
 
 log = logging.getLogger("align")
@@ -96,9 +97,8 @@ def _sampled(config: EvalConfig, policy: tuple, reference: tuple, tokenizer, rew
     loaded model): the loaded model computes log-probs, and samples too unless generation.engine
     says vllm, which samples each in turn."""
     (source, model), (reference_path, ref_model) = policy, reference
-    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
-    prompts = [row["prompt"] for row in rows]
-    chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
+    _, prompts, chat = prompts_to_sample(config.prompts, tokenizer, config.sampling.seed, context_length(config.model, source),
+                                         config.sampling.max_new_tokens)
     with sampler_for(config.model, source, config.generation, config.sampling.seed, model) as sampler:
         samples = _sample_with_progress(sampler, tokenizer, prompts, config, chat, "eval: model", config.best_of or 1)
     if config.best_of:

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 from align import distributed
 from align.checkpoints import atomic_write_text, prepare_output_file, write_manifest
 from align.config import GenerateConfig
-from align.data import PROMPT_FORMATS, is_messages, load_split, use_chat_template
+from align.data import prompts_to_sample
 from align.generation import my_share, sample
 from align.engines import open_sampler
-from align.models import load_tokenizer, resolve_model
+from align.models import context_length, load_tokenizer, resolve_model
 
 log = logging.getLogger("align")
 
@@ -25,9 +25,8 @@ def run(config: GenerateConfig) -> Path:
     started = time.time()
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
-    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
-    prompts = [row["prompt"] for row in rows]
-    chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
+    _, prompts, chat = prompts_to_sample(config.prompts, tokenizer, config.sampling.seed, context_length(config.model, source),
+                                         config.sampling.max_new_tokens)
     prepare_output_file(out, overwrite=config.overwrite or config.resume)
     total = len(prompts) * config.sampling.num_samples
     # A multi-process run shares the batches out (each process its own copy of the model); the bar counts this one's.

@@ -28,11 +28,11 @@ from align.checkpoints import atomic_write_text, prepare_output_file, write_mani
 from align.chunked import PartialRows
 from align.config import LabelConfig
 from align.constitution import load_constitution
-from align.data import PROMPT_FORMATS, is_messages, last_text, load_split, use_chat_template
+from align.data import last_text, load_split, prompts_to_sample
 from align.generation import sample
 from align.judge import load_judge
 from align.engines import open_sampler
-from align.models import load_tokenizer, resolve_model
+from align.models import context_length, load_tokenizer, resolve_model
 
 log = logging.getLogger("align")
 
@@ -101,9 +101,8 @@ def _sample_pairs(config: LabelConfig, sidecar: Path) -> None:
     """Sample --num-samples responses per prompt from --policy and save them in pairs beside the output."""
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
-    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
-    prompts = [r["prompt"] for r in rows]
-    chat = use_chat_template(tokenizer, config.prompts, is_messages(prompts[0]), config.prompts.path)
+    _, prompts, chat = prompts_to_sample(config.prompts, tokenizer, config.sampling.seed, context_length(config.model, source),
+                                         config.sampling.max_new_tokens)
     with open_sampler(config.model, source, config.generation, config.sampling.seed) as model, tqdm(
             total=len(prompts) * config.sampling.num_samples, desc="sample pairs", unit="sample",
             disable=not log.isEnabledFor(logging.INFO)) as bar:

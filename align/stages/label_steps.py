@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 from align.checkpoints import prepare_output_file, write_manifest
 from align.chunked import PartialRows
 from align.config import LabelStepsConfig
-from align.data import PROMPT_FORMATS, check_separator, is_messages, load_split, split_steps, step_ids, use_chat_template
+from align.data import check_separator, prompts_to_sample, split_steps, step_ids
 from align.errors import ConfigError
 from align.generation import row_seed, sample, sample_ids
 from align.engines import open_sampler
-from align.models import check_architecture, load_tokenizer, resolve_model
+from align.models import check_architecture, context_length, load_tokenizer, resolve_model
 from align.rewards import call_user, load_function
 
 log = logging.getLogger("align")
@@ -51,8 +51,8 @@ def run(config: LabelStepsConfig) -> Path:
     check_architecture(source, config.model, "causal")  # a reward model given as the policy: refused before anything loads
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
     check_separator(tokenizer, config.step_separator)
-    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
-    chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0]["prompt"]), config.prompts.path)
+    rows, _, chat = prompts_to_sample(config.prompts, tokenizer, config.sampling.seed, context_length(config.model, source),
+                                      config.sampling.max_new_tokens)
     if not config.resume:
         prepare_output_file(out, overwrite=config.overwrite)
     with open_sampler(config.model, source, config.generation, config.sampling.seed) as model:

@@ -34,7 +34,7 @@ from align.checkpoints import (
     write_manifest,
 )
 from align.config import ModelSpec, PPOConfig, PPOSpec
-from align.data import PROMPT_FORMATS, DataReport, is_messages, load_split, use_chat_template, warn_report
+from align.data import PROMPT_FORMATS, DataReport, check_room, is_messages, load_split, use_chat_template, warn_report
 from align.errors import ConfigError, DataError, TrainingError
 from align.generation import (ModelInputs, Rollout, model_inputs, prompt_ids, response_logits, response_logits_and_values,
                               response_values, sample_rollout, unwrapped)
@@ -281,11 +281,7 @@ def _tokenize_prompts(rows, source: str, tokenizer, config: PPOConfig, window: i
                 continue
             tokens = tokens[-limit:]  # keep the end: the question and the assistant header
             report.truncated += 1
-        if len(tokens) + new_tokens > window:
-            raise DataError(
-                f"{source}: row {number}: the prompt is {len(tokens)} tokens, and with max_new_tokens={new_tokens} "
-                f"that exceeds the model's context of {window}; shorten it, lower --max-new-tokens or lower prompts.max_length"
-            )
+        check_room(source, number, len(tokens), new_tokens, window, fix="shorten it, lower prompts.max_length")
         raw.append(row["prompt"])
         ids.append(tokens)
     if not ids:
