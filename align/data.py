@@ -22,7 +22,7 @@ from typing import Any
 
 from align import hub
 from align.config import DataSpec
-from align.errors import DataError
+from align.errors import ConfigError, DataError
 
 log = logging.getLogger("align")
 
@@ -325,12 +325,22 @@ def prompts_to_sample(spec: DataSpec, tokenizer, seed: int, window: int, new_tok
     from. Every prompt must leave room for `new_tokens` in the model's context of `window` tokens (past
     it, learned positions fail and rotary ones give noise): else one line names the first row that
     does not."""
-    _, rows, _ = load_split(spec, PROMPT_FORMATS, seed)
+    rows = every_prompt(spec, seed)
     prompts = [row["prompt"] for row in rows]
     chat = use_chat_template(tokenizer, spec, is_messages(prompts[0]), spec.path)
     for number, prompt in enumerate(prompts, start=1):
         check_room(spec.path, number, len(prompt_ids(tokenizer, prompt, chat)), new_tokens, window)
     return rows, prompts, chat
+
+
+def every_prompt(spec: DataSpec, seed: int) -> list[dict]:
+    """The rows of a prompt-only file a stage that trains nothing samples from: all of them (held out for
+    evaluating training, they would be skipped unsaid)."""
+    if spec.eval_fraction or spec.eval_path:
+        key = "eval_fraction" if spec.eval_fraction else "eval_path"
+        raise ConfigError(f"prompts.{key} holds prompts out of training, and this stage trains nothing: it samples every "
+                          f"prompt of {spec.path}; remove prompts.{key}")
+    return load_split(spec, PROMPT_FORMATS, seed)[1]
 
 
 def check_room(source: str, number: int, length: int, new_tokens: int, window: int, fix: str = "shorten it") -> None:

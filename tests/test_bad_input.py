@@ -198,3 +198,11 @@ def test_a_prompt_with_no_room_to_answer_is_refused_before_sampling(align, rewar
     assert_clean_failure(align(*args, *model, "--prompts", prompts, "-o", out, "--max-new-tokens", "4"), 3,
                          "long.jsonl: row 2", "exceeds the model's context of 512")
     assert not out.exists()
+
+
+def test_a_sampling_stage_refuses_to_hold_prompts_out(align, prompts_file, tmp_path):
+    """eval_fraction held a seeded share of the prompts out of `generate` unsaid: it samples them all."""
+    out = tmp_path / "out.jsonl"
+    assert_clean_failure(align("generate", "-m", "tiny", "--prompts", prompts_file, "-o", out, "--set", "prompts.eval_fraction=0.5"),
+                         2, "prompts.eval_fraction holds prompts out", "remove prompts.eval_fraction")
+    assert not out.exists()

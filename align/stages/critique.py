@@ -31,7 +31,7 @@ from align.checkpoints import prepare_output, write_manifest
 from align.chunked import PartialRows
 from align.config import CritiqueConfig
 from align.constitution import Constitution, Example, Principle, load_constitution
-from align.data import PROMPT_FORMATS, as_messages, last_text, load_split
+from align.data import as_messages, every_prompt, last_text
 from align.errors import DataError, ModelError
 from align.generation import prompt_ids, sample
 from align.engines import open_sampler
@@ -59,7 +59,7 @@ def run(config: CritiqueConfig) -> Path:
             f"{config.model.path}: critique and revision are turns of a conversation, and this tokenizer has no chat "
             "template; use a chat model or set model.chat_template to a Jinja file"
         )
-    _, rows, _ = load_split(config.prompts, PROMPT_FORMATS, config.sampling.seed)
+    rows = every_prompt(config.prompts, config.sampling.seed)
     prompts = [row["prompt"] for row in rows]
     reviser = Reviser(tokenizer, constitution, config, context_length(config.model, source))
     reviser.check_fits(prompts)
