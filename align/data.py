@@ -62,8 +62,10 @@ def read_rows(path_or_name: str, spec: DataSpec) -> list[dict[str, Any]]:
         rows = _read_file(path)
     elif path.exists():
         raise DataError(f"{path}: is a directory; pass a {'/'.join(SUFFIXES)} file")
-    elif path.suffix in SUFFIXES or "/" not in path_or_name or path_or_name.startswith((".", "/", "~")):
+    elif path.suffix in SUFFIXES or path_or_name.startswith((".", "/", "~")):
         raise DataError(f"{path}: data file not found")
+    elif "/" not in path_or_name:
+        raise DataError(f"{path}: data file not found (a hub dataset is named owner/name, e.g. stanfordnlp/{path_or_name})")
     else:
         rows = _read_hub(path_or_name, spec.split)
     if not rows:

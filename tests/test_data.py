@@ -59,6 +59,8 @@ def test_malformed_files_name_the_line(tmp_path, content, fragment):
 def test_missing_files_and_unreachable_hub_datasets(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         read_rows(str(tmp_path / "nope.jsonl"), spec("nope.jsonl"))
+    with pytest.raises(DataError, match=r"imdb: data file not found \(a hub dataset is named owner/name"):
+        read_rows("imdb", spec("imdb"))
     with pytest.raises(DataError, match="Hugging Face Hub failed"):
         read_rows("align-tests-nobody/no-such-dataset", spec("align-tests-nobody/no-such-dataset"))
 
