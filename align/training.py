@@ -236,9 +236,10 @@ def run_training(trainer, out: Path, resume: bool) -> dict[str, float]:
     trim_metrics(out, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    if trainer.eval_dataset is not None:
-        evaluated = trainer.evaluate()
-        metrics.update({k: v for k, v in evaluated.items() if isinstance(v, (int, float))})
+    if trainer.eval_dataset is not None:  # the final model's eval metrics, once: an eval at the last step is reused
+        at_end = [h for h in trainer.state.log_history if h.get("step") == trainer.state.global_step and "eval_runtime" in h]
+        evaluated = at_end[-1] if at_end else trainer.evaluate()
+        metrics.update({k: v for k, v in evaluated.items() if k.startswith("eval_") and isinstance(v, (int, float))})
     _check_finite(metrics, out)
     return metrics
 
