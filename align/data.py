@@ -322,16 +322,17 @@ def load_split(spec: DataSpec, formats: dict[str, tuple[str, ...]], seed: int) -
 
 
 
-def prompts_to_sample(spec: DataSpec, tokenizer, seed: int, window: int, new_tokens: int) -> tuple[list[dict], list, bool]:
+def prompts_to_sample(spec: DataSpec, tokenizer, seed: int, window: int, new_tokens: int,
+                      continued: str = "") -> tuple[list[dict], list, bool]:
     """(rows, their prompts, whether the chat template renders them) of a prompt-only file to sample
     from. Every prompt must leave room for `new_tokens` in the model's context of `window` tokens (past
-    it, learned positions fail and rotary ones give noise): else one line names the first row that
-    does not."""
+    it, learned positions fail and rotary ones give noise), twice when a sample is `continued` (why, in
+    words): else one line names the first row that does not."""
     rows = every_prompt(spec, seed)
     prompts = [row["prompt"] for row in rows]
     chat = use_chat_template(tokenizer, spec, is_messages(prompts[0]), spec.path)
     for number, prompt in enumerate(prompts, start=1):
-        check_room(spec.path, number, len(prompt_ids(tokenizer, prompt, chat)), new_tokens, window)
+        check_room(spec.path, number, len(prompt_ids(tokenizer, prompt, chat)), new_tokens, window, continued=continued)
     return rows, prompts, chat
 
 
@@ -345,10 +346,13 @@ def every_prompt(spec: DataSpec, seed: int) -> list[dict]:
     return load_split(spec, PROMPT_FORMATS, seed)[1]
 
 
-def check_room(source: str, number: int, length: int, new_tokens: int, window: int, fix: str = "shorten it") -> None:
-    """A prompt of `length` tokens at row `number` must leave room for `new_tokens` in the context."""
-    if length + new_tokens > window:
-        raise DataError(f"{source}: row {number}: the prompt is {length} tokens, and with max_new_tokens={new_tokens} "
+def check_room(source: str, number: int, length: int, new_tokens: int, window: int, fix: str = "shorten it",
+               continued: str = "") -> None:
+    """A prompt of `length` tokens at row `number` must leave room for `new_tokens` in the context
+    (twice `new_tokens` when a sample is `continued`, said why)."""
+    if length + new_tokens * (2 if continued else 1) > window:
+        twice = f" twice ({continued})" if continued else ""
+        raise DataError(f"{source}: row {number}: the prompt is {length} tokens, and with max_new_tokens={new_tokens}{twice} "
                         f"that exceeds the model's context of {window}; {fix} or lower --max-new-tokens")
 
 # ---------------------------------------------------------------------------------------------

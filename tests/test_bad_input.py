@@ -206,3 +206,14 @@ def test_a_sampling_stage_refuses_to_hold_prompts_out(align, prompts_file, tmp_p
     assert_clean_failure(align("generate", "-m", "tiny", "--prompts", prompts_file, "-o", out, "--set", "prompts.eval_fraction=0.5"),
                          2, "prompts.eval_fraction holds prompts out", "remove prompts.eval_fraction")
     assert not out.exists()
+
+
+def test_label_steps_leaves_room_for_a_rollout_after_a_whole_solution(align, reward_file, tmp_path):
+    """Rollouts continue a solution from its steps: with --answer-fn the prompt needs room for
+    max_new_tokens twice (tiny model: 512 positions)."""
+    prompts = write_jsonl(tmp_path / "mid.jsonl", [{"prompt": "word " * 120}])  # over 256 tokens, under 412
+    out = tmp_path / "steps.jsonl"
+    assert_clean_failure(align("label-steps", "-m", "tiny", "--prompts", prompts, "-o", out, "--answer-fn",
+                               f"{reward_file}:short", "--rollouts", "1", "--max-new-tokens", "100"), 3,
+                         "mid.jsonl: row 1", "max_new_tokens=100 twice (a solution, then rollouts from its steps)")
+    assert not out.exists()

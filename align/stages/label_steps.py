@@ -52,7 +52,8 @@ def run(config: LabelStepsConfig) -> Path:
     tokenizer = load_tokenizer(config.model, source, padding_side="left")
     check_separator(tokenizer, config.step_separator)
     rows, _, chat = prompts_to_sample(config.prompts, tokenizer, config.sampling.seed, context_length(config.model, source),
-                                      config.sampling.max_new_tokens)
+                                      config.sampling.max_new_tokens, continued="" if config.step_fn else
+                                      "a solution, then rollouts from its steps")
     if not config.resume:
         prepare_output_file(out, overwrite=config.overwrite)
     with open_sampler(config.model, source, config.generation, config.sampling.seed) as model:
