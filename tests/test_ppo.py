@@ -218,6 +218,8 @@ def test_ppo_bad_input(align, ppo_prompts, reward_file, tiny_model, tmp_path):
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "short"}, {"prompt": "word " * 600}])
     assert_clean_failure(align(*ppo_args(long, tmp_path / "o", *fn, "--set", "prompts.max_length=4096")),
                          3, "long.jsonl: row 2", "exceeds the model's context of 512")
+    assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", *fn, "--eval-prompts", long, "--set",
+                                         "prompts.max_length=4096")), 3, "long.jsonl: row 2", "context of 512")
     assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", "--reward-model", "tiny")),
                          4, "not a reward model", "align rm")
     assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", "--reward-fn", f"{reward_file}:not_a_number")),

@@ -263,7 +263,8 @@ def _load_prompts(config: PPOConfig, tokenizer, window: int) -> tuple[Prompts, P
     prompts = _tokenize_prompts(rows, config.prompts.path, tokenizer, config, window, report)
     if config.eval_prompts:
         _, held, _ = load_split(config.eval_prompts.model_copy(update={"eval_fraction": 0.0}), PROMPT_FORMATS, 0)
-    evals = _tokenize_prompts(held, config.prompts.path, tokenizer, config, window, DataReport("eval")) if held else None
+    source = config.eval_prompts.path if config.eval_prompts else config.prompts.eval_path or config.prompts.path
+    evals = _tokenize_prompts(held, source, tokenizer, config, window, DataReport("eval")) if held else None
     report.rows_used = len(prompts.ids)
     warn_report(report)
     return prompts, evals, report
