@@ -310,14 +310,21 @@ def split_eval(rows: list, spec: DataSpec, seed: int) -> tuple[list, list]:
 
 def load_split(spec: DataSpec, formats: dict[str, tuple[str, ...]], seed: int) -> tuple[str, list, list]:
     """(format, train rows, eval rows) from data.path and data.eval_path / data.eval_fraction."""
+    kind, train, held = load_numbered_split(spec, formats, seed)
+    return kind, [row for _, row in train], [row for _, row in held]
+
+
+def load_numbered_split(spec: DataSpec, formats: dict[str, tuple[str, ...]], seed: int) -> tuple[str, list, list]:
+    """load_split with each row as (its number in its file, row): eval_fraction shuffles them, and an
+    error about a row must name the file's."""
     rows = read_rows(spec.path, spec)
     kind = detect_format(rows, formats, spec.path)
     validate_rows(rows, formats[kind], spec.path)
     if spec.eval_path:
         eval_rows = read_rows(spec.eval_path, spec)
         validate_rows(eval_rows, formats[detect_format(eval_rows, {kind: formats[kind]}, spec.eval_path)], spec.eval_path)
-        return kind, rows, eval_rows
-    train_rows, eval_rows = split_eval(rows, spec, seed)
+        return kind, list(enumerate(rows, start=1)), list(enumerate(eval_rows, start=1))
+    train_rows, eval_rows = split_eval(list(enumerate(rows, start=1)), spec, seed)  # shuffled as the rows alone would be
     return kind, train_rows, eval_rows
 
 

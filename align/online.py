@@ -11,7 +11,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from align.config import OnlineRLConfig
-from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, last_text, load_split, prompt_ids, use_chat_template, warn_report
+from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, last_text, load_numbered_split, prompt_ids, use_chat_template, warn_report
 from align.data import check_room
 from align.errors import DataError
 from align.judge import JudgeReward
@@ -37,9 +37,9 @@ def run_online(config: OnlineRLConfig, trainer_cls, args_cls, **method_settings)
 
 
 def _plan(config: OnlineRLConfig, tokenizer, source: str, trainer_cls, args_cls, method_settings: dict) -> TrainerPlan:
-    _, rows, held = load_split(config.prompts, PROMPT_FORMATS, config.train.seed)
+    _, rows, held = load_numbered_split(config.prompts, PROMPT_FORMATS, config.train.seed)
     report = DataReport(config.prompts.path, format="prompt-only", rows_read=len(rows) + len(held))
-    chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0]["prompt"]), config.prompts.path)
+    chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0][1]["prompt"]), config.prompts.path)
     window = context_length(config.model, source)
     prompts = _prompts(rows, config.prompts.path, tokenizer, chat, config, window, report)
     # Held-out prompts (prompts.eval_path or eval_fraction): TRL samples and scores them every eval_steps.
@@ -69,14 +69,14 @@ def _plan(config: OnlineRLConfig, tokenizer, source: str, trainer_cls, args_cls,
     )
 
 
-def _prompts(rows: list[dict], source: str, tokenizer, chat: bool, config: OnlineRLConfig, window: int,
+def _prompts(rows: list[tuple[int, dict]], source: str, tokenizer, chat: bool, config: OnlineRLConfig, window: int,
              report: DataReport) -> list:
-    """The rows' prompts as TRL takes them: message lists it renders with the chat template, or text
+    """The (row number, row) pairs' prompts as TRL takes them: message lists it renders with the chat template, or text
     as it is. TRL hands each prompt to the model whole, so one longer than prompts.max_length is
     dropped (overlong=drop) or refused naming its row, and so is one that leaves no room in the
     model's context for max_new_tokens."""
     limit, new_tokens, kept = config.prompts.max_length, config.online.max_new_tokens, []
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         length = len(prompt_ids(tokenizer, row["prompt"], chat))
         if length > limit and config.prompts.overlong == "drop":
             report.drop(f"prompt longer than max_length={limit}")

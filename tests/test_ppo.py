@@ -220,6 +220,12 @@ def test_ppo_bad_input(align, ppo_prompts, reward_file, tiny_model, tmp_path):
                          3, "long.jsonl: row 2", "exceeds the model's context of 512")
     assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", *fn, "--eval-prompts", long, "--set",
                                          "prompts.max_length=4096")), 3, "long.jsonl: row 2", "context of 512")
+    # Held out by a seeded shuffle, the rows are still named by their line in the file.
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", [{"prompt": f"p{i}"} for i in range(5)] + [{"prompt": "word " * 600}]
+                           + [{"prompt": f"q{i}"} for i in range(4)])
+    for fraction in ("0.2", "0.5"):
+        assert_clean_failure(align(*ppo_args(shuffled, tmp_path / "o", *fn, "--set", "prompts.max_length=4096", "--set",
+                                             f"prompts.eval_fraction={fraction}")), 3, "shuffled.jsonl: row 6", "context of 512")
     assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", "--reward-model", "tiny")),
                          4, "not a reward model", "align rm")
     assert_clean_failure(align(*ppo_args(ppo_prompts, tmp_path / "o", "--reward-fn", f"{reward_file}:not_a_number")),

@@ -34,7 +34,7 @@ from align.checkpoints import (
     write_manifest,
 )
 from align.config import ModelSpec, PPOConfig, PPOSpec
-from align.data import PROMPT_FORMATS, DataReport, check_room, is_messages, load_split, use_chat_template, warn_report
+from align.data import PROMPT_FORMATS, DataReport, check_room, is_messages, load_numbered_split, use_chat_template, warn_report
 from align.errors import ConfigError, DataError, TrainingError
 from align.generation import (ModelInputs, Rollout, model_inputs, prompt_ids, response_logits, response_logits_and_values,
                               response_values, sample_rollout, unwrapped)
@@ -258,11 +258,11 @@ def _after_update(run: Session, state: Optimisation, step: int, batch: Batch, ro
 
 def _load_prompts(config: PPOConfig, tokenizer, window: int) -> tuple[Prompts, Prompts | None, DataReport]:
     """Training prompts, and held-out prompts (eval_prompts, or data.eval_fraction of prompts)."""
-    _, rows, held = load_split(config.prompts, PROMPT_FORMATS, config.train.seed)
+    _, rows, held = load_numbered_split(config.prompts, PROMPT_FORMATS, config.train.seed)
     report = DataReport(config.prompts.path, format="prompt-only", rows_read=len(rows) + len(held))
     prompts = _tokenize_prompts(rows, config.prompts.path, tokenizer, config, window, report)
     if config.eval_prompts:
-        _, held, _ = load_split(config.eval_prompts.model_copy(update={"eval_fraction": 0.0}), PROMPT_FORMATS, 0)
+        _, held, _ = load_numbered_split(config.eval_prompts.model_copy(update={"eval_fraction": 0.0}), PROMPT_FORMATS, 0)
     source = config.eval_prompts.path if config.eval_prompts else config.prompts.eval_path or config.prompts.path
     evals = _tokenize_prompts(held, source, tokenizer, config, window, DataReport("eval")) if held else None
     report.rows_used = len(prompts.ids)
@@ -270,11 +270,13 @@ def _load_prompts(config: PPOConfig, tokenizer, window: int) -> tuple[Prompts, P
     return prompts, evals, report
 
 
-def _tokenize_prompts(rows, source: str, tokenizer, config: PPOConfig, window: int, report: DataReport) -> Prompts:
-    chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0]["prompt"]), source)
+def _tokenize_prompts(rows: list[tuple[int, dict]], source: str, tokenizer, config: PPOConfig, window: int,
+                      report: DataReport) -> Prompts:
+    """(row number in `source`, row) pairs as prompt ids, cut to prompts.max_length from the start."""
+    chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0][1]["prompt"]), source)
     limit, new_tokens = config.prompts.max_length, config.ppo.max_new_tokens
     raw, ids = [], []
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         tokens = prompt_ids(tokenizer, row["prompt"], chat)
         if len(tokens) > limit:
             if config.prompts.overlong == "drop":
