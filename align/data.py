@@ -597,17 +597,18 @@ def check_separator(tokenizer, separator: str) -> None:
 
 
 def stepwise_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, report: DataReport, separator: str,
-                      last_step_only: bool = False) -> list[dict]:
+                      last_step_only: bool = False, numbers: list[int] | None = None, source: str | None = None) -> list[dict]:
     """Stepwise rows tokenized for a process reward model: input_ids and one label per position, the
     step's label (a float in [0, 1]) on the last token of each step's separator and IGNORE_LABEL elsewhere.
     A step that holds the separator would split differently when scored, so it is refused; over-long
     rows keep the steps that fit (truncate) or are dropped. `steps` names each labelled step by what
-    comes before it (the prompt and the earlier steps) and its own text: how sibling steps are found."""
+    comes before it (the prompt and the earlier steps) and its own text: how sibling steps are found.
+    An error names the row by `numbers` (its line in `source`, default spec.path) when given."""
     examples = []
-    for index, row in enumerate(rows, start=1):
+    for index, row in zip(numbers or range(1, len(rows) + 1), rows):
         for k, step in enumerate(row["completions"]):
             if separator in step:
-                raise DataError(f"{spec.path}: row {index}: step {k} contains the step separator {separator!r}; "
+                raise DataError(f"{source or spec.path}: row {index}: step {k} contains the step separator {separator!r}; "
                                 "split it into two steps or choose another separator (prm --step-separator)")
         ids, ends = step_ids(tokenizer, row["prompt"], row["completions"], separator, chat)
         labels = [float(label) for label in row["labels"]]
@@ -633,12 +634,14 @@ def stepwise_examples(rows: list[dict], tokenizer, chat: bool, spec: DataSpec, r
 def load_stepwise_data(spec: DataSpec, tokenizer, seed: int, separator: str, last_step_only: bool = False):
     """(report, train, eval) for a process reward model."""
     check_separator(tokenizer, separator)
-    _, train_rows, eval_rows = load_split(spec, STEPWISE_FORMATS, seed)
-    chat = use_chat_template(tokenizer, spec, is_messages(train_rows[0]["prompt"]), spec.path)
+    _, train_rows, eval_rows = load_numbered_split(spec, STEPWISE_FORMATS, seed)  # (line in its file, row)
+    chat = use_chat_template(tokenizer, spec, is_messages(train_rows[0][1]["prompt"]), spec.path)
     report = DataReport(spec.path, format="stepwise", rows_read=len(train_rows) + len(eval_rows))
-    train = stepwise_examples(train_rows, tokenizer, chat, spec, report, separator, last_step_only)
+    train = stepwise_examples([r for _, r in train_rows], tokenizer, chat, spec, report, separator, last_step_only,
+                              numbers=[n for n, _ in train_rows])
     # Held-out rows are scored on every step, --last-step-only or not: what a PRM is asked to do.
-    evals = stepwise_examples(eval_rows, tokenizer, chat, spec, report, separator)
+    evals = stepwise_examples([r for _, r in eval_rows], tokenizer, chat, spec, report, separator,
+                              numbers=[n for n, _ in eval_rows], source=spec.eval_path or spec.path)
     if not train:
         raise DataError(f"{spec.path}: no stepwise rows left after filtering ({report.dropped})")
     report.rows_used = len(train)

@@ -314,6 +314,16 @@ def test_bad_stepwise_rows_are_one_line(align, tiny_model, tmp_path, rows, needl
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("held_out", [[], ["--eval-fraction", "0.5"]])
+def test_a_step_holding_the_separator_is_named_by_its_line_with_rows_held_out(align, tiny_model, tmp_path, held_out):
+    """eval_fraction shuffles the rows before they are tokenized; the error still names the file's line."""
+    rows = stepwise_rows(8)
+    rows[5] = {**rows[5], "completions": ["a\nb", *rows[5]["completions"][1:]]}
+    data = write_jsonl(tmp_path / "steps.jsonl", rows)
+    assert_clean_failure(align("prm", "-m", "tiny", "-d", data, "-o", tmp_path / "out", *held_out), 3,
+                         "steps.jsonl: row 6: step 0 contains the step separator")
+
+
 def test_a_separator_that_is_not_tokens_of_its_own_is_refused(align, tiny_model, steps_file, tmp_path):
     from align.data import check_separator
     from align.errors import DataError
