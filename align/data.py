@@ -328,7 +328,6 @@ def load_numbered_split(spec: DataSpec, formats: dict[str, tuple[str, ...]], see
     return kind, train_rows, eval_rows
 
 
-
 def prompts_to_sample(spec: DataSpec, tokenizer, seed: int, window: int, new_tokens: int,
                       continued: str = "") -> tuple[list[dict], list, bool]:
     """(rows, their prompts, whether the chat template renders them) of a prompt-only file to sample
@@ -361,6 +360,32 @@ def check_room(source: str, number: int, length: int, new_tokens: int, window: i
         twice = f" twice ({continued})" if continued else ""
         raise DataError(f"{source}: row {number}: the prompt is {length} tokens, and with max_new_tokens={new_tokens}{twice} "
                         f"that exceeds the model's context of {window}; {fix} or lower --max-new-tokens")
+
+
+def fitting_prompts(rows: list[tuple[int, dict]], source: str, tokenizer, chat: bool, spec: DataSpec, new_tokens: int,
+                    window: int, report: DataReport, whole: str = "") -> tuple[list, list[list[int]]]:
+    """(prompts, their ids) of (row number in `source`, row) pairs for online RL. A prompt over
+    spec.max_length is dropped (overlong=drop) or cut from the start, its end (the question and the
+    assistant header) kept; where `whole` names a stage that hands prompts on whole (to TRL), it is
+    refused naming its row instead. One leaving no room for `new_tokens` in the context is refused."""
+    limit, prompts, ids = spec.max_length, [], []
+    for number, row in rows:
+        tokens = prompt_ids(tokenizer, row["prompt"], chat)
+        if len(tokens) > limit and spec.overlong == "drop":
+            report.drop(f"prompt longer than max_length={limit}")
+            continue
+        if len(tokens) > limit and whole:
+            raise DataError(f"{source}: row {number}: the prompt is {len(tokens)} tokens, over prompts.max_length={limit}, and "
+                            f"{whole} cannot cut a prompt; shorten it, raise prompts.max_length or set prompts.overlong=drop")
+        if len(tokens) > limit:
+            tokens = tokens[-limit:]
+            report.truncated += 1
+        check_room(source, number, len(tokens), new_tokens, window, fix="shorten it" if whole else "shorten it, lower prompts.max_length")
+        prompts.append(row["prompt"])
+        ids.append(tokens)
+    if not ids:
+        raise DataError(f"{source}: no prompts left after filtering ({report.dropped})")
+    return prompts, ids
 
 # ---------------------------------------------------------------------------------------------
 # Tokenization

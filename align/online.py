@@ -11,9 +11,8 @@ from pathlib import Path
 from datasets import Dataset
 
 from align.config import OnlineRLConfig
-from align.data import PROMPT_FORMATS, DataReport, as_messages, is_messages, last_text, load_numbered_split, prompt_ids, use_chat_template, warn_report
-from align.data import check_room
-from align.errors import DataError
+from align.data import (PROMPT_FORMATS, DataReport, as_messages, fitting_prompts, is_messages, last_text, load_numbered_split,
+                        use_chat_template, warn_report)
 from align.judge import JudgeReward
 from align.models import context_length
 from align.rewards import RewardFunction, reward_model, warn_unused_aggregate
@@ -40,11 +39,15 @@ def _plan(config: OnlineRLConfig, tokenizer, source: str, trainer_cls, args_cls,
     _, rows, held = load_numbered_split(config.prompts, PROMPT_FORMATS, config.train.seed)
     report = DataReport(config.prompts.path, format="prompt-only", rows_read=len(rows) + len(held))
     chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0][1]["prompt"]), config.prompts.path)
-    window = context_length(config.model, source)
-    prompts = _prompts(rows, config.prompts.path, tokenizer, chat, config, window, report)
+    window, new_tokens = context_length(config.model, source), config.online.max_new_tokens
+
+    def fitting(part: list, source: str, report: DataReport) -> list:  # TRL renders message lists with the chat template
+        prompts, _ = fitting_prompts(part, source, tokenizer, chat, config.prompts, new_tokens, window, report, whole=config.stage)
+        return [as_messages(p, "user") if chat else p for p in prompts]
+
+    prompts = fitting(rows, config.prompts.path, report)
     # Held-out prompts (prompts.eval_path or eval_fraction): TRL samples and scores them every eval_steps.
-    evals = _prompts(held, config.prompts.eval_path or config.prompts.path, tokenizer, chat, config, window,
-                     DataReport("eval")) if held else None
+    evals = fitting(held, config.prompts.eval_path or config.prompts.path, DataReport("eval")) if held else None
     report.rows_used = len(prompts)
     sources = [reward_model(spec, config.reward_aggregate) for spec in config.reward_models] + [RewardFunction(fn) for fn in config.reward_fns]
     if config.reward_judge:
@@ -67,28 +70,6 @@ def _plan(config: OnlineRLConfig, tokenizer, source: str, trainer_cls, args_cls,
         trainer_inputs=lambda: {"reward_funcs": rewards}, kept_metrics=("reward", "kl"),
         manifest={"rewards": [s.name for s in sources]},
     )
-
-
-def _prompts(rows: list[tuple[int, dict]], source: str, tokenizer, chat: bool, config: OnlineRLConfig, window: int,
-             report: DataReport) -> list:
-    """The (row number, row) pairs' prompts as TRL takes them: message lists it renders with the chat template, or text
-    as it is. TRL hands each prompt to the model whole, so one longer than prompts.max_length is
-    dropped (overlong=drop) or refused naming its row, and so is one that leaves no room in the
-    model's context for max_new_tokens."""
-    limit, new_tokens, kept = config.prompts.max_length, config.online.max_new_tokens, []
-    for number, row in rows:
-        length = len(prompt_ids(tokenizer, row["prompt"], chat))
-        if length > limit and config.prompts.overlong == "drop":
-            report.drop(f"prompt longer than max_length={limit}")
-            continue
-        if length > limit:
-            raise DataError(f"{source}: row {number}: the prompt is {length} tokens, over prompts.max_length={limit}, and "
-                            f"{config.stage} cannot cut a prompt; shorten it, raise prompts.max_length or set prompts.overlong=drop")
-        check_room(source, number, length, new_tokens, window)
-        kept.append(as_messages(row["prompt"], "user") if chat else row["prompt"])
-    if not kept:
-        raise DataError(f"{source}: no prompts left after filtering ({report.dropped})")
-    return kept
 
 
 def _on_engine(config: OnlineRLConfig, trainer_cls):

@@ -34,9 +34,9 @@ from align.checkpoints import (
     write_manifest,
 )
 from align.config import ModelSpec, PPOConfig, PPOSpec
-from align.data import PROMPT_FORMATS, DataReport, check_room, is_messages, load_numbered_split, use_chat_template, warn_report
-from align.errors import ConfigError, DataError, TrainingError
-from align.generation import (ModelInputs, Rollout, model_inputs, prompt_ids, response_logits, response_logits_and_values,
+from align.data import PROMPT_FORMATS, DataReport, fitting_prompts, is_messages, load_numbered_split, use_chat_template, warn_report
+from align.errors import ConfigError, TrainingError
+from align.generation import (ModelInputs, Rollout, model_inputs, response_logits, response_logits_and_values,
                               response_values, sample_rollout, unwrapped)
 from align.models import check_lora_possible, context_length, load_tokenizer, resolve_model, save_stage_model
 from align.memory import peak_memory_mb
@@ -274,22 +274,7 @@ def _tokenize_prompts(rows: list[tuple[int, dict]], source: str, tokenizer, conf
                       report: DataReport) -> Prompts:
     """(row number in `source`, row) pairs as prompt ids, cut to prompts.max_length from the start."""
     chat = use_chat_template(tokenizer, config.prompts, is_messages(rows[0][1]["prompt"]), source)
-    limit, new_tokens = config.prompts.max_length, config.ppo.max_new_tokens
-    raw, ids = [], []
-    for number, row in rows:
-        tokens = prompt_ids(tokenizer, row["prompt"], chat)
-        if len(tokens) > limit:
-            if config.prompts.overlong == "drop":
-                report.drop(f"prompt longer than max_length={limit}")
-                continue
-            tokens = tokens[-limit:]  # keep the end: the question and the assistant header
-            report.truncated += 1
-        check_room(source, number, len(tokens), new_tokens, window, fix="shorten it, lower prompts.max_length")
-        raw.append(row["prompt"])
-        ids.append(tokens)
-    if not ids:
-        raise DataError(f"{source}: no prompts left after filtering ({report.dropped})")
-    return Prompts(raw, ids)
+    return Prompts(*fitting_prompts(rows, source, tokenizer, chat, config.prompts, config.ppo.max_new_tokens, window, report))
 
 
 def _value_source(config: PPOConfig, tokenizer, reward) -> str | None:
