@@ -74,12 +74,14 @@ class Plan:
     probe_problems: int = 1600  # synthetic solutions behind the separator probe (separator_probe)
     twin_problems: int = 2400  # synthetic right solutions and one-step-off twins: the sibling-trained PRM and its ORM
     twin_layers: int = 10  # ... fine-tune the policy's last blocks in full (LoRA did not learn the check: README)
+    twin_epochs: float = 2.0  # ... two passes of 4 pairs a step: after one the PRM ranked 0.85 of the held-out twins, after two 0.92
+    twin_batch: int = 4
 
 PLAN = Plan()
 # Every stage on the tiny built-in model, in a minute: what CI runs to keep this script working.
 SMOKE = replace(PLAN, name="arith-smoke", model="tiny", max_new_tokens=16, sft_problems=16, sft_steps=2, prm_problems=4,
                 ms_problems=2, rollouts=2, test_problems=4, best_of=(1, 2, 4), prm_epochs=1.0, ppo_episodes=16, probe_problems=24,
-                twin_problems=8, twin_layers=1, test_twins=2)
+                twin_problems=8, twin_layers=1, twin_epochs=1.0, test_twins=2)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
@@ -172,7 +174,8 @@ def recipe(plan: Plan) -> dict:
                 "reward_fns": [f"{CHECKS}:answer_reward"], "sampling": {**solving, "num_samples": 2, "seed": 7}}
 
     twin_training = {"lora": {"enabled": False, "trainable_layers": plan.twin_layers},
-                     "train": {"epochs": 1.0, "batch_size": 8, "learning_rate": 1.0e-4, "lr_scheduler": "constant"}}
+                     "train": {"epochs": plan.twin_epochs, "batch_size": plan.twin_batch, "learning_rate": 1.0e-4,
+                               "lr_scheduler": "constant"}}
     stages = [
         {"name": "sft", "stage": "sft", "data": "data/sft.jsonl",
          "train": {"max_steps": plan.sft_steps, "batch_size": 8, "learning_rate": 1.0e-3, "lr_scheduler": "cosine",
