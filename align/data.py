@@ -371,13 +371,13 @@ def fitting_prompts(rows: list[tuple[int, dict]], source: str, tokenizer, chat: 
     limit, prompts, ids = spec.max_length, [], []
     for number, row in rows:
         tokens = prompt_ids(tokenizer, row["prompt"], chat)
-        if len(tokens) > limit and spec.overlong == "drop":
-            report.drop(f"prompt longer than max_length={limit}")
-            continue
-        if len(tokens) > limit and whole:
-            raise DataError(f"{source}: row {number}: the prompt is {len(tokens)} tokens, over prompts.max_length={limit}, and "
-                            f"{whole} cannot cut a prompt; shorten it, raise prompts.max_length or set prompts.overlong=drop")
         if len(tokens) > limit:
+            if spec.overlong == "drop":
+                report.drop(f"prompt longer than max_length={limit}")
+                continue
+            if whole:
+                raise DataError(f"{source}: row {number}: the prompt is {len(tokens)} tokens, over prompts.max_length={limit}, "
+                                f"and {whole} cannot cut a prompt; shorten it, raise prompts.max_length or set prompts.overlong=drop")
             tokens = tokens[-limit:]
             report.truncated += 1
         check_room(source, number, len(tokens), new_tokens, window, fix="shorten it" if whole else "shorten it, lower prompts.max_length")
